@@ -1,0 +1,74 @@
+"""What a run's model is, without training it: parameter count and forward FLOPs per example.
+
+FLOPs come from XLA's cost analysis of the compiled forward pass. XLA counts a scanned loop's body
+once, not once per iteration, so the count is taken on the same model with one and with two units
+per stage (both exact: a scan of length one is counted right) and extended linearly to the real
+depth, since a net's cost is affine in its number of repeated units.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from resjax import configs, models, train
+from resjax.errors import ConfigError
+
+# (height, width, channels, classes) of each dataset, known without reading it.
+INPUT_SPECS = {"digits": (8, 8, 1, 10), "cifar10": (32, 32, 3, 10), "cifar100": (32, 32, 3, 100)}
+
+
+def input_spec(config):
+  name = config.data.name
+  if name not in INPUT_SPECS:
+    raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of "
+                      f"{', '.join(INPUT_SPECS)}")
+  return INPUT_SPECS[name]
+
+
+def abstract_model(config, model_cfg=None):
+  h, w, c, classes = input_spec(config)
+  del h, w
+  return nnx.eval_shape(lambda: models.build(model_cfg or config.model, num_classes=classes,
+                                             in_channels=c, rngs=nnx.Rngs(0)))
+
+
+def check(config) -> None:
+  """Raises ConfigError for any value that cannot work, before anything is trained."""
+  abstract_model(config)
+  for key in ("batch_size",):
+    if not (isinstance(config[key], int) and config[key] > 0):
+      raise ConfigError(f"config.{key}={config[key]!r} must be a positive integer")
+  s = config.schedule
+  if not (s.total > 0):
+    raise ConfigError(f"config.schedule.total={s.total} must be positive")
+  if list(s.get("boundaries", ())) != sorted(s.get("boundaries", ())):
+    raise ConfigError("config.schedule.boundaries must be increasing")
+  train.make_optimizer(config, configs.schedule_steps(config, train_size=1 << 20))
+  if config.num_seeds < 1:
+    raise ConfigError(f"config.num_seeds={config.num_seeds} must be at least 1")
+
+
+def forward_flops(config, model_cfg) -> float:
+  h, w, c, classes = input_spec(config)
+  model = models.build(model_cfg, num_classes=classes, in_channels=c, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(model)
+  fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  compiled = jax.jit(fwd).lower(abstract, jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
+
+
+def describe(config) -> dict:
+  check(config)
+  model = abstract_model(config)
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  one, n = models.with_repeats(config.model, 1)
+  two, _ = models.with_repeats(config.model, 2)
+  f1, f2 = forward_flops(config, one), forward_flops(config, two)
+  return {"params": params, "forward_flops_per_example": f1 + (n - 1) * (f2 - f1),
+          "model": config.model.to_dict()}

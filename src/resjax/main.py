@@ -1,0 +1,131 @@
+"""resjax's one command line.
+
+    python -m resjax.main --config experiments/resnetv2_fig2.py:scale=cpu --workdir runs/fig2
+    python -m resjax.main --config experiments/resnetv2_fig2.py:scale=cpu,run=identity
+    python -m resjax.main --config experiments/resnetv2_fig2.py --config.batch_size=64 --mode=describe
+
+``train`` (the default) trains every row of the experiment at every seed, resuming whatever is in the
+workdir, then writes WORKDIR/results.md and WORKDIR/figure.png. ``describe`` prints, per run, the
+parameter count and the forward FLOPs per example from XLA's cost analysis, and trains nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from resjax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:args].", lock_config=False)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, results.md and figure.png go "
+                               "(default: runs/<experiment file>_<scale>).")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on purpose, rerun to resume
+
+
+def default_workdir(config) -> str:
+  path = flags.FLAGS["config"].config_filename if "config" in flags.FLAGS else "experiment"
+  stem = os.path.splitext(os.path.basename(path.split(":")[0]))[0]
+  return os.path.join("runs", f"{stem}_{config.get('scale', 'paper')}")
+
+
+def describe(config) -> list[dict]:
+  from resjax import configs, inspect_model
+  out = []
+  for run in configs.select_runs(config):
+    rc = configs.run_config(config, run)
+    out.append({"run": run.name, **inspect_model.describe(rc)})
+  return out
+
+
+def train_all(config, workdir: str) -> int:
+  import jax
+
+  from resjax import configs, report, train
+  from resjax.data import images
+
+  runs = configs.select_runs(config)
+  resolved = [(run, configs.run_config(config, run)) for run in runs]
+  # Check every run's config before training any, so a typo in row 9 does not cost rows 1-8.
+  from resjax import inspect_model
+  for _, rc in resolved:
+    inspect_model.check(rc)
+  is_main = jax.process_index() == 0
+  os.makedirs(workdir, exist_ok=True)
+  if is_main:
+    train.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+  datasets: dict[str, tuple] = {}
+  seeds = [config.get("seed", 0) + k for k in range(config.get("num_seeds", 1))]
+  todo = [(run, rc, seed) for run, rc in resolved for seed in seeds]
+  t_all = time.time()
+  preempted = False
+  for i, (run, rc, seed) in enumerate(todo, 1):
+    run_dir = os.path.join(workdir, run.name, f"seed{seed}")
+    done = train.read_summary(run_dir)
+    if done and done.get("status") in ("ok", "failed"):
+      print(f"[{i}/{len(todo)}] {run.name} seed{seed}: already {done['status']}, skipped")
+      continue
+    key = json.dumps(rc.data.to_dict(), sort_keys=True)
+    if key not in datasets:
+      data = images.load_images(rc.data)
+      datasets[key] = (data, train.DeviceData.put(data))
+    data, device_data = datasets[key]
+    summary, _ = train.train(rc, run_dir, seed=seed, data=data, device_data=device_data)
+    final = summary.get("final") or {}
+    err = final.get("test_error")
+    what = f"test error {err:.2f}%" if err is not None else (summary.get("reason") or "")
+    print(f"[{i}/{len(todo)}] {run.name} seed{seed}: {summary['status']}, {what} "
+          f"({summary['wall_s']:.0f} s)", flush=True)
+    if is_main:
+      report.write_report(workdir, config)
+    if summary["status"] == "preempted":
+      preempted = True
+      break
+  if is_main:
+    md, png = report.write_report(workdir, config)
+    print(f"\n{open(md).read()}\nwrote {md} and {png} ({time.time() - t_all:.0f} s)")
+  if preempted:
+    print("preempted: checkpoint saved; rerun the same command to resume", file=sys.stderr)
+    return EXIT_PREEMPTED
+  return 0
+
+
+def main(argv) -> int:
+  from absl import logging
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  if len(argv) > 1:
+    raise UserError(f"unexpected arguments {argv[1:]}: options are --config, --workdir, --mode")
+  config = _CONFIG.value
+  if config is None:
+    raise UserError("no experiment given: pass --config experiments/FILE.py[:args]")
+  if _MODE.value == "describe":
+    print(json.dumps(describe(config), indent=1))
+    return 0
+  return train_all(config, _WORKDIR.value or default_workdir(config))
+
+
+def run() -> None:
+  try:
+    app.run(lambda argv: sys.exit(main(argv)))
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+  except OSError as e:  # e.g. the experiment file does not exist
+    if e.filename is None and not isinstance(e, FileNotFoundError):
+      raise
+    print(f"error: cannot read {e.filename or ''}: {e.strerror or e}: check the --config path",
+          file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+  run()
