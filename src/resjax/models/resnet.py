@@ -140,10 +140,10 @@ class Stage(nnx.Module):
     def body(h, unit_state):
       unit = nnx.merge(graphdef, unit_state, copy=True)
       h = unit(h, train=train)
-      return h, nnx.state(unit)
+      return h, nnx.state(unit, nnx.Not(nnx.Param))  # parameters come back unchanged: skip them
 
-    x, stacked = jax.lax.scan(body, x, stacked)
-    nnx.update(self.rest, stacked)  # BatchNorm statistics and RNG counters
+    x, updated = jax.lax.scan(body, x, stacked)
+    nnx.update(self.rest, updated)  # BatchNorm statistics and RNG counters
     return x
 
 

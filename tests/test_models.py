@@ -1,0 +1,350 @@
+"""Tests for the CIFAR ResNets: sizes, FLOPs, depth rules, scan, convs, placements, gradients."""
+
+import functools
+import importlib.util
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from resjax import inspect_model, train
+from resjax.errors import ConfigError
+from resjax.models import layers, resnet
+
+FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_fig2.py'
+
+
+def _fig2_config(depth, **model):
+  """fig2 at scale=test as `--mode=describe` sees it, as ResNet-v1 Table 6: option A, CIFAR-10."""
+  spec = importlib.util.spec_from_file_location('resnetv2_fig2', FIG2)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config('scale=test')
+  c.data.name = 'cifar10'
+  c.model.depth = depth
+  c.model.shortcut.option = 'A'
+  c.model.update(model)
+  return c
+
+
+def _n_params(module):
+  return sum(int(np.prod(a.shape)) for a in jax.tree.leaves(nnx.state(module, nnx.Param)))
+
+
+def _normal(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _shortcut(name='identity', **fields):
+  return ml_collections.ConfigDict({'name': name, 'option': 'B', **fields})
+
+
+def _rngs(seed=0):
+  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
+
+
+# ------------------------------------------------------------------------ sizes and FLOPs
+
+# ResNet-v1 Table 6 (CIFAR-10, option A): depth -> params, rounded as the paper prints them.
+TABLE6 = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
+
+
+@pytest.mark.parametrize('depth', sorted(TABLE6))
+def test_table6_parameter_counts(depth):
+  n = _n_params(inspect_model.abstract_model(_fig2_config(depth)))
+  shown = round(n / 1e6, 2) if depth < 100 else round(n / 1e5) / 10
+  assert shown == TABLE6[depth]
+
+
+def _conv_macs(depth, hw=32, c_in=3, widths=(16, 32, 64)):
+  """Multiply-adds of the 3x3 convolutions, every tap counted (the paper's way)."""
+  n = (depth - 2) // 6
+  macs, c, size = hw * hw * c_in * widths[0] * 9, widths[0], hw
+  for s, w in enumerate(widths):
+    size //= 1 if s == 0 else 2
+    macs += size * size * 9 * (c * w + (2 * n - 1) * w * w)
+    c = w
+  return macs
+
+
+def test_conv_macs_reference_is_the_papers():
+  assert round(_conv_macs(20) / 1e5) / 10 == 40.6
+  assert round(_conv_macs(110) / 1e5) / 10 == 252.9
+
+
+@functools.cache
+def _describe(depth):
+  """describe with conv_impl='xla' (what `auto` is on accelerators): XLA skips padding taps.
+
+  rbg keys only speed up the throwaway eager init inside describe (threefry compiles for seconds
+  per parameter shape on CPU); counts and FLOPs do not depend on the key.
+  """
+  with jax.default_prng_impl('rbg'):
+    return inspect_model.describe(_fig2_config(depth, conv_impl='xla'))
+
+
+@pytest.mark.parametrize('depth', [20, 110])
+def test_describe_params_and_flops(depth):
+  """describe's FLOPs are a few % below the paper's multiply-adds (XLA's conv skips the padding)."""
+  d = _describe(depth)
+  assert d['params'] == _n_params(inspect_model.abstract_model(_fig2_config(depth)))
+  macs = d['forward_flops_per_example'] / 2
+  assert 0.9 * _conv_macs(depth) < macs < _conv_macs(depth)
+
+
+def test_describe_extrapolation_matches_an_unrolled_count():
+  """describe counts 1 and 2 units per stage and extends linearly; an unrolled net agrees.
+
+  ResNet-20 has n = 3, so this pins the factor n - 1. (At depth 110 XLA's count of the unrolled
+  post-activation net grows faster than linearly, as fusions recompute the residual adds: 3.8%
+  above describe's, which counts the scanned program that actually runs.)
+  """
+  unrolled = _fig2_config(20, conv_impl='xla', scan=False)
+  with jax.default_prng_impl('rbg'):
+    counted = inspect_model.forward_flops(unrolled, unrolled.model)
+  assert abs(_describe(20)['forward_flops_per_example'] / counted - 1) < 0.005
+
+
+def test_forward_flops_count_each_multiply_add_once():
+  """describe counts multiply-adds once even when the run itself uses im2col convolutions."""
+  c = _fig2_config(8, conv_impl='im2col')
+  c.data.name = 'digits'  # 8x8x1: the same effect, a fast compile
+  with jax.default_prng_impl('rbg'):
+    macs = inspect_model.forward_flops(c, c.model) / 2
+  reference = _conv_macs(8, hw=8, c_in=1) + 64 * 10  # + the Dense head
+  assert macs < 1.05 * reference
+
+
+# ------------------------------------------------------------------------ depth rules
+
+
+@pytest.mark.parametrize('depth', [111, 7, 2, 21])
+def test_impossible_basic_depth(depth):
+  with pytest.raises(ConfigError) as e:
+    inspect_model.abstract_model(_fig2_config(depth))
+  msg = str(e.value)
+  assert f'depth {depth}' in msg and '6n+2' in msg and 'config.model.depth' in msg
+  assert '\n' not in msg
+
+
+def test_bottleneck_depth_rule():
+  assert resnet.units_per_stage(164, 'bottleneck') == 18
+  assert resnet.units_per_stage(1001, 'bottleneck') == 111
+  assert resnet.units_per_stage(110, 'basic') == 18
+  assert resnet.units_per_stage(110, 'bottleneck') == 12  # 110 = 9 * 12 + 2 also fits
+  for depth in (164 + 6, 32, 1202):
+    with pytest.raises(ConfigError, match=r'9n\+2'):
+      resnet.units_per_stage(depth, 'bottleneck')
+  with pytest.raises(ConfigError, match=r'6n\+2'):
+    resnet.units_per_stage(1001, 'basic')
+
+
+def test_bottleneck_width_and_parameter_count():
+  """ResNet-164 (bottleneck, 4x expansion) has 1.7M parameters (ResNet-v2 Table 2)."""
+  c = _fig2_config(164, unit='bottleneck')
+  c.model.shortcut.option = 'B'
+  model = inspect_model.abstract_model(c)
+  assert model.head.kernel.shape == (256, 10)
+  assert round(_n_params(model) / 1e5) / 10 == 1.7
+
+
+# ------------------------------------------------------------------------ scan vs loop
+
+
+def _transfer(scanned, looped):
+  """Copies a scanned net's state into the same net built with a Python loop."""
+  for name in ('stem', 'stem_norm', 'head'):
+    nnx.update(getattr(looped, name), nnx.state(getattr(scanned, name)))
+  for s_stage, l_stage in zip(scanned.stages, looped.stages):
+    nnx.update(l_stage.first, nnx.state(s_stage.first))
+    stacked = nnx.state(s_stage.rest)
+    for i, unit in enumerate(l_stage.rest):
+      nnx.update(unit, jax.tree.map(lambda a: a[i], stacked))
+
+
+def _randomize(model, seed=0):
+  """Fills every weight and BN statistic with random values (no compile, unlike an init)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
+    if "'var'" in name:
+      v = rng.uniform(0.5, 1.5, a.shape)
+    elif "'scale'" in name:
+      v = 1 + 0.1 * n
+    elif "'kernel'" in name:  # He-normal over fan-in: k * k * in (convolutions) or in (Dense)
+      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
+    else:
+      v = 0.1 * n
+    return jnp.asarray(v, jnp.float32)
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
+  return model
+
+
+def test_scan_and_loop_compute_the_same_function():
+  """ResNet-20 (n = 3, so the scan really iterates) with the same weights, train then eval."""
+  kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl='xla')
+  scanned = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=_rngs(), **kw)))
+  looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=_rngs(), **kw))
+  assert isinstance(scanned.stages[0].rest, resnet.Unit) and len(looped.stages[0].rest) == 2
+  _transfer(scanned, looped)
+  assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(looped)))
+  before = np.asarray(scanned.stages[0].rest.norms[0].mean[...])
+  x = _normal((8, 8, 8, 1))
+  fwd = nnx.jit(lambda m, x: (m(x, train=True), m(x, train=False)))
+  (s_train, s_eval), (l_train, l_eval) = fwd(scanned, x), fwd(looped, x)
+  np.testing.assert_allclose(s_train, l_train, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(s_eval, l_eval, rtol=1e-5, atol=1e-5)
+  assert np.abs(np.asarray(s_train) - np.asarray(s_eval)).max() > 1e-3
+  # Each scanned unit's BatchNorm statistics moved, as the looped unit's did.
+  after = np.asarray(scanned.stages[0].rest.norms[0].mean[...])
+  assert np.all(np.abs(after - before).max(axis=-1) > 1e-3)
+  for i, unit in enumerate(looped.stages[0].rest):
+    np.testing.assert_allclose(after[i], unit.norms[0].mean[...], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(scanned.stages[2].rest.norms[1].var[...][i],
+                               looped.stages[2].rest[i].norms[1].var[...], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------ convolutions
+
+
+@pytest.mark.parametrize('k, stride, out_hw', [(3, 1, 8), (3, 2, 4), (1, 2, 4)])
+def test_im2col_and_xla_convolutions_agree(k, stride, out_hw):
+  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=_rngs())
+  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=_rngs(1))
+  b.kernel.set_value(a.kernel[...])
+  x = _normal((2, 8, 8, 4))
+  y = a(x)
+  assert y.shape == (2, out_hw, out_hw, 6)
+  np.testing.assert_allclose(y, b(x), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(y).mean()) > 0.1
+
+
+def test_conv_impl_auto_and_unknown():
+  assert layers.resolve_conv_impl('auto') == ('im2col' if jax.default_backend() == 'cpu' else 'xla')
+  with pytest.raises(ConfigError, match='conv_impl'):
+    layers.resolve_conv_impl('winograd')
+
+
+# ------------------------------------------------------------------------ gradients at depth
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _vjp_at_first_unit(graphdef, state, x, cotangent):
+  """Logits, and d <cotangent, logits> / d (the first unit's input), in train mode."""
+  model = nnx.merge(graphdef, state, copy=True)
+  h0 = jax.nn.relu(model.stem_norm(model.stem(x), use_running_average=False))
+
+  def logits(h):
+    m = nnx.merge(graphdef, state, copy=True)
+    for stage in m.stages:
+      h = stage(h, train=True)
+    return m.head(h.mean(axis=(1, 2)))
+
+  z, vjp = jax.vjp(logits, h0)
+  return z, vjp(cotangent)[0]
+
+
+def _grad_norms(model, x, labels, readout):
+  """|d loss / d h0| for the cross-entropy loss and for the linear loss <readout, logits>."""
+  graphdef, state = nnx.split(model)
+  z, g_lin = _vjp_at_first_unit(graphdef, state, x, readout)
+  d_ce = jax.grad(lambda z: optax.softmax_cross_entropy_with_integer_labels(z, labels).mean())(z)
+  _, g_ce = _vjp_at_first_unit(graphdef, state, x, d_ce)
+  return float(jnp.linalg.norm(g_ce)), float(jnp.linalg.norm(g_lin))
+
+
+def _zero_branches(model):
+  """Zeroes each unit's last BN scale, so F = 0 and only the shortcut path carries signal."""
+  for stage in model.stages:
+    for unit in (stage.first, stage.rest):
+      scale = unit.norms[-1].scale
+      scale.set_value(jnp.zeros_like(scale[...]))
+
+
+def test_shortcut_scaling_vanishes_the_shortcut_signal_at_depth():
+  """ResNet-v2 Eq. 8: through 54 units' shortcuts a gradient is multiplied by prod(lambda_i).
+
+  ResNet-110 (post-activation, option A) with shortcut scaling 0.5/1 against identity, same
+  weights. On the shortcut path alone (branches zeroed) the gradient at the first unit shrinks by
+  exactly 0.5^54 = 5.6e-17. With the branches on, the signal is "forced to flow through the weight
+  layers" (Section 3.1) and does not vanish: each BN renormalises the shrinking stream, and the
+  scaled net's gradient comes out larger than the identity net's, not smaller.
+  """
+  kw = dict(depth=110, num_classes=10, in_channels=1, conv_impl='xla')
+  identity = nnx.jit(lambda: resnet.CifarResNet(
+      shortcut=_shortcut(option='A'), rngs=_rngs(), **kw))()
+  scaled = nnx.eval_shape(lambda: resnet.CifarResNet(
+      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=_rngs(), **kw))
+  nnx.update(scaled, nnx.state(identity))  # option A: no shortcut parameters in either
+  x, labels = _normal((16, 8, 8, 1)), jnp.arange(16) % 10
+  readout = _normal((16, 10), seed=1)
+  grads = lambda m: _grad_norms(m, x, labels, readout)
+  (id_ce, _), (sc_ce, _) = grads(identity), grads(scaled)
+  assert sc_ce > id_ce > 0
+  _zero_branches(identity)
+  _zero_branches(scaled)
+  (id_ce, id_lin), (sc_ce, sc_lin) = grads(identity), grads(scaled)
+  assert sc_ce < 1e-12 * id_ce
+  np.testing.assert_allclose(sc_lin / id_lin, 0.5 ** 54, rtol=1e-3)
+
+
+# ------------------------------------------------------------------------ placements
+
+
+def _bn(h):
+  """BatchNorm in training at init: batch statistics over N, H, W; scale 1, bias 0."""
+  mean, var = h.mean(axis=(0, 1, 2)), h.var(axis=(0, 1, 2))
+  return (h - mean) / jnp.sqrt(var + 1e-5)
+
+
+def _conv(h, w):
+  return jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+REFERENCE = {  # ResNet-v2 Figure 4, as the resnet.py docstring orders BN, ReLU and the add.
+    'post': lambda x, c1, c2: jax.nn.relu(x + _bn(c2(jax.nn.relu(_bn(c1(x)))))),
+    'bn_after_add': lambda x, c1, c2: jax.nn.relu(_bn(x + c2(jax.nn.relu(_bn(c1(x)))))),
+    'relu_before_add': lambda x, c1, c2: x + jax.nn.relu(_bn(c2(jax.nn.relu(_bn(c1(x)))))),
+    'relu_preact': lambda x, c1, c2: x + _bn(c2(jax.nn.relu(_bn(c1(jax.nn.relu(x)))))),
+    'preact': lambda x, c1, c2: x + c2(jax.nn.relu(_bn(c1(jax.nn.relu(_bn(x)))))),
+}
+
+
+def test_placements_follow_the_documented_order():
+  assert set(REFERENCE) == set(resnet.PLACEMENTS)
+  x = _normal((2, 6, 6, 4))
+  w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
+  outputs = {}
+  for placement, reference in REFERENCE.items():
+    unit = resnet.Unit(4, 4, 1, kind='basic', placement=placement, shortcut=_shortcut(),
+                       skip_preact=False, rngs=_rngs())
+    unit.convs[0].kernel.set_value(w1)
+    unit.convs[1].kernel.set_value(w2)
+    y = unit(x, train=True)
+    expected = reference(x, lambda h: _conv(h, w1), lambda h: _conv(h, w2))
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4, err_msg=placement)
+    outputs[placement] = np.asarray(y)
+  names = sorted(outputs)
+  for i, a in enumerate(names):
+    for b in names[i + 1:]:
+      assert np.abs(outputs[a] - outputs[b]).max() > 0.1, (a, b)
+
+
+def test_preact_first_unit_skips_its_preactivation():
+  """skip_preact: the stem's BN-ReLU already ran, so the first conv sees x as it is."""
+  x = _normal((2, 6, 6, 4))
+  w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
+  unit = resnet.Unit(4, 4, 1, kind='basic', placement='preact', shortcut=_shortcut(),
+                     skip_preact=True, rngs=_rngs())
+  unit.convs[0].kernel.set_value(w1)
+  unit.convs[1].kernel.set_value(w2)
+  expected = x + _conv(jax.nn.relu(_bn(_conv(x, w1))), w2)
+  np.testing.assert_allclose(unit(x, train=True), expected, rtol=1e-4, atol=1e-4)
