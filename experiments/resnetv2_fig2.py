@@ -29,6 +29,7 @@ The paper's rows (test error %, median of 5; "fail" = above 20%):
 """
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from resjax import configs
 from resjax.configs import row
@@ -77,7 +78,8 @@ def get_config(arg=None):
   c.failure_error = 20.0  # the paper's "fail": test error above 20%
 
   c.data = ml_collections.ConfigDict(dict(
-      name="cifar10", data_dir=None, pad=4, flip=True, train_size=None, test_size=None))
+      name="cifar10", data_dir=placeholder(str), pad=4, flip=True, train_size=placeholder(int),
+      test_size=placeholder(int)))
   c.model = ml_collections.ConfigDict(dict(
       name="cifar_resnet", depth=110, unit="basic", placement="post", widths=(16, 32, 64),
       scan=True, conv_impl="auto",

@@ -46,33 +46,6 @@ CASES = {
                             ['no_such_experiment.py']),
 }
 
-ROWS_OVERRIDE_FLAG = (
-    "configs.run_config applies each row's overrides after the --config.* flags, so a flag on a "
-    'field that every row sets (model.shortcut.name) is silently dropped and the run goes ahead')
-DATA_DIR_FLAG = (
-    'config.data.data_dir defaults to None, which ml_collections cannot override from the '
-    "command line: absl prints 'FATAL Flags parsing error' plus a help line and exits 1")
-TFDS_KEYERROR = (
-    'with data_dir=None tfds.data_source raises KeyError (splits empty), not NotImplementedError, '
-    'so images._load_tfds lets it out as a traceback (exit 1)')
-MISSING_FILE = (
-    'config_flags defers the load failure to an OSError without a filename on first access, '
-    'which main.run re-raises: traceback, exit 1')
-CONFIG_JSON_FIRST = 'main.train_all writes workdir/config.json before loading the dataset'
-TFDS_WARNINGS = (
-    "tfds logs 'W... file_utils.py:394] Variant folder .../cifar10/3.0.2 has no dataset_info.json' "
-    'twice through absl at WARNING, the level main.main sets, so they precede the error line')
-
-LINE_XFAIL = {'unknown_shortcut': ROWS_OVERRIDE_FLAG, 'not_prepared_data_dir_flag': DATA_DIR_FLAG,
-              'not_prepared_default_dir': TFDS_KEYERROR,
-              'not_prepared_data_dir_in_file': TFDS_WARNINGS, 'missing_config_file': MISSING_FILE}
-WRITES_XFAIL = {'not_prepared_default_dir': CONFIG_JSON_FIRST,
-                'not_prepared_data_dir_in_file': CONFIG_JSON_FIRST}
-
-
-def _cases(xfails):
-  return [pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=xfails[name]))
-          if name in xfails else name for name in CASES]
 
 
 @pytest.fixture(scope='module')
@@ -104,7 +77,7 @@ def user_errors(cli, experiment_file, tmp_path_factory):
   return results, str(empty)
 
 
-@pytest.mark.parametrize('name', _cases(LINE_XFAIL))
+@pytest.mark.parametrize('name', CASES)
 def test_user_error_is_one_clear_line_and_exit_2(user_errors, name):
   results, empty = user_errors
   result, _ = results[name]
@@ -117,7 +90,7 @@ def test_user_error_is_one_clear_line_and_exit_2(user_errors, name):
     assert part.replace(NOT_PREPARED, empty) in lines[0], part
 
 
-@pytest.mark.parametrize('name', _cases(WRITES_XFAIL))
+@pytest.mark.parametrize('name', CASES)
 def test_user_error_writes_nothing_to_the_workdir(user_errors, name):
   results, _ = user_errors
   result, workdir = results[name]
@@ -167,9 +140,6 @@ def test_corrupt_checkpoint_error_names_it_and_the_fix(corrupt_rerun):
   assert not (run_dir / 'summary.json').exists()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "orbax logs 'E... checkpoint.py:219] Failed to json parse Metadata file' through absl at "
-    'ERROR, which main.py lets through to stderr before the error line'))
 def test_corrupt_checkpoint_error_is_the_only_line(corrupt_rerun):
   result, _, _ = corrupt_rerun
   assert len(_lines(result.stderr)) == 1, result.stderr

@@ -19,7 +19,9 @@ def _config(runs, scale='cpu'):
   c.scale = scale
   c.failure_error = 20.0
   c.data = ml_collections.ConfigDict({'name': 'cifar10'})
-  c.optim = ml_collections.ConfigDict({'steps': 400})
+  c.model = ml_collections.ConfigDict({'depth': 110})
+  c.batch_size = 128
+  c.schedule = ml_collections.ConfigDict({'unit': 'iterations', 'total': 400})
   # Experiment files may hold plain dicts here (ConfigDict leaves dicts in lists alone).
   c.runs = [ml_collections.ConfigDict(dict(overrides={}, **r)) if i % 2 else dict(overrides={}, **r)
             for i, r in enumerate(runs)]
@@ -148,7 +150,8 @@ def test_header_and_scale_note(tmp_path):
   md, _ = _report(tmp_path, cfg)
   lines = md.splitlines()
   assert lines[0] == f'# {cfg.experiment}'
-  assert cfg.paper in md and 'Scale: cpu · data: cifar10 · steps: 400' in md
+  assert cfg.paper in md
+  assert 'Scale: cpu · data: cifar10 · depth: 110 · 400 iterations · batch: 128' in md
   assert 'not comparable' in md
   cfg.scale = 'paper'
   md, _ = _report(tmp_path, cfg)

@@ -232,9 +232,6 @@ def test_diverging_run_is_failed_and_the_sweep_goes_on(diverged):
   assert 'fail' in bad_line and 'fail' not in good_line
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    'train.py counts failed_step from 0 (state["step"] before the update, line 145) while '
-    'metrics.jsonl, summary["steps"] and the test-loss failure (line 397) count steps done'))
 def test_failed_step_counts_steps_as_the_metrics_do(diverged):
   _, _, workdir = diverged
   bad = _read_json(workdir / 'diverges' / 'seed0' / 'summary.json')

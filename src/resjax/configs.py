@@ -74,13 +74,25 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
     node[leaf] = value
 
 
-def run_config(config: ml_collections.ConfigDict, run) -> ml_collections.ConfigDict:
-  """The experiment's config with one row's overrides applied (the shared ``runs`` list dropped)."""
+def get_dotted(config: ml_collections.ConfigDict, key: str):
+  node = config
+  for part in key.split("."):
+    node = node[part]
+  return node
+
+
+def run_config(config: ml_collections.ConfigDict, run, keep: tuple[str, ...] = ()):
+  """The experiment's config with one row's overrides applied (the shared ``runs`` list dropped).
+
+  ``keep``: dotted keys the user set on the command line. They win over the row, since a flag the
+  user typed must never be dropped silently.
+  """
   out = copy.deepcopy(config)
   with out.ignore_type():
     out.runs = []
   for key, value in run.overrides:
-    set_dotted(out, key, value)
+    if not any(key == k or key.startswith(k + ".") for k in keep):
+      set_dotted(out, key, value)
   return out
 
 

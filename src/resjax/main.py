@@ -36,33 +36,46 @@ def default_workdir(config) -> str:
   return os.path.join("runs", f"{stem}_{config.get('scale', 'paper')}")
 
 
+def command_line_keys() -> tuple[str, ...]:
+  """The dotted config keys given as --config.KEY=VALUE."""
+  return tuple(config_flags.get_override_values(flags.FLAGS["config"]).keys())
+
+
+def resolved_runs(config) -> list:
+  from resjax import configs
+  keep = command_line_keys()
+  return [(run, configs.run_config(config, run, keep)) for run in configs.select_runs(config)]
+
+
 def describe(config) -> list[dict]:
-  from resjax import configs, inspect_model
-  out = []
-  for run in configs.select_runs(config):
-    rc = configs.run_config(config, run)
-    out.append({"run": run.name, **inspect_model.describe(rc)})
-  return out
+  from resjax import inspect_model
+  return [{"run": run.name, **inspect_model.describe(rc)} for run, rc in resolved_runs(config)]
 
 
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import configs, report, train
+  from resjax import report, train
   from resjax.data import images
 
-  runs = configs.select_runs(config)
-  resolved = [(run, configs.run_config(config, run)) for run in runs]
-  # Check every run's config before training any, so a typo in row 9 does not cost rows 1-8.
   from resjax import inspect_model
+  resolved = resolved_runs(config)
+  # Check every run's config and data before training any or writing anything, so a typo in
+  # row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
   for _, rc in resolved:
     inspect_model.check(rc)
+  datasets: dict[str, tuple] = {}
+  for _, rc in resolved:
+    key = json.dumps(rc.data.to_dict(), sort_keys=True)
+    if key not in datasets:
+      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
+        datasets[key] = images.load_images(rc.data)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     train.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
-  datasets: dict[str, tuple] = {}
+  on_device: dict[str, object] = {}
   seeds = [config.get("seed", 0) + k for k in range(config.get("num_seeds", 1))]
   todo = [(run, rc, seed) for run, rc in resolved for seed in seeds]
   t_all = time.time()
@@ -74,11 +87,10 @@ def train_all(config, workdir: str) -> int:
       print(f"[{i}/{len(todo)}] {run.name} seed{seed}: already {done['status']}, skipped")
       continue
     key = json.dumps(rc.data.to_dict(), sort_keys=True)
-    if key not in datasets:
-      data = images.load_images(rc.data)
-      datasets[key] = (data, train.DeviceData.put(data))
-    data, device_data = datasets[key]
-    summary, _ = train.train(rc, run_dir, seed=seed, data=data, device_data=device_data)
+    data = datasets[key]
+    if key not in on_device:
+      on_device[key] = train.DeviceData.put(data)
+    summary, _ = train.train(rc, run_dir, seed=seed, data=data, device_data=on_device[key])
     final = summary.get("final") or {}
     err = final.get("test_error")
     what = f"test error {err:.2f}%" if err is not None else (summary.get("reason") or "")
@@ -107,6 +119,13 @@ def main(argv) -> int:
   config = _CONFIG.value
   if config is None:
     raise UserError("no experiment given: pass --config experiments/FILE.py[:args]")
+  try:
+    config.get("experiment")  # a file that could not be read raises on first access
+  except OSError:
+    path = flags.FLAGS["config"].config_filename.split(":")[0]
+    why = "no such file" if not os.path.exists(path) else "it failed to load"
+    raise UserError(f"cannot read the experiment file {path} ({why}): check the --config path") \
+        from None
   if _MODE.value == "describe":
     print(json.dumps(describe(config), indent=1))
     return 0
@@ -119,12 +138,7 @@ def run() -> None:
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
-  except OSError as e:  # e.g. the experiment file does not exist
-    if e.filename is None and not isinstance(e, FileNotFoundError):
-      raise
-    print(f"error: cannot read {e.filename or ''}: {e.strerror or e}: check the --config path",
-          file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
+
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def train_step(graphdef, tx, state, window, images, labels, idx, *, mean, pad, f
       "loss": window["loss"] + loss * y.shape[0],
       "errors": window["errors"] + jnp.sum(jnp.argmax(logits, -1) != y),
       "count": window["count"] + y.shape[0],
-      "first_bad_step": jnp.where((window["first_bad_step"] < 0) & bad, step,
+      # Counted in steps done, as metrics.jsonl and summary.json count them.
+      "first_bad_step": jnp.where((window["first_bad_step"] < 0) & bad, step + 1,
                                   window["first_bad_step"]),
   }
   return {"step": step + 1, "params": params, "rest": rest, "opt": opt}, window
@@ -180,20 +181,34 @@ def checkpoint_manager(run_dir: str) -> ocp.CheckpointManager:
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
+@contextlib.contextmanager
+def quiet_logs():
+  """Silences absl logging (TFDS, orbax) where resjax reports a failure in its own one line."""
+  from absl import logging
+  level = logging.get_verbosity()
+  logging.set_verbosity(logging.FATAL)
+  try:
+    yield
+  finally:
+    logging.set_verbosity(level)
+
+
 def restore(manager: ocp.CheckpointManager, state):
   """Restores the newest checkpoint into ``state``'s structure, or returns ``state`` if there is none."""
-  step = manager.latest_step()
+  with quiet_logs():  # orbax logs its own parse errors; resjax reports them in one line below
+    step = manager.latest_step()
   if step is None:
     return state
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
   try:
-    return manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    with quiet_logs():
+      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
   except Exception as e:  # orbax raises many types for unreadable or mismatched files
+    manager.close()  # stop orbax's background threads before the process exits
     where = os.path.join(manager.directory, str(step))
-    first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
     raise CheckpointError(
-        f"checkpoint {where} cannot be restored ({first}): delete {manager.directory} to restart "
-        "this run from scratch, or use another --workdir") from None
+        f"checkpoint {where} cannot be restored ({type(e).__name__}): delete {manager.directory} "
+        "to restart this run from scratch, or use another --workdir") from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -327,7 +342,8 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
   eval_fn = jax.jit(functools.partial(eval_step, graphdef, mean=dd.mean))
 
   # Resume.
-  manager = checkpoint_manager(run_dir)
+  with quiet_logs():
+    manager = checkpoint_manager(run_dir)
   state = restore(manager, state)
   start = int(state["step"])
   log = MetricsLog(run_dir, is_main)

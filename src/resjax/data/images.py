@@ -142,9 +142,10 @@ def _load_tfds(name, data_dir, train_size, test_size):
   try:
     # download=False: never build or fetch here; preparing is an explicit, separate step.
     sources = tfds.data_source(name, split=['train', 'test'], data_dir=data_dir, download=False)
-  except NotImplementedError:
-    # TFDS reports a missing dataset as "file format tfrecord has no random access", because
-    # an unprepared builder defaults to tfrecord; tell the two cases apart.
+  except (NotImplementedError, KeyError):
+    # TFDS reports a missing dataset as "file format tfrecord has no random access" (an
+    # unprepared builder defaults to tfrecord) or, in its default data dir, as a KeyError for an
+    # empty split list; tell these apart from a dataset prepared without random access.
     builder = tfds.builder(name, data_dir=data_dir)
     root = os.fspath(builder.data_dir_root)
     if not builder.is_prepared():
