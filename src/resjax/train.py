@@ -330,6 +330,7 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
   model = build_model(config, data, seed)
   graphdef, params, rest = split_model(model)
   tx = make_optimizer(config, steps)
+  lr_at = learning_rate(config.optim, steps)
   state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
            "opt": tx.init(params)}
   del model
@@ -362,6 +363,7 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
     bar = tqdm(total=total, initial=start, desc=summary["run"], unit="step", dynamic_ncols=True,
                disable=None, leave=False)
   last_train: dict = {}
+  last_eval: dict = {}
   step = start
   t_window = time.time()
   with sigterm_saves():
@@ -384,14 +386,15 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
         t_window = time.time()
         last_train = {"train_loss": w["loss"] / w["count"],
                       "train_error": 100.0 * w["errors"] / w["count"],
-                      "lr": float(tx_lr(config, steps, step - 1)),
+                      "lr": float(lr_at(step - 1)),
                       "examples_per_s": w["count"] / max(dt, 1e-9)}
         log.write(step, last_train)
         if bar is not None:
           bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
                           err=f"{last_train['train_error']:.1f}%")
       if step % eval_every == 0 or at_end:
-        log.write(step, evaluate(eval_fn, state, dd, eval_batch))
+        last_eval = {"step": step, **evaluate(eval_fn, state, dd, eval_batch)}
+        log.write(step, {k: v for k, v in last_eval.items() if k != "step"})
       if step % ckpt_every == 0 or at_end or Preemption.requested:
         manager.save(step, args=ocp.args.StandardSave(state))
       if Preemption.requested:
@@ -406,7 +409,9 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
     summary["status"] = "preempted"
     summary["reason"] = f"stopped by SIGTERM at step {step}; rerun the same command to resume"
   elif summary["status"] == "running":
-    final = evaluate(eval_fn, state, dd, eval_batch)
+    if last_eval.get("step") != step:  # resumed from a checkpoint of the final step
+      last_eval = {"step": step, **evaluate(eval_fn, state, dd, eval_batch)}
+    final = {k: v for k, v in last_eval.items() if k != "step"}
     summary["final"] = {**{k: last_train.get(k) for k in ("train_loss", "train_error")}, **final}
     threshold = config.get("failure_error", None)
     if not math.isfinite(final["test_loss"]):
@@ -421,10 +426,6 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
   if is_main:
     write_json(os.path.join(run_dir, "summary.json"), summary)
   return summary, state
-
-
-def tx_lr(config, steps: dict, step: int) -> float:
-  return float(learning_rate(config.optim, steps)(step))
 
 
 def read_summary(run_dir: str) -> dict | None:
