@@ -105,8 +105,8 @@ def get_config(arg=None):
     # paper's remedy for ResNet-110's slow start, here 40 steps.
     c.batch_size = 64
     c.optim.update(lr=0.05, warmup_lr=0.005)
-    c.schedule.update(total=260, boundaries=(180, 230), warmup=40)
-    c.log_every, c.eval_every, c.checkpoint_every = 20, 100, 100
+    c.schedule.update(total=230, boundaries=(160, 205), warmup=40)
+    c.log_every, c.eval_every, c.checkpoint_every = 23, 115, 115
   elif arg.scale == "test":
     c.data.update(name="digits", pad=1, flip=False)
     c.model.depth = 14
