@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Mapping
-
 import ml_collections
 
 from resjax.errors import ConfigError
@@ -128,6 +126,3 @@ def schedule_steps(config, train_size: int) -> dict[str, object]:
   return {"total": conv(s.total), "warmup": conv(s.get("warmup", 0) or 0),
           "boundaries": [conv(b) for b in s.get("boundaries", ())]}
 
-
-def as_dict(config) -> Mapping:
-  return config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)

@@ -12,7 +12,6 @@ import copy
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from resjax import configs, models, train
@@ -71,7 +70,7 @@ def forward_flops(config, model_cfg) -> float:
 def describe(config) -> dict:
   check(config)
   model = abstract_model(config)
-  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  params = train.count_params(model)
   one, n = models.with_repeats(config.model, 1)
   two, _ = models.with_repeats(config.model, 2)
   f1, f2 = forward_flops(config, one), forward_flops(config, two)

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import signal
-import sys
 import time
 from typing import Any
 
@@ -435,6 +434,3 @@ def read_summary(run_dir: str) -> dict | None:
   except (OSError, ValueError):
     return None
 
-
-def fail_line(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
