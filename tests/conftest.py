@@ -1,5 +1,6 @@
 """Fixtures shared by the tests that train: the CLI as a subprocess, one XLA cache per session."""
 
+import contextlib
 import os
 import pathlib
 import subprocess
@@ -35,6 +36,18 @@ class Cli:
   def popen(self, *args, stdout, stderr):
     return subprocess.Popen(self.argv(*args), cwd=REPO, env=self.env, stdout=stdout,
                             stderr=stderr, text=True)
+
+  @contextlib.contextmanager
+  def background(self, root, *args):
+    """Runs the CLI in the background with stdout/stderr in root/out, root/err; kills it on exit."""
+    with open(root / 'out', 'w') as out, open(root / 'err', 'w') as err:
+      proc = self.popen(*args, stdout=out, stderr=err)
+      try:
+        yield proc
+      finally:
+        if proc.poll() is None:
+          proc.kill()
+          proc.wait()
 
 
 @pytest.fixture(scope='session')

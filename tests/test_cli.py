@@ -152,15 +152,9 @@ def test_corrupt_checkpoint_error_is_the_only_line(corrupt_rerun):
 def describe_run(cli, tmp_path_factory):
   """Starts `--mode=describe` with the module: its 22 compilations overlap the tests above."""
   root = tmp_path_factory.mktemp('describe')
-  out, err = open(root / 'out', 'w'), open(root / 'err', 'w')
-  proc = cli.popen('--config', f'{FIG2}:scale=test', '--workdir', root / 'work',
-                   '--mode=describe', stdout=out, stderr=err)
-  yield proc, root
-  out.close()
-  err.close()
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
+  with cli.background(root, '--config', f'{FIG2}:scale=test', '--workdir', root / 'work',
+                      '--mode=describe') as proc:
+    yield proc, root
 
 
 def test_describe_prints_every_row_and_trains_nothing(describe_run):

@@ -189,14 +189,8 @@ def diverging_sweep(cli, experiment_file, tmp_path_factory):
           row('stable', 'LR as in fig2', model__shortcut__name='identity'),
       ]
       """)
-  out, err = open(root / 'out', 'w'), open(root / 'err', 'w')
-  proc = cli.popen('--config', exp, '--workdir', root / 'work', stdout=out, stderr=err)
-  yield proc, root
-  out.close()
-  err.close()
-  if proc.poll() is None:
-    proc.kill()
-    proc.wait()
+  with cli.background(root, '--config', exp, '--workdir', root / 'work') as proc:
+    yield proc, root
 
 
 @pytest.fixture(scope='module')
