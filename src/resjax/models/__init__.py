@@ -1,35 +1,41 @@
-"""Model registry: ``config.model.name`` -> a Flax NNX module."""
+"""Model registry: ``config.model.name`` -> a Flax NNX module.
+
+Each entry is "module:function" for a builder ``f(model_cfg, *, num_classes, in_channels, rngs)``
+and one for ``repeats(model_cfg, k) -> (cfg with k repeated units per stack, real repeats)``, which
+``describe`` uses to count FLOPs (XLA counts a scan body once). Modules import lazily, so a model's
+dependencies load only when it is used. For language models ``num_classes`` is the vocabulary size.
+"""
 
 from __future__ import annotations
 
-import copy
+import importlib
 
 from flax import nnx
 
 from resjax.errors import ConfigError
-from resjax.models import resnet
+
+# name -> (builder, repeats)
+MODELS = {
+    "cifar_resnet": ("resjax.models.resnet:cifar_from_config", "resjax.models.resnet:cifar_repeats"),
+    "imagenet_resnet": ("resjax.models.resnet:imagenet_from_config",
+                        "resjax.models.resnet:imagenet_repeats"),
+    "highway": ("resjax.models.highway:from_config", "resjax.models.highway:repeats"),
+    "transformer": ("resjax.models.transformer:from_config", "resjax.models.transformer:repeats"),
+}
+
+
+def _entry(name: str, which: int):
+  if name not in MODELS:
+    raise ConfigError(f"unknown model {name!r}: set config.model.name to one of {', '.join(MODELS)}")
+  module, _, fn = MODELS[name][which].partition(":")
+  return getattr(importlib.import_module(module), fn)
 
 
 def build(model_cfg, *, num_classes: int, in_channels: int, rngs: nnx.Rngs) -> nnx.Module:
-  name = model_cfg.name
-  if name == "cifar_resnet":
-    return resnet.CifarResNet(
-        depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
-        shortcut=model_cfg.shortcut, unit=model_cfg.get("unit", "basic"),
-        placement=model_cfg.get("placement", "post"),
-        widths=tuple(model_cfg.get("widths", (16, 32, 64))), scan=model_cfg.get("scan", True),
-        conv_impl=model_cfg.get("conv_impl", "auto"), rngs=rngs)
-  raise ConfigError(f"unknown model {name!r}: set config.model.name to one of {', '.join(MODELS)}")
-
-
-MODELS = ("cifar_resnet",)
+  return _entry(model_cfg.name, 0)(model_cfg, num_classes=num_classes, in_channels=in_channels,
+                                   rngs=rngs)
 
 
 def with_repeats(model_cfg, k: int):
-  """The same model with k repeated units per stage (for counting FLOPs, which are affine in k)."""
-  out = copy.deepcopy(model_cfg)
-  if model_cfg.name == "cifar_resnet":
-    per_unit = 3 * resnet.UNITS[model_cfg.get("unit", "basic")]
-    out.depth = per_unit * k + 2
-    return out, resnet.units_per_stage(model_cfg.depth, model_cfg.get("unit", "basic"))
-  raise ConfigError(f"unknown model {model_cfg.name!r}")
+  """The same model with k repeated units per stack, and the real number of repeats."""
+  return _entry(model_cfg.name, 1)(model_cfg, k)

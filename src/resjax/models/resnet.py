@@ -22,6 +22,8 @@ run under ``jax.lax.scan`` over stacked parameters, so tracing and compile time 
 
 from __future__ import annotations
 
+import copy
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -178,3 +180,20 @@ class CifarResNet(nnx.Module):
     if self.final_norm is not None:
       h = jax.nn.relu(self.final_norm(h, use_running_average=not train))
     return self.head(jnp.mean(h, axis=(1, 2)))
+
+
+def cifar_from_config(model_cfg, *, num_classes: int, in_channels: int, rngs: nnx.Rngs) -> CifarResNet:
+  return CifarResNet(
+      depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
+      shortcut=model_cfg.shortcut, unit=model_cfg.get("unit", "basic"),
+      placement=model_cfg.get("placement", "post"),
+      widths=tuple(model_cfg.get("widths", (16, 32, 64))), scan=model_cfg.get("scan", True),
+      conv_impl=model_cfg.get("conv_impl", "auto"), rngs=rngs)
+
+
+def cifar_repeats(model_cfg, k: int):
+  """The same CIFAR ResNet with k units per stage, and its real units per stage."""
+  unit = model_cfg.get("unit", "basic")
+  out = copy.deepcopy(model_cfg)
+  out.depth = 3 * UNITS[unit] * k + 2
+  return out, units_per_stage(model_cfg.depth, unit)
