@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from resjax import configs, train
-from resjax.data import images
+from resjax import configs, tasks, train
 
 FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_fig2.py'
 
@@ -88,17 +87,17 @@ def runs(xla_cache, tmp_path_factory):
   config = _fig2_row('scale=test', 'identity')
   assert config.model.depth == 14 and config.schedule.total == 6
   assert config.checkpoint_every == 3 and tuple(config.schedule.boundaries) == (4,)
-  data = images.load_images(config.data)
-  device_data = train.DeviceData.put(data)
+  task = tasks.load(config)
+  arrays = task.device_arrays()
   root = tmp_path_factory.mktemp('runs')
 
   def run(run_dir, total, failure_error):
     c = copy.deepcopy(config)
     c.schedule.total = total
     c.failure_error = failure_error
-    summary, state = train.train(c, str(run_dir), seed=0, data=data, device_data=device_data,
-                                 progress=False)
-    return summary, jax.device_get(state)
+    (summary,), state = train.train(c, str(run_dir.parent), seeds=[0], task=task, arrays=arrays,
+                                    progress=False)
+    return summary, jax.device_get(train.replica(state, 0))
 
   straight_dir, resumed_dir = root / 'straight' / 'seed0', root / 'resumed' / 'seed0'
   straight = run(straight_dir, 6, -1.0)
@@ -112,7 +111,7 @@ def test_resumed_run_ends_bitwise_equal_to_an_uninterrupted_one(runs):
   (_, straight), (half_summary, half), (summary, resumed) = (
       runs['straight'], runs['first_half'], runs['resumed'])
   assert half_summary['steps'] == 3 and int(half['step']) == 3
-  assert sorted(os.listdir(runs['resumed_dir'] / 'ckpt')) == ['3', '6']
+  assert sorted(os.listdir(runs['resumed_dir'].parent / 'ckpt' / 'seeds_0')) == ['3', '6']
   assert summary['steps'] == 6 and int(resumed['step']) == 6 and int(straight['step']) == 6
   # Not vacuous: the last 3 steps moved the weights.
   assert _bitwise_differences(half['params'], straight['params'])
@@ -276,7 +275,7 @@ def test_sigterm_saves_exits_143_and_the_rerun_resumes(cli, tmp_path):
   assert f'stopped by SIGTERM at step {stopped}' in summary['reason']
   assert summary['final'] == {}
   # checkpoint_every is never reached: the only checkpoint is the one SIGTERM asked for.
-  assert sorted(os.listdir(run_dir / 'ckpt')) == [str(stopped)]
+  assert sorted(os.listdir(run_dir.parent / 'ckpt' / 'seeds_0')) == [str(stopped)]
   assert max(m['step'] for m in _read_jsonl(metrics)) == stopped
   lines_before = len(_read_jsonl(metrics))
 

@@ -17,23 +17,31 @@ from flax import nnx
 from resjax import configs, models, train
 from resjax.errors import ConfigError
 
-# (height, width, channels, classes) of each dataset, known without reading it.
-INPUT_SPECS = {"digits": (8, 8, 1, 10), "cifar10": (32, 32, 3, 10), "cifar100": (32, 32, 3, 100)}
+# (height, width, channels, classes) of each image dataset, known without reading it.
+IMAGE_SPECS = {"digits": (8, 8, 1, 10), "cifar10": (32, 32, 3, 10), "cifar100": (32, 32, 3, 100),
+               "imagenet2012": (224, 224, 3, 1000)}
+TEXT_SETS = ("stdlib", "tiny_shakespeare", "lm1b")
+BYTE_VOCAB = 256
 
 
-def input_spec(config):
+def input_spec(config) -> tuple[jax.ShapeDtypeStruct, int, int]:
+  """(one example's input, number of classes or vocabulary, input channels) of ``config.data``."""
   name = config.data.name
-  if name not in INPUT_SPECS:
+  if name in TEXT_SETS:
+    return jax.ShapeDtypeStruct((config.model.context,), jnp.int32), BYTE_VOCAB, 0
+  if name not in IMAGE_SPECS:
     raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of "
-                      f"{', '.join(INPUT_SPECS)}")
-  return INPUT_SPECS[name]
+                      f"{', '.join(list(IMAGE_SPECS) + list(TEXT_SETS))}")
+  h, w, c, classes = IMAGE_SPECS[name]
+  if name == "imagenet2012":
+    h = w = config.data.get("image_size", 224)
+  return jax.ShapeDtypeStruct((h, w, c), jnp.float32), classes, c
 
 
 def abstract_model(config, model_cfg=None):
-  h, w, c, classes = input_spec(config)
-  del h, w
+  _, classes, channels = input_spec(config)
   return nnx.eval_shape(lambda: models.build(model_cfg or config.model, num_classes=classes,
-                                             in_channels=c, rngs=nnx.Rngs(0)))
+                                             in_channels=channels, rngs=nnx.Rngs(0)))
 
 
 def check(config) -> None:
@@ -53,15 +61,16 @@ def check(config) -> None:
 
 
 def forward_flops(config, model_cfg) -> float:
-  h, w, c, _ = input_spec(config)
+  example, _, _ = input_spec(config)
   # Counted on XLA's convolution: im2col computes the same function, but XLA's cost analysis
   # counts an elementwise op feeding it once per k*k patch copy.
   model_cfg = copy.deepcopy(model_cfg)
-  model_cfg.conv_impl = "xla"
+  if "conv_impl" in model_cfg:
+    model_cfg.conv_impl = "xla"
   graphdef, state = nnx.split(abstract_model(config, model_cfg))
   fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-  compiled = jax.jit(fwd).lower(abstract, jax.ShapeDtypeStruct((1, h, w, c), jnp.float32)).compile()
+  compiled = jax.jit(fwd).lower(abstract, jax.ShapeDtypeStruct((1, *example.shape), example.dtype)).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])

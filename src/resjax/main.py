@@ -52,54 +52,70 @@ def describe(config) -> list[dict]:
   return [{"run": run.name, **inspect_model.describe(rc)} for run, rc in resolved_runs(config)]
 
 
+def load_tasks(resolved) -> dict:
+  """One task per distinct data config (data read once however many rows share it)."""
+  from resjax import tasks, train
+  out: dict[str, object] = {}
+  for _, rc in resolved:
+    key = task_key(rc)
+    if key not in out:
+      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
+        out[key] = tasks.load(rc)
+  return out
+
+
+def task_key(rc) -> str:
+  context = rc.model.get("context", None)
+  return json.dumps([rc.data.to_dict(), context], sort_keys=True, default=str)
+
+
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import report, train
-  from resjax.data import images
-
-  from resjax import inspect_model
+  from resjax import inspect_model, report, train
   resolved = resolved_runs(config)
   # Check every run's config and data before training any or writing anything, so a typo in
   # row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
   for _, rc in resolved:
     inspect_model.check(rc)
-  datasets: dict[str, tuple] = {}
-  for _, rc in resolved:
-    key = json.dumps(rc.data.to_dict(), sort_keys=True)
-    if key not in datasets:
-      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
-        datasets[key] = images.load_images(rc.data)
+  task_of = load_tasks(resolved)
   is_main = jax.process_index() == 0
   os.makedirs(workdir, exist_ok=True)
   if is_main:
     train.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
-  on_device: dict[str, object] = {}
+  arrays: dict[str, object] = {}
   seeds = [config.get("seed", 0) + k for k in range(config.get("num_seeds", 1))]
-  todo = [(run, rc, seed) for run, rc in resolved for seed in seeds]
   t_all = time.time()
   preempted = False
-  for i, (run, rc, seed) in enumerate(todo, 1):
-    run_dir = os.path.join(workdir, run.name, f"seed{seed}")
-    done = train.read_summary(run_dir)
-    if done and done.get("status") in ("ok", "failed"):
-      print(f"[{i}/{len(todo)}] {run.name} seed{seed}: already {done['status']}, skipped")
+  for i, (run, rc) in enumerate(resolved, 1):
+    group_dir = os.path.join(workdir, run.name)
+    todo = [s for s in seeds
+            if (train.read_summary(os.path.join(group_dir, f"seed{s}")) or {}).get("status")
+            not in ("ok", "failed")]
+    if not todo:
+      print(f"[{i}/{len(resolved)}] {run.name}: already done, skipped")
       continue
-    key = json.dumps(rc.data.to_dict(), sort_keys=True)
-    data = datasets[key]
-    if key not in on_device:
-      on_device[key] = train.DeviceData.put(data)
-    summary, _ = train.train(rc, run_dir, seed=seed, data=data, device_data=on_device[key])
-    final = summary.get("final") or {}
-    err = final.get("test_error")
-    what = f"test error {err:.2f}%" if err is not None else (summary.get("reason") or "")
-    print(f"[{i}/{len(todo)}] {run.name} seed{seed}: {summary['status']}, {what} "
-          f"({summary['wall_s']:.0f} s)", flush=True)
-    if is_main:
-      report.write_report(workdir, config)
-    if summary["status"] == "preempted":
-      preempted = True
+    # Seeds train side by side; with config.seeds_side_by_side=False, one after another.
+    groups = [todo] if config.get("seeds_side_by_side", True) else [[s] for s in todo]
+    key = task_key(rc)
+    if key not in arrays:
+      arrays[key] = task_of[key].device_arrays()
+    for group in groups:
+      summaries, _ = train.train(rc, group_dir, seeds=group, task=task_of[key], arrays=arrays[key])
+      for summary in summaries:
+        final = summary.get("final") or {}
+        err = final.get(config.get("metric", "test_error"))
+        what = f"{config.get('metric', 'test_error')} {err:.4g}" if err is not None else (
+            summary.get("reason") or "")
+        print(f"[{i}/{len(resolved)}] {run.name} seed{summary['seed']}: {summary['status']}, "
+              f"{what} ({summary['wall_s']:.0f} s)", flush=True)
+      if is_main:
+        report.write_report(workdir, config)
+      if any(s["status"] == "preempted" for s in summaries):
+        preempted = True
+        break
+    if preempted:
       break
   if is_main:
     md, png = report.write_report(workdir, config)

@@ -28,8 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from resjax import configs, models, shortcuts
-from resjax.data import images as image_data
+from resjax import configs, models, shortcuts, tasks
 from resjax.errors import CheckpointError, ConfigError
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
@@ -44,13 +43,13 @@ def key(seed: int) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------
-# Model and train state.
+# Model and train state. Seeds trained side by side are replicas stacked on a leading axis.
 # ------------------------------------------------------------------------------------------------
 
-def build_model(config, data: image_data.ImageSplits, seed: int) -> nnx.Module:
+def build_model(config, task, seed: int) -> nnx.Module:
   """Initialises the model in one compiled program (eager init dispatches one per parameter)."""
-  build = lambda: models.build(config.model, num_classes=data.num_classes,
-                               in_channels=data.train_images.shape[-1],
+  build = lambda: models.build(config.model, num_classes=task.num_classes,
+                               in_channels=task.in_channels,
                                rngs=nnx.Rngs(params=key(seed), dropout=jax.random.fold_in(key(seed), 2)))
   return nnx.jit(build)()
 
@@ -64,66 +63,108 @@ def count_params(model: nnx.Module) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
+def stack(trees: list):
+  """Replica trees -> one tree with a leading replica axis."""
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def init_state(config, task, seeds: list[int], tx):
+  """The stacked train state of one replica per seed, and the model's graphdef."""
+  params, rests = [], []
+  for seed in seeds:
+    graphdef, p, r = split_model(build_model(config, task, seed))
+    params.append(p)
+    rests.append(r)
+  params = stack(params)
+  state = {"step": jnp.zeros((len(seeds),), jnp.int32), "params": params, "rest": stack(rests),
+           "opt": jax.vmap(tx.init)(params)}
+  return graphdef, state
+
+
 # ------------------------------------------------------------------------------------------------
 # Optimizer.
 # ------------------------------------------------------------------------------------------------
 
 def learning_rate(optim, steps: dict) -> optax.Schedule:
-  """Constant warm-up LR, then the base LR divided at each boundary (or cosine decay)."""
+  """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay."""
   warmup, total = steps["warmup"], steps["total"]
   decay = optim.get("decay", "step")
   if decay == "step":
     main = optax.piecewise_constant_schedule(
         optim.lr, {b: optim.get("decay_factor", 0.1) for b in steps["boundaries"]})
-  elif decay == "cosine":
-    main = lambda s: optim.lr * 0.5 * (1 + jnp.cos(jnp.pi * jnp.minimum(s / max(total, 1), 1.0)))
+  elif decay in ("cosine", "linear"):
+    floor = optim.get("final_lr_fraction", 0.0)
+
+    def main(s):
+      t = jnp.clip((s - warmup) / max(total - warmup, 1), 0.0, 1.0)
+      shape = 0.5 * (1 + jnp.cos(jnp.pi * t)) if decay == "cosine" else 1.0 - t
+      return optim.lr * (floor + (1 - floor) * shape)
+  elif decay == "constant":
+    main = optax.constant_schedule(optim.lr)
   else:
-    raise ConfigError(f"unknown LR decay {decay!r}: set config.optim.decay to step or cosine")
+    raise ConfigError(f"unknown LR decay {decay!r}: set config.optim.decay to step, cosine, "
+                      "linear or constant")
   if not warmup:
     return main
+  if optim.get("warmup_shape", "constant") == "linear":
+    return lambda s: jnp.where(s < warmup, optim.lr * (s + 1) / warmup, main(s))
   warm_lr = optim.get("warmup_lr", optim.lr)
   return lambda s: jnp.where(s < warmup, warm_lr, main(s))
 
 
-def make_optimizer(config, steps: dict) -> optax.GradientTransformation:
-  """SGD with momentum and L2 weight decay added to the gradient (as the ResNet papers applied it).
+def _decay_mask(weights):
+  """AdamW decays matrices and kernels; biases, norm scales and gains stay undecayed."""
+  return jax.tree.map(lambda x: x.ndim >= 2, weights)
 
-  Learnable residual scalars get their own group: no weight decay, and their own optimizer.
+
+def make_optimizer(config, steps: dict) -> optax.GradientTransformation:
+  """The two parameter groups: weights, and learnable residual scalars (never weight-decayed).
+
+  ``sgd``: momentum SGD with L2 weight decay added to the gradient, as the ResNet papers applied it.
+  ``adamw``: Adam with decoupled weight decay on matrices, gradient clipping by global norm.
+  The scalars get their own optimizer: SGD at the weights' LR, or Adam at ``scalar_lr``.
   """
   optim = config.optim
-  if optim.get("name", "sgd") != "sgd":
-    raise ConfigError(f"unknown optimizer {optim.name!r}: set config.optim.name to sgd")
-  for key in ("lr", "momentum", "weight_decay"):
-    if not (optim[key] >= 0 and math.isfinite(optim[key])):
-      raise ConfigError(f"config.optim.{key}={optim[key]} must be a finite number >= 0")
+  name = optim.get("name", "sgd")
+  for k in ("lr", "weight_decay"):
+    if not (optim[k] >= 0 and math.isfinite(optim[k])):
+      raise ConfigError(f"config.optim.{k}={optim[k]} must be a finite number >= 0")
   lr = learning_rate(optim, steps)
-  weights = optax.chain(optax.add_decayed_weights(optim.weight_decay),
-                        optax.sgd(lr, momentum=optim.momentum))
-  scalars = optax.sgd(lr, momentum=optim.momentum)
-  return optax.multi_transform({"weights": weights, "scalars": scalars},
-                               lambda p: {k: k for k in p})
+  if name == "sgd":
+    weights = optax.chain(optax.add_decayed_weights(optim.weight_decay),
+                          optax.sgd(lr, momentum=optim.momentum))
+    scalars = optax.sgd(lr, momentum=optim.momentum)
+  elif name == "adamw":
+    b1, b2, eps = optim.get("b1", 0.9), optim.get("b2", 0.95), optim.get("eps", 1e-8)
+    weights = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=optim.weight_decay,
+                          mask=_decay_mask)
+    scalar_lr = optim.get("scalar_lr", None) or lr
+    scalars = optax.adam(scalar_lr, b1=b1, b2=b2, eps=eps)
+  else:
+    raise ConfigError(f"unknown optimizer {name!r}: set config.optim.name to sgd or adamw")
+  tx = optax.multi_transform({"weights": weights, "scalars": scalars}, lambda p: {k: k for k in p})
+  clip = optim.get("clip_norm", None)
+  return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
 
 # ------------------------------------------------------------------------------------------------
-# The jitted steps.
+# The jitted steps, written for one replica and vmapped over the seeds.
 # ------------------------------------------------------------------------------------------------
 
-def cross_entropy(logits, labels):
-  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+cross_entropy = tasks.cross_entropy
 
 
-def new_window():
-  """Device-side sums of the training metrics between two log lines."""
-  return {"loss": jnp.zeros((), jnp.float32), "errors": jnp.zeros((), jnp.float32),
-          "count": jnp.zeros((), jnp.float32), "first_bad_step": jnp.full((), -1, jnp.int32)}
+def new_window(replicas: int):
+  """Device-side sums of the training metrics between two log lines, per replica."""
+  zeros = lambda: jnp.zeros((replicas,), jnp.float32)  # distinct buffers: the window is donated
+  return {"loss": zeros(), "errors": zeros(), "count": zeros(),
+          "first_bad_step": jnp.full((replicas,), -1, jnp.int32)}
 
 
-def train_step(graphdef, tx, state, window, images, labels, idx, *, mean, pad, flip, aug_key):
-  """One SGD step on the batch ``idx`` of the device-resident training set."""
+def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays):
+  """One optimizer step of one replica on ``batch`` (the task's host batch for this step)."""
   step = state["step"]
-  x = image_data.normalize(images[idx], mean)
-  x = image_data.augment(jax.random.fold_in(aug_key, step), x, pad=pad, flip=flip)
-  y = labels[idx]
+  x, y = task.train_inputs(arrays, batch, jax.random.fold_in(aug_key, step))
 
   def loss_fn(params, rest):
     # copy=True: fresh Variables that belong to this trace, so BatchNorm may update them here.
@@ -137,10 +178,11 @@ def train_step(graphdef, tx, state, window, images, labels, idx, *, mean, pad, f
   updates, opt = tx.update(grads, state["opt"], state["params"])
   params = optax.apply_updates(state["params"], updates)
   bad = ~jnp.isfinite(loss)
+  count = jnp.asarray(y.size, jnp.float32)
   window = {
-      "loss": window["loss"] + loss * y.shape[0],
+      "loss": window["loss"] + loss * count,
       "errors": window["errors"] + jnp.sum(jnp.argmax(logits, -1) != y),
-      "count": window["count"] + y.shape[0],
+      "count": window["count"] + count,
       # Counted in steps done, as metrics.jsonl and summary.json count them.
       "first_bad_step": jnp.where((window["first_bad_step"] < 0) & bad, step + 1,
                                   window["first_bad_step"]),
@@ -148,35 +190,32 @@ def train_step(graphdef, tx, state, window, images, labels, idx, *, mean, pad, f
   return {"step": step + 1, "params": params, "rest": rest, "opt": opt}, window
 
 
-def eval_step(graphdef, state, images, labels, idx, valid, *, mean):
-  """Loss and error sums over one (padded) test batch."""
+def eval_step(graphdef, task, state, batch, valid, arrays):
+  """Loss and error sums (and the count of targets) over one padded test batch of one replica."""
   model = nnx.merge(graphdef, state["params"]["scalars"], state["params"]["weights"], state["rest"])
-  x = image_data.normalize(images[idx], mean)
+  x, y = task.eval_inputs(arrays, batch)
   logits = model(x, train=False)
-  y = labels[idx]
-  loss = jnp.sum(jnp.where(valid, cross_entropy(logits, y), 0.0))
-  errors = jnp.sum(valid & (jnp.argmax(logits, -1) != y))
-  return loss, errors
+  mask = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (y.ndim - 1)), y.shape)
+  loss = jnp.sum(jnp.where(mask, cross_entropy(logits, y), 0.0))
+  errors = jnp.sum(mask & (jnp.argmax(logits, -1) != y))
+  return loss, errors, jnp.sum(mask)
 
 
-# ------------------------------------------------------------------------------------------------
-# Batch order: a fixed function of (seed, step), so that a resumed run sees the same batches.
-# ------------------------------------------------------------------------------------------------
-
-def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
-  per_epoch = num_examples // batch_size
-  epoch, j = divmod(step, per_epoch)
-  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
-  return order[j * batch_size:(j + 1) * batch_size].astype(np.int32)
+batch_indices = tasks.batch_indices
 
 
 # ------------------------------------------------------------------------------------------------
 # Checkpoints.
 # ------------------------------------------------------------------------------------------------
 
-def checkpoint_manager(run_dir: str) -> ocp.CheckpointManager:
+def checkpoint_dir(group_dir: str, seeds: list[int]) -> str:
+  """Where the stacked replicas of ``seeds`` are checkpointed: one directory per seed set."""
+  return os.path.join(group_dir, "ckpt", "seeds_" + "_".join(str(s) for s in seeds))
+
+
+def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(os.path.join(run_dir, "ckpt")),
+      os.path.abspath(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
@@ -282,118 +321,126 @@ class MetricsLog:
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop.
+# The loop: one row of a table, all its seeds side by side as replicas of one program.
 # ------------------------------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class DeviceData:
-  """The image splits on the device, uint8, so that a step moves only batch indices."""
-  train_images: jax.Array
-  train_labels: jax.Array
-  test_images: jax.Array
-  test_labels: jax.Array
-  mean: jax.Array
-  num_train: int
-  num_test: int
-
-  @classmethod
-  def put(cls, data: image_data.ImageSplits) -> "DeviceData":
-    return cls(jnp.asarray(data.train_images), jnp.asarray(data.train_labels),
-               jnp.asarray(data.test_images), jnp.asarray(data.test_labels),
-               jnp.asarray(data.mean), len(data.train_labels), len(data.test_labels))
+def evaluate(eval_fn, state, arrays, task, batch_size: int) -> list[dict]:
+  """Test loss (nats per target) and error (%) of every replica."""
+  loss = errors = count = 0.0
+  for batch, valid in task.eval_batches(batch_size):
+    l, e, c = jax.device_get(eval_fn(state, batch, valid, arrays))
+    loss, errors, count = loss + l.astype(np.float64), errors + e, count + c
+  out = []
+  for k in range(len(loss)):
+    m = {"test_loss": float(loss[k] / count[k]), "test_error": float(100.0 * errors[k] / count[k])}
+    if task.kind == "text":
+      m["test_bpb"] = tasks.bits_per_byte(m["test_loss"])
+    out.append(m)
+  return out
 
 
-def evaluate(eval_fn, state, dd: DeviceData, batch_size: int) -> dict:
-  loss = errors = 0.0
-  for start in range(0, dd.num_test, batch_size):
-    idx = np.arange(start, start + batch_size)
-    valid = idx < dd.num_test
-    l, e = eval_fn(state, dd.test_images, dd.test_labels, np.minimum(idx, dd.num_test - 1), valid)
-    loss, errors = loss + float(l), errors + float(e)
-  return {"test_loss": loss / dd.num_test, "test_error": 100.0 * errors / dd.num_test}
+def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None = None,
+          progress: bool = True) -> tuple[list[dict], dict]:
+  """Trains one row at every seed in ``seeds``, side by side (vmapped replicas, one program).
 
-
-def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
-          device_data: DeviceData | None = None, progress: bool = True) -> tuple[dict, dict]:
-  """Trains one run; returns its summary (also written to ``run_dir/summary.json``) and final state."""
-  os.makedirs(run_dir, exist_ok=True)
+  Each seed writes ``group_dir/seed{K}/{metrics.jsonl, summary.json, tb/}``; the stacked state is
+  checkpointed in ``group_dir/ckpt/seeds_{seeds}``: a rerun with the same seeds resumes from it,
+  other seeds start afresh. Returns the per-seed summaries and the final stacked state.
+  """
+  seeds = list(seeds)
+  replicas = len(seeds)
   is_main = jax.process_index() == 0
-  steps = configs.schedule_steps(config, len(data.train_labels))
+  run_dirs = [os.path.join(group_dir, f"seed{s}") for s in seeds]
+  for d in run_dirs:
+    os.makedirs(d, exist_ok=True)
+  steps = configs.schedule_steps(config, task.train_size)
   total = steps["total"]
-  if config.batch_size > len(data.train_labels):
-    raise ConfigError(f"batch_size {config.batch_size} exceeds the {len(data.train_labels)} "
+  if not task.sequence and config.batch_size > task.train_size:
+    raise ConfigError(f"batch_size {config.batch_size} exceeds the {task.train_size} "
                       "training examples: lower config.batch_size")
-  dd = device_data or DeviceData.put(data)
+  arrays = arrays if arrays is not None else task.device_arrays()
 
   # Model, optimizer, state.
-  model = build_model(config, data, seed)
-  graphdef, params, rest = split_model(model)
   tx = make_optimizer(config, steps)
   lr_at = learning_rate(config.optim, steps)
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-           "opt": tx.init(params)}
-  del model
+  graphdef, state = init_state(config, task, seeds, tx)
 
-  # Steps. The state is donated: the step updates it in place.
-  aug_key = jax.random.fold_in(key(seed), 1)
-  step_fn = jax.jit(functools.partial(
-      train_step, graphdef, tx, mean=dd.mean, pad=config.data.get("pad", 0),
-      flip=config.data.get("flip", False), aug_key=aug_key), donate_argnums=(0, 1))
-  eval_fn = jax.jit(functools.partial(eval_step, graphdef, mean=dd.mean))
+  # Steps, vmapped over replicas; the data arrays are shared. The state is donated.
+  aug_keys = jnp.stack([jax.random.fold_in(key(s), 1) for s in seeds])
+  step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task),
+                             in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+  eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef, task),
+                             in_axes=(0, None, None, None)))
 
   # Resume.
   with quiet_logs():
-    manager = checkpoint_manager(run_dir)
+    manager = checkpoint_manager(checkpoint_dir(group_dir, seeds))
   state = restore(manager, state)
-  start = int(state["step"])
-  log = MetricsLog(run_dir, is_main)
+  start = int(state["step"][0])
+  logs = [MetricsLog(d, is_main) for d in run_dirs]
   log_every, eval_every = config.get("log_every", 100), config.get("eval_every", 1000)
   ckpt_every = config.get("checkpoint_every", 1000)
-  eval_batch = min(config.get("eval_batch_size", 500), dd.num_test)
-
-  summary = {"run": os.path.basename(os.path.dirname(run_dir)), "seed": seed, "status": "running",
-             "reason": None, "failed_step": None, "steps": start, "total_steps": total,
-             "final": {}, "wall_s": 0.0}
+  eval_batch = config.get("eval_batch_size", 500)
+  if not task.sequence:
+    eval_batch = min(eval_batch, task.test_size)
+  name = os.path.basename(os.path.normpath(group_dir))
+  summaries = [{"run": name, "seed": s, "status": "running", "reason": None, "failed_step": None,
+                "steps": start, "total_steps": total, "final": {}, "wall_s": 0.0} for s in seeds]
+  alive = [True] * replicas
   t0 = time.time()
-  window = new_window()
+  window = new_window(replicas)
   bar = None
   if progress and is_main:
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, desc=summary["run"], unit="step", dynamic_ncols=True,
+    bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=None, leave=False)
-  last_train: dict = {}
-  last_eval: dict = {}
+  last_train: list[dict] = [{} for _ in seeds]
+  last_eval: list[dict] = [{} for _ in seeds]
   step = start
   t_window = time.time()
   with sigterm_saves():
     while step < total:
-      idx = batch_indices(seed, step, dd.num_train, config.batch_size)
-      state, window = step_fn(state, window, dd.train_images, dd.train_labels, idx)
+      batch = jax.tree.map(lambda *b: np.stack(b),
+                           *[task.train_batch(s, step, config.batch_size) for s in seeds])
+      state, window = step_fn(state, window, batch, aug_keys, arrays)
       step += 1
       if bar is not None:
         bar.update(1)
       at_end = step == total
       if step % log_every == 0 or at_end or Preemption.requested:
         w = jax.device_get(window)
-        window = new_window()
-        if w["first_bad_step"] >= 0:
-          summary.update(status="failed", failed_step=int(w["first_bad_step"]),
-                         reason=f"loss is not finite (nan/inf) at step {int(w['first_bad_step'])}")
-          log.write(step, {"train_loss": float("nan")})
-          break
+        window = new_window(replicas)
         dt = time.time() - t_window
         t_window = time.time()
-        last_train = {"train_loss": w["loss"] / w["count"],
-                      "train_error": 100.0 * w["errors"] / w["count"],
-                      "lr": float(lr_at(step - 1)),
-                      "examples_per_s": w["count"] / max(dt, 1e-9)}
-        log.write(step, last_train)
+        for k in range(replicas):
+          if not alive[k]:
+            continue
+          if w["first_bad_step"][k] >= 0:
+            bad = int(w["first_bad_step"][k])
+            summaries[k].update(status="failed", failed_step=bad, steps=step,
+                                reason=f"loss is not finite (nan/inf) at step {bad}")
+            logs[k].write(step, {"train_loss": float("nan")})
+            alive[k] = False
+            continue
+          loss = float(w["loss"][k] / w["count"][k])
+          last_train[k] = {"train_loss": loss, "train_error": 100.0 * float(w["errors"][k] / w["count"][k]),
+                           "lr": float(lr_at(step - 1)),
+                           "examples_per_s": float(w["count"][k]) / max(dt, 1e-9)}
+          if task.kind == "text":
+            last_train[k]["train_bpb"] = tasks.bits_per_byte(loss)
+          logs[k].write(step, last_train[k])
+        if not any(alive):
+          break
         if bar is not None:
-          bar.set_postfix(loss=f"{last_train['train_loss']:.3f}",
-                          err=f"{last_train['train_error']:.1f}%")
+          k = alive.index(True)
+          bar.set_postfix(loss=f"{last_train[k]['train_loss']:.3f}",
+                          err=f"{last_train[k]['train_error']:.1f}%")
       if step % eval_every == 0 or at_end:
-        last_eval = {"step": step, **evaluate(eval_fn, state, dd, eval_batch)}
-        log.write(step, {k: v for k, v in last_eval.items() if k != "step"})
+        results = evaluate(eval_fn, state, arrays, task, eval_batch)
+        for k in range(replicas):
+          if alive[k]:
+            last_eval[k] = {"step": step, **results[k]}
+            logs[k].write(step, results[k])
       if step % ckpt_every == 0 or at_end or Preemption.requested:
         manager.save(step, args=ocp.args.StandardSave(state))
       if Preemption.requested:
@@ -402,17 +449,24 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
   if bar is not None:
     bar.close()
 
-  summary["steps"] = step
-  summary["wall_s"] = time.time() - t0
-  if summary["status"] == "running" and step < total:
-    summary["status"] = "preempted"
-    summary["reason"] = f"stopped by SIGTERM at step {step}; rerun the same command to resume"
-  elif summary["status"] == "running":
-    if last_eval.get("step") != step:  # resumed from a checkpoint of the final step
-      last_eval = {"step": step, **evaluate(eval_fn, state, dd, eval_batch)}
-    final = {k: v for k, v in last_eval.items() if k != "step"}
-    summary["final"] = {**{k: last_train.get(k) for k in ("train_loss", "train_error")}, **final}
-    threshold = config.get("failure_error", None)
+  wall = time.time() - t0
+  resumed_at_end = any(alive[k] and last_eval[k].get("step") != step for k in range(replicas))
+  if step == total and resumed_at_end:  # resumed from a checkpoint of the final step
+    results = evaluate(eval_fn, state, arrays, task, eval_batch)
+    last_eval = [{"step": step, **r} for r in results]
+  threshold = config.get("failure_error", None)
+  for k, summary in enumerate(summaries):
+    summary["wall_s"] = wall
+    if not alive[k]:
+      continue
+    summary["steps"] = step
+    if step < total:
+      summary["status"] = "preempted"
+      summary["reason"] = f"stopped by SIGTERM at step {step}; rerun the same command to resume"
+      continue
+    final = {k2: v for k2, v in last_eval[k].items() if k2 != "step"}
+    keys = ("train_loss", "train_error") + (("train_bpb",) if task.kind == "text" else ())
+    summary["final"] = {**{k2: last_train[k].get(k2) for k2 in keys}, **final}
     if not math.isfinite(final["test_loss"]):
       summary.update(status="failed", failed_step=step,
                      reason=f"test loss is not finite at step {step}")
@@ -421,10 +475,17 @@ def train(config, run_dir: str, *, seed: int, data: image_data.ImageSplits,
                                               f"{threshold:g}% failure threshold"))
     else:
       summary["status"] = "ok"
-  log.close()
+  for log in logs:
+    log.close()
   if is_main:
-    write_json(os.path.join(run_dir, "summary.json"), summary)
-  return summary, state
+    for d, summary in zip(run_dirs, summaries):
+      write_json(os.path.join(d, "summary.json"), summary)
+  return summaries, state
+
+
+def replica(state, k: int):
+  """Replica ``k`` of a stacked state."""
+  return jax.tree.map(lambda x: x[k], state)
 
 
 def read_summary(run_dir: str) -> dict | None:

@@ -1,14 +1,21 @@
-"""Prepares a TFDS image dataset as ArrayRecord files, the format `load_images` reads.
+"""Prepares TFDS datasets as ArrayRecord files, the format resjax reads by random access.
 
   python -m resjax.data.prepare --dataset cifar10 [--data_dir DIR] [--archive PATH]
+  python -m resjax.data.prepare --dataset tiny_shakespeare|lm1b [--data_dir DIR] [--archive PATH]
+  python -m resjax.data.prepare --dataset imagenet2012 --manual_dir DIR [--data_dir DIR]
 
 Only this step needs TensorFlow (the TFDS builders parse the original files with it);
 training reads the result without it. `--archive` builds from a local copy of the dataset's
 original download (e.g. cifar-10-binary.tar.gz) instead of fetching it, for machines
-without network.
+without network. ImageNet cannot be fetched: download ILSVRC2012_img_train.tar and
+ILSVRC2012_img_val.tar from https://image-net.org/download-images (registration needed) into
+one folder and pass it as `--manual_dir`; the archives are about 150 GB, and building
+writes about as much again and takes hours.
 
 TFDS generates into a temporary `incomplete.*` folder and renames it to `<name>/<version>`
-only on success, so an interrupted or failed run never looks prepared to `load_images`.
+only on success, so an interrupted or failed run never looks prepared to the readers.
+`open_data_source` is the readers' side: it opens a prepared dataset, or raises
+`DatasetNotPrepared` with the one line that prepares it.
 """
 
 import argparse
@@ -17,9 +24,12 @@ import os
 import sys
 import tempfile
 
-from resjax.errors import UserError
+from resjax.errors import DatasetNotPrepared, UserError
 
-DATASETS = ('cifar10', 'cifar100')
+DATASETS = ('cifar10', 'cifar100', 'tiny_shakespeare', 'lm1b', 'imagenet2012')
+# Datasets that TFDS cannot download: the files their builder reads from --manual_dir.
+MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')}
+MANUAL_SOURCES = {'imagenet2012': 'https://image-net.org/download-images (registration needed)'}
 
 
 def missing_tensorflow_message() -> str:
@@ -54,10 +64,20 @@ def _resources_backport_fallback() -> None:
     sys.modules['importlib_resources'] = importlib.resources
 
 
-def prepare(name: str, data_dir: str | None = None, archive: str | None = None) -> str:
+def prepare(name: str, data_dir: str | None = None, archive: str | None = None,
+            manual_dir: str | None = None) -> str:
   """Builds `name` as array_record into `data_dir` (TFDS's default if None); returns that dir."""
   if name not in DATASETS:
     raise UserError(f'cannot prepare {name!r}: use --dataset with one of {", ".join(DATASETS)}')
+  # Argument mistakes are reported before anything is imported or written.
+  if name in MANUAL_FILES:
+    if archive is not None:
+      raise UserError(f'--archive does not apply to {name}: pass the folder holding '
+                      f'{" and ".join(MANUAL_FILES[name])} as --manual_dir')
+    manual_dir = check_manual_dir(name, manual_dir)
+  elif manual_dir is not None:
+    raise UserError(f'--manual_dir is only for {", ".join(MANUAL_FILES)}; {name} is downloaded '
+                    'by TFDS (or built from --archive): drop --manual_dir')
   if archive is not None:
     archive = os.path.abspath(os.path.expanduser(archive))
     if not os.path.isfile(archive):
@@ -81,7 +101,7 @@ def prepare(name: str, data_dir: str | None = None, archive: str | None = None) 
     return root
 
   # No GCS lookup: TFDS would use a hosted copy only for tfrecord, and the lookup needs network.
-  config = tfds.download.DownloadConfig(try_download_gcs=False)
+  config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
   if archive is None:
     builder.download_and_prepare(file_format='array_record', download_config=config)
   else:
@@ -97,6 +117,66 @@ def prepare(name: str, data_dir: str | None = None, archive: str | None = None) 
   print(f'{name} is prepared in {builder.data_dir}')
   _print_usage(name, root)
   return root
+
+
+def prepare_command(name: str, data_dir: str) -> str:
+  """The shell command that prepares `name` into `data_dir`."""
+  manual = ' --manual_dir MANUAL_DIR' if name in MANUAL_FILES else ''
+  return f'python -m resjax.data.prepare --dataset {name}{manual} --data_dir {data_dir}'
+
+
+def not_prepared_message(name: str, root: str, offline_name: str | None = None) -> str:
+  """The one line telling the user how to prepare `name` in the TFDS data dir `root`."""
+  fetch = ''
+  if name in MANUAL_FILES:
+    fetch = (f'download {" and ".join(MANUAL_FILES[name])} from {MANUAL_SOURCES[name]} into a '
+             'folder MANUAL_DIR, then ')
+  offline = f', or set config.data.name={offline_name} to run offline' if offline_name else ''
+  return (f"{name} is not prepared in {root}: {fetch}run '{prepare_command(name, root)}' "
+          f"(needs: pip install 'resjax[prepare]'){offline}")
+
+
+def open_data_source(name: str, split, data_dir: str | None, *, offline_name: str | None = None,
+                     decoders=None):
+  """`tfds.data_source(name, split)` of a prepared dataset, read without TensorFlow.
+
+  Never downloads or builds; a dataset that is not prepared, or was prepared without random
+  access, raises `DatasetNotPrepared` with the one line that fixes it (`offline_name`, if
+  given, is named as the offline alternative).
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                            decoders=decoders)
+  except (NotImplementedError, KeyError):
+    # TFDS reports a missing dataset as "file format tfrecord has no random access" (an
+    # unprepared builder defaults to tfrecord) or, in its default data dir, as a KeyError for an
+    # empty split list; tell these apart from a dataset prepared without random access.
+    builder = tfds.builder(name, data_dir=data_dir)
+    root = os.fspath(builder.data_dir_root)
+    if not builder.is_prepared():
+      raise DatasetNotPrepared(not_prepared_message(name, root, offline_name)) from None
+    formats = builder.info.available_file_formats()
+    if formats & set(tfds.core.FileFormat.with_random_access()):
+      raise  # Readable files are there, so the error is not about preparation.
+    raise DatasetNotPrepared(
+        f'{name} in {root} was prepared as {sorted(f.value for f in formats)}, without random '
+        f"access: run '{prepare_command(name, 'NEW_DIR')}' with a new directory (it writes "
+        'array_record)') from None
+
+
+def check_manual_dir(name: str, manual_dir: str | None) -> str:
+  """The absolute `manual_dir`, or `UserError` naming the files it must hold."""
+  files = ' and '.join(MANUAL_FILES[name])
+  if manual_dir is None:
+    raise UserError(f'{name} is a manual download: put {files} from {MANUAL_SOURCES[name]} in one '
+                    'folder and pass it as --manual_dir')
+  manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
+  missing = [f for f in MANUAL_FILES[name] if not os.path.isfile(os.path.join(manual_dir, f))]
+  if missing:
+    raise UserError(f'--manual_dir {manual_dir} lacks {" and ".join(missing)}: download '
+                    f'{files} from {MANUAL_SOURCES[name]} into it')
+  return manual_dir
 
 
 def _print_usage(name, root):
@@ -173,15 +253,18 @@ def _archive_builder_class(cls, url, archive):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='resjax-prepare', description='Prepare a TFDS image dataset (array_record) for resjax.')
+      prog='resjax-prepare', description='Prepare a TFDS dataset (array_record) for resjax.')
   parser.add_argument('--dataset', required=True, choices=DATASETS)
   parser.add_argument('--data_dir', default=None,
                       help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
   parser.add_argument('--archive', default=None,
                       help="local copy of the dataset's original download, used instead of "
                       'fetching it')
+  parser.add_argument('--manual_dir', default=None,
+                      help='folder holding the files of a manual download (imagenet2012: '
+                      f'{" and ".join(MANUAL_FILES["imagenet2012"])})')
   args = parser.parse_args(argv)
-  prepare(args.dataset, data_dir=args.data_dir, archive=args.archive)
+  prepare(args.dataset, data_dir=args.data_dir, archive=args.archive, manual_dir=args.manual_dir)
   return 0
 
 

@@ -1,0 +1,199 @@
+"""What a run learns from: the data on the device, how a step's batch is drawn, and the loss.
+
+A task turns ``config.data`` into three things the trainer needs and nothing else:
+
+* ``train_batch(seed, step, batch_size)``: the host's part of one training batch, a fixed function of
+  (seed, step) so that a resumed run sees exactly the batches an uninterrupted one would;
+* ``train_inputs(arrays, batch, key)`` and ``eval_inputs(arrays, batch)``: traced inside the jitted
+  step, they turn that batch and the device-resident ``arrays`` into model inputs and targets;
+* ``eval_batches(batch_size)``: the test split as padded batches with a validity mask.
+
+The loss is cross-entropy over the last axis for every task (a class per image, a byte per token),
+so one training step serves ResNets and Transformers alike.
+
+==================  ===============================================  ================================
+config.data.name    data                                             task
+==================  ===============================================  ================================
+digits, cifar10/100 held on the device as uint8, augmented in JAX    ``ImageTask``
+imagenet2012        decoded and augmented on the host, streamed      ``StreamImageTask``
+stdlib, tiny_sh...  bytes held on the device, random windows         ``TextTask``
+==================  ===============================================  ================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from resjax.errors import ConfigError
+
+IMAGE_SETS = ("digits", "cifar10", "cifar100")
+STREAMED_IMAGE_SETS = ("imagenet2012",)
+TEXT_SETS = ("stdlib", "tiny_shakespeare", "lm1b")
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+  return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def batch_indices(seed: int, step: int, num_examples: int, batch_size: int) -> np.ndarray:
+  """Epoch-wise shuffled indices: a fixed function of (seed, step)."""
+  per_epoch = num_examples // batch_size
+  epoch, j = divmod(step, per_epoch)
+  order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+  return order[j * batch_size:(j + 1) * batch_size].astype(np.int32)
+
+
+def _padded(count: int, batch_size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """(indices, valid) covering range(count) in batches of one shape (the last one padded)."""
+  for start in range(0, count, batch_size):
+    idx = np.arange(start, start + batch_size)
+    valid = idx < count
+    yield np.minimum(idx, count - 1).astype(np.int32), valid
+
+
+class ImageTask:
+  """Image classification on a dataset small enough to live on the device (digits, CIFAR)."""
+
+  kind = "image"
+  sequence = False
+
+  def __init__(self, data_cfg, splits):
+    self.splits = splits
+    self.pad = int(data_cfg.get("pad", 0))
+    self.flip = bool(data_cfg.get("flip", False))
+    self.num_classes = splits.num_classes
+    self.in_channels = splits.train_images.shape[-1]
+    self.train_size = len(splits.train_labels)
+    self.test_size = len(splits.test_labels)
+    self.input_shape = splits.train_images.shape[1:]
+
+  def device_arrays(self) -> dict:
+    s = self.splits
+    return {"train_x": jnp.asarray(s.train_images), "train_y": jnp.asarray(s.train_labels),
+            "test_x": jnp.asarray(s.test_images), "test_y": jnp.asarray(s.test_labels),
+            "mean": jnp.asarray(s.mean)}
+
+  def train_batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+    return batch_indices(seed, step, self.train_size, batch_size)
+
+  def train_inputs(self, arrays, idx, key):
+    from resjax.data import images
+    x = images.normalize(arrays["train_x"][idx], arrays["mean"])
+    return images.augment(key, x, pad=self.pad, flip=self.flip), arrays["train_y"][idx]
+
+  def eval_batches(self, batch_size: int):
+    return _padded(self.test_size, batch_size)
+
+  def eval_inputs(self, arrays, idx):
+    from resjax.data import images
+    return images.normalize(arrays["test_x"][idx], arrays["mean"]), arrays["test_y"][idx]
+
+
+class StreamImageTask:
+  """ImageNet: decoded and augmented on the host (scale augmentation, crops), normalised on device."""
+
+  kind = "image"
+  sequence = False
+
+  def __init__(self, data_cfg):
+    from resjax.data import imagenet
+    self.train = imagenet.ImageNetSource(data_cfg, "train")
+    self.test = imagenet.ImageNetSource(data_cfg, data_cfg.get("eval_split", "validation"))
+    self.num_classes = self.train.num_classes
+    self.in_channels = 3
+    self.train_size = self.train.num_examples
+    self.test_size = self.test.num_examples
+    size = int(data_cfg.get("image_size", 224))
+    self.input_shape = (size, size, 3)
+
+  def device_arrays(self) -> dict:
+    return {"mean": jnp.asarray(self.train.mean, jnp.float32),
+            "std": jnp.asarray(self.train.std, jnp.float32)}
+
+  def train_batch(self, seed: int, step: int, batch_size: int):
+    return self.train.train_batch(seed, step, batch_size, jax.process_index(), jax.process_count())
+
+  def _normalize(self, arrays, x):
+    return (x.astype(jnp.float32) / 255.0 - arrays["mean"]) / arrays["std"]
+
+  def train_inputs(self, arrays, batch, key):
+    del key  # augmented on the host
+    x, y = batch
+    return self._normalize(arrays, x), y
+
+  def eval_batches(self, batch_size: int):
+    for x, y, valid in self.test.eval_batches(batch_size, jax.process_index(), jax.process_count()):
+      yield (x, y), valid
+
+  def eval_inputs(self, arrays, batch):
+    x, y = batch
+    return self._normalize(arrays, x), y
+
+
+class TextTask:
+  """Byte-level language modelling: predict each next byte of random windows of the corpus."""
+
+  kind = "text"
+  sequence = True
+
+  def __init__(self, data_cfg, splits, context: int):
+    self.splits = splits
+    self.context = int(context)
+    if len(splits.train) <= self.context + 1 or len(splits.test) <= self.context + 1:
+      raise ConfigError(f"the {splits.name} splits ({len(splits.train)} / {len(splits.test)} bytes) "
+                        f"are shorter than one window of context {self.context}: lower "
+                        "config.model.context or raise config.data.max_*_bytes")
+    self.num_classes = splits.vocab_size
+    self.in_channels = 0
+    # One "example" is one window; epochs in the schedule count windows of the train split.
+    self.train_size = len(splits.train) // self.context
+    self.max_eval_windows = data_cfg.get("max_eval_windows", None)
+    self.input_shape = (self.context,)
+
+  def device_arrays(self) -> dict:
+    return {"train": jnp.asarray(self.splits.train), "test": jnp.asarray(self.splits.test)}
+
+  def train_batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+    from resjax.data import text
+    return text.window_starts(seed, step, len(self.splits.train), batch_size, self.context)
+
+  def train_inputs(self, arrays, starts, key):
+    del key
+    from resjax.data import text
+    return text.gather_windows(arrays["train"], starts, self.context)
+
+  def eval_batches(self, batch_size: int):
+    from resjax.data import text
+    starts = text.eval_starts(len(self.splits.test), self.context, self.max_eval_windows)
+    for idx, valid in _padded(len(starts), batch_size):
+      yield starts[idx], valid
+
+  def eval_inputs(self, arrays, starts):
+    from resjax.data import text
+    return text.gather_windows(arrays["test"], starts, self.context)
+
+
+def load(config):
+  """The task of ``config`` (raises DatasetNotPrepared / ConfigError with the fix in one line)."""
+  name = config.data.name
+  if name in IMAGE_SETS:
+    from resjax.data import images
+    return ImageTask(config.data, images.load_images(config.data))
+  if name in STREAMED_IMAGE_SETS:
+    return StreamImageTask(config.data)
+  if name in TEXT_SETS:
+    from resjax.data import text
+    return TextTask(config.data, text.load_text(config.data), config.model.context)
+  known = IMAGE_SETS + STREAMED_IMAGE_SETS + TEXT_SETS
+  raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of {', '.join(known)}")
+
+
+def bits_per_byte(nats: float) -> float:
+  """A byte-level model's loss in bits per byte (one token is one byte)."""
+  return nats / math.log(2.0)
