@@ -48,13 +48,18 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
 
 
 def row(name: str, label: str, *, paper_error: float | None = None, paper_failed: bool = False,
+        paper: float | None = None, series: str | None = None, x: float | None = None,
         **overrides) -> ml_collections.ConfigDict:
   """One row of a paper table: a run name, its label, the paper's number and its config overrides.
 
+  ``paper_error`` / ``paper_failed``: the paper's test error % (or "fail") for error tables;
+  ``paper``: the paper's value of the experiment's metric otherwise (e.g. a validation loss).
+  ``series`` and ``x``: for figures of a metric against a swept quantity (a line per series).
   Overrides are dotted keys written with "__" for "." (``model__shortcut__name="scaling"``).
   """
   return ml_collections.ConfigDict({
       "name": name, "label": label, "paper_error": paper_error, "paper_failed": paper_failed,
+      "paper": paper if paper is not None else paper_error, "series": series, "x": x,
       # (dotted key, value) pairs: ConfigDict keys cannot hold dots.
       "overrides": tuple((k.replace("__", "."), v) for k, v in overrides.items())})
 

@@ -24,7 +24,14 @@ from resjax.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:args].", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, results.md and figure.png go "
                                "(default: runs/<experiment file>_<scale>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "describe", "diagnose"], "What to do.")
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Run as one of several processes: calls jax.distributed.initialize(), "
+    "which finds its peers on TPU pod slices and under SLURM by itself.")
+_COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 (with --multihost "
+                                   "where the cluster is not detected, e.g. local processes).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on purpose, rerun to resume
@@ -142,10 +149,23 @@ def main(argv) -> int:
     why = "no such file" if not os.path.exists(path) else "it failed to load"
     raise UserError(f"cannot read the experiment file {path} ({why}): check the --config path") \
         from None
+  if _MULTIHOST.value:
+    import jax
+    kw = {}
+    if _COORDINATOR.value:
+      kw = dict(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                process_id=_PROCESS_ID.value)
+    jax.distributed.initialize(**kw)
   if _MODE.value == "describe":
     print(json.dumps(describe(config), indent=1))
     return 0
-  return train_all(config, _WORKDIR.value or default_workdir(config))
+  workdir = _WORKDIR.value or default_workdir(config)
+  if _MODE.value == "diagnose":
+    from resjax import diagnose
+    json_path, png_path = diagnose.run_all(config, resolved_runs(config), workdir)
+    print(f"wrote {json_path} and {png_path}")
+    return 0
+  return train_all(config, workdir)
 
 
 def run() -> None:

@@ -45,6 +45,9 @@ class RowResult:
   paper_failed: bool
   failure_error: float
   seeds: list[SeedResult]
+  paper_value: float | None = None
+  series: str | None = None
+  x: float | None = None
 
   @property
   def errors(self) -> list[float]:
@@ -155,13 +158,16 @@ def row_result(workdir: str, run, failure_error: float, metric: str = 'test_erro
   return RowResult(
       name=run['name'], label=run.get('label', run['name']), paper_error=run.get('paper_error'),
       paper_failed=bool(run.get('paper_failed', False)), failure_error=float(failure_error),
-      seeds=[s for s in seeds if s is not None])
+      seeds=[s for s in seeds if s is not None], paper_value=run.get('paper', run.get('paper_error')),
+      series=run.get('series'), x=run.get('x'))
 
 
 def collect_rows(workdir: str, config) -> list[RowResult]:
   """One RowResult per entry of config.runs, in config order."""
   metric = config.get('metric', 'test_error')
-  return [row_result(workdir, r, config.failure_error, metric) for r in config.runs]
+  threshold = config.get('failure_error', None)
+  threshold = math.inf if threshold is None else threshold
+  return [row_result(workdir, r, threshold, metric) for r in config.runs]
 
 
 def _cell(text) -> str:
@@ -212,6 +218,11 @@ def _fmt_duration(s: float) -> str:
   return f'{h}h {m:02d}m' if h else f'{m}m {sec:02d}s' if m else f'{sec}s'
 
 
+def row_wall_time(rows: list[RowResult]) -> float:
+  """Wall time of the table: seeds of a row train side by side, so each row counts once."""
+  return sum(max([s.wall_s for s in r.seeds] or [0.0]) for r in rows)
+
+
 def render_markdown(rows: list[RowResult], config) -> str:
   """The results.md text for `rows` (as returned by collect_rows)."""
   scale = config.get('scale', 'paper')
@@ -249,10 +260,11 @@ def render_markdown(rows: list[RowResult], config) -> str:
   if no_eval:
     notes.append(f'{no_eval} without a result')
   n_seeds = sum(len(r.seeds) for r in rows)
-  wall = sum(s.wall_s for r in rows for s in r.seeds)
+  wall = row_wall_time(rows)
   out += ['', f'Agree with the paper on fail / not fail: {sum(r.agree for r in compared)} of '
           f'{len(compared)} rows compared' + (f' ({", ".join(notes)}).' if notes else '.'),
           f'Total wall time: {_fmt_duration(wall)} over {n_seeds} seed runs. '
+          '(Seeds of a row train side by side: a row counts its wall time once.) '
           'Multi-seed cells read median (mean ± sample std, n=seeds).', '']
   return '\n'.join(out)
 
@@ -272,7 +284,8 @@ def _median_curve(seeds: list[SeedResult], key: str):
 def plot_figure(rows: list[RowResult], config, path) -> None:
   """Training loss and test error vs iterations, one line per row, saved as PNG to `path`."""
   metric = config.get('metric', 'test_error')
-  thr = float(config.failure_error)
+  thr = config.get('failure_error', None)
+  percent = metric.endswith('error')
   # A bare Figure on an Agg canvas: no pyplot global state, no display needed.
   fig = Figure(figsize=(13, 5.5 + 0.25 * len(rows)), layout='constrained')
   FigureCanvasAgg(fig)
@@ -293,15 +306,19 @@ def plot_figure(rows: list[RowResult], config, path) -> None:
     # A lone point (eval once, or diverged at the first log) needs a marker to show at all.
     ax_loss.plot(xl, np.nan_to_num(yl, nan=loss_cap, posinf=loss_cap, neginf=0.0), label=label,
                  marker='o' if len(xl) == 1 else None, **kw)
-    ax_err.plot(xe, np.clip(np.nan_to_num(ye, nan=100.0, posinf=100.0), 0.0, 100.0),
-                marker='o' if len(xe) == 1 else None, **kw)
-  ax_err.axhline(thr, color='black', linestyle='--', linewidth=1.0,
-                 label=f'failure threshold ({thr:g}%)')
+    if percent:
+      ye = np.clip(np.nan_to_num(ye, nan=100.0, posinf=100.0), 0.0, 100.0)
+    ax_err.plot(xe, ye, marker='o' if len(xe) == 1 else None, **kw)
+  if thr is not None:
+    ax_err.axhline(thr, color='black', linestyle='--', linewidth=1.0,
+                   label=f'failure threshold ({thr:g}%)')
   if log:
     ax_loss.set_yscale('log')
   ax_loss.set(xlabel='iterations', ylabel='training loss', title='training loss')
-  ax_err.set(xlabel='iterations', ylabel=f'{metric} (%)', title=f'{metric} (%)')
-  ax_err.set_ylim(bottom=0)
+  unit = ' (%)' if percent else ''
+  ax_err.set(xlabel='iterations', ylabel=f'{metric}{unit}', title=f'{metric}{unit}')
+  if percent:
+    ax_err.set_ylim(bottom=0)
   for ax in (ax_loss, ax_err):
     ax.grid(True, alpha=0.3)
   handles, labels = ax_loss.get_legend_handles_labels()
@@ -329,13 +346,180 @@ def _atomic_write(path: str, write) -> None:
     raise
 
 
+# ------------------------------------------------------------------------- comparison tables
+# For experiments whose claim is "row X beats the baseline" (a loss, several seeds): mean ± std,
+# the difference to the baseline row and Welch's t-test p-value, instead of fail / not fail.
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+  """Two-sided p-value of Welch's t-test; None with fewer than two values on either side."""
+  if len(a) < 2 or len(b) < 2:
+    return None
+  from scipy import stats
+  if np.std(a) == 0 and np.std(b) == 0:
+    return 1.0 if np.mean(a) == np.mean(b) else 0.0
+  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+def _mean_std(values: list[float]) -> str:
+  if not values:
+    return 'not run'
+  if len(values) == 1:
+    return f'{values[0]:.4f}'
+  return f'{np.mean(values):.4f} ± {np.std(values, ddof=1):.4f} (n={len(values)})'
+
+
+def _fmt_p(p: float | None) -> str:
+  return '—' if p is None else f'{p:.3g}'
+
+
+def render_comparison(rows: list[RowResult], config) -> str:
+  """results.md for a comparison experiment: each row against ``config.baseline``."""
+  metric = config.get('metric', 'test_loss')
+  base_name = config.get('baseline', None)
+  base = next((r for r in rows if r.name == base_name), None)
+  sched = config.get('schedule', {})
+  out = [f'# {config.experiment}', '', f'Paper: {config.get("paper", "?")}  ',
+         f'Scale: {config.get("scale", "paper")} · data: {config.get("data", {}).get("name", "?")} · '
+         f"{sched.get('total', '?')} {sched.get('unit', 'iterations')} · batch: "
+         f'{config.get("batch_size", "?")} · metric: {metric} (final, lower is better)', '']
+  if config.get('scale', 'paper') != 'paper':
+    out += [f"> Scale '{config.get('scale')}' differs from the paper's data and length: the "
+            "paper's numbers are for reference; the comparable facts are the differences to the "
+            'baseline and whether they are significant.', '']
+  out += [f'| Run | Paper | Ours {metric} | Δ vs baseline | p (Welch t-test) |', '|---|---|---|---|---|']
+  for r in rows:
+    vals = [e for e in r.errors if math.isfinite(e)]
+    diverged = len(r.errors) - len(vals)
+    ours = _mean_std(vals) + (f', {diverged} diverged' if diverged else '')
+    if r.running:
+      ours += ' (running)'
+    delta = p = '—'
+    if base is not None and r is not base and vals:
+      bvals = [e for e in base.errors if math.isfinite(e)]
+      if bvals:
+        delta = f'{np.mean(vals) - np.mean(bvals):+.4f}'
+        p = _fmt_p(welch_p(vals, bvals))
+    paper = '—' if r.paper_value is None else f'{r.paper_value:g}'
+    out.append('| ' + ' | '.join(_cell(c) for c in (r.label, paper, ours, delta, p)) + ' |')
+  alpha = config.get('alpha', 0.05)
+  if base is not None:
+    sig = []
+    for r in rows:
+      if r is base:
+        continue
+      vals = [e for e in r.errors if math.isfinite(e)]
+      bvals = [e for e in base.errors if math.isfinite(e)]
+      p = welch_p(vals, bvals)
+      if p is not None:
+        word = ('better' if np.mean(vals) < np.mean(bvals) else 'worse') if p < alpha else None
+        sig.append(f'{r.label}: ' + (f'{word} than the baseline (p={p:.3g})' if word else
+                                     f'no significant difference at this scale (p={p:.3g})'))
+    if sig:
+      out += ['', f'Against the baseline ({base.label}), at alpha={alpha:g}:', '']
+      out += [f'- {line}' for line in sig]
+  n_seeds = sum(len(r.seeds) for r in rows)
+  wall = row_wall_time(rows)
+  out += ['', f'Wall time: {_fmt_duration(wall)} over {n_seeds} seed runs (seeds of a row train '
+          'side by side, so a row costs one wall time).', '']
+  out += against_x_summary(rows, config)
+  return '\n'.join(out)
+
+
+# ------------------------------------------------------------------ a metric against a sweep
+# Rows with ``series`` and ``x`` (e.g. a shortcut variant and its depth) draw one line per series;
+# results.md then says where each series' advantage over ``config.reference_series`` changes sign.
+
+
+def _series(rows: list[RowResult]) -> dict[str, list[tuple[float, list[float]]]]:
+  out: dict[str, list] = {}
+  for r in rows:
+    if r.series is None or r.x is None:
+      continue
+    vals = [e for e in r.errors if math.isfinite(e)]
+    out.setdefault(r.series, []).append((float(r.x), vals, len(r.errors) - len(vals)))
+  return {k: sorted(v) for k, v in out.items()}
+
+
+def sign_changes(reference: dict[float, float], series: dict[float, float]) -> list[float]:
+  """The x values at which ``series - reference`` changes sign (first x of the new sign)."""
+  xs = sorted(set(reference) & set(series))
+  signs = [np.sign(series[x] - reference[x]) for x in xs]
+  return [xs[i] for i in range(1, len(xs)) if signs[i] != 0 and signs[i - 1] != 0 and
+          signs[i] != signs[i - 1]]
+
+
+def against_x_summary(rows: list[RowResult], config) -> list[str]:
+  ref_name = config.get('reference_series', None)
+  series = _series(rows)
+  if not series or ref_name not in series:
+    return []
+  x_name = config.get('x_label', 'x')
+  metric = config.get('metric', 'test_error')
+  ref = {x: float(np.mean(v)) for x, v, _ in series[ref_name] if v}
+  out = [f'Final {metric} against {x_name}, and where each variant\'s advantage over '
+         f'{ref_name} changes sign (lower is better; diverged runs count as worse):', '',
+         '| Variant | ' + ' | '.join(f'{x:g}' for x in sorted(ref)) + ' | sign changes at |',
+         '|---|' + '---|' * (len(ref) + 1)]
+  for name, points in series.items():
+    means = {x: (float(np.mean(v)) if v else math.inf) for x, v, _ in points}
+    cells = [(f'{means[x]:.4f}' if math.isfinite(means.get(x, math.nan)) else
+              'diverged' if x in means else '—') for x in sorted(ref)]
+    if name == ref_name:
+      change = 'reference'
+    else:
+      xs = sign_changes(ref, means)
+      ahead = [x for x in sorted(ref) if x in means and means[x] < ref[x]]
+      change = (', '.join(f'{x:g}' for x in xs) if xs else
+                'never (always ahead)' if len(ahead) == len([x for x in ref if x in means]) else
+                'never (never ahead)' if not ahead else 'never')
+    out.append(f'| {name} | ' + ' | '.join(cells) + f' | {change} |')
+  return out + ['']
+
+
+def plot_against_x(rows: list[RowResult], config, path) -> None:
+  """Final metric against ``x`` (log axis), a line per series, mean over seeds with std bars."""
+  metric = config.get('metric', 'test_error')
+  fig = Figure(figsize=(8, 5.5), layout='constrained')
+  FigureCanvasAgg(fig)
+  ax = fig.subplots()
+  palette = matplotlib.colormaps['tab10'].colors
+  top = []
+  for i, (name, points) in enumerate(_series(rows).items()):
+    xs = [x for x, v, _ in points if v]
+    ys = [float(np.mean(v)) for _, v, _ in points if v]
+    es = [float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for _, v, _ in points if v]
+    ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, color=palette[i % 10], label=name)
+    top += ys
+    bad = [x for x, v, d in points if d and not v]
+    if bad:
+      ax.scatter(bad, [max(top or [1.0]) * 1.05] * len(bad), marker='x', color=palette[i % 10],
+                 label=f'{name}: diverged')
+  ax.set_xscale('log', base=2)
+  ax.set(xlabel=config.get('x_label', 'x'), ylabel=f'final {metric}')
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=9)
+  fig.suptitle(f'{textwrap.fill(str(config.experiment), 90)}\nscale: {config.get("scale", "paper")}',
+               fontsize=11)
+  fig.savefig(path, format='png', dpi=100)
+
+
 def write_report(workdir: str, config) -> tuple[str, str]:
-  """Writes WORKDIR/results.md and WORKDIR/figure.png; returns (md_path, png_path)."""
+  """Writes WORKDIR/results.md and WORKDIR/figure.png; returns (md_path, png_path).
+
+  ``config.report``: "failure" (the paper's fail / not fail table, the default) or "compare"
+  (mean ± std against ``config.baseline`` with a t-test). ``config.figure``: "curves" (training
+  curves, the default) or "against_x" (final metric against the rows' ``x``, a line per series).
+  """
   os.makedirs(workdir, exist_ok=True)
   rows = collect_rows(workdir, config)
   md_path = os.path.join(workdir, 'results.md')
   png_path = os.path.join(workdir, 'figure.png')
-  text = render_markdown(rows, config)
+  if config.get('report', 'failure') == 'compare':
+    text = render_comparison(rows, config)
+  else:
+    text = render_markdown(rows, config) + '\n'.join(against_x_summary(rows, config))
+  plot = plot_against_x if config.get('figure', 'curves') == 'against_x' else plot_figure
   _atomic_write(md_path, lambda f: f.write(text.encode('utf-8')))
-  _atomic_write(png_path, lambda f: plot_figure(rows, config, f))
+  _atomic_write(png_path, lambda f: plot(rows, config, f))
   return md_path, png_path
