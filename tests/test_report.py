@@ -238,3 +238,71 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     report._atomic_write(path, broken)
   assert open(path).read() == 'old'
   assert os.listdir(tmp_path) == ['results.md']
+
+
+# ------------------------------------------------------------------ comparison experiments
+
+
+def _write_loss(workdir, run, seed, loss):
+  d = os.path.join(workdir, run, f'seed{seed}')
+  os.makedirs(d, exist_ok=True)
+  with open(os.path.join(d, 'metrics.jsonl'), 'w') as f:
+    f.write(json.dumps({'step': 10, 'train_loss': loss + 0.1, 'test_loss': loss}) + '\n')
+  with open(os.path.join(d, 'summary.json'), 'w') as f:
+    json.dump({'run': run, 'seed': seed, 'status': 'ok', 'steps': 10, 'total_steps': 10,
+               'final': {'train_loss': loss + 0.1, 'test_loss': loss}, 'wall_s': 5.0}, f)
+
+
+def _compare_config(runs, **extra):
+  c = _config(runs)
+  c.metric = 'test_loss'
+  c.report = 'compare'
+  c.failure_error = None
+  for k, v in extra.items():
+    c[k] = v
+  return c
+
+
+def test_welch_p_matches_the_textbook_value():
+  # t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b) = -3 / sqrt(1/3 + 1/3) = -3.674;
+  # Welch-Satterthwaite df = 4; two-sided p = 0.02131 for t = 3.674 at 4 df.
+  assert report.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.02131, abs=2e-5)
+  assert report.welch_p([1.0], [2.0, 3.0]) is None
+  assert report.welch_p([2.0, 2.0], [2.0, 2.0]) == 1.0
+
+
+def test_comparison_table_gives_mean_std_delta_and_p_against_the_baseline(tmp_path):
+  wd = str(tmp_path)
+  for seed, (b, v, same) in enumerate([(3.00, 2.90, 3.01), (3.02, 2.91, 2.99), (3.01, 2.92, 3.00)]):
+    _write_loss(wd, 'base', seed, b)
+    _write_loss(wd, 'vr', seed, v)
+    _write_loss(wd, 'noop', seed, same)
+  cfg = _compare_config([dict(name='base', label='baseline', paper=3.3274),
+                         dict(name='vr', label='value residual', paper=3.3151),
+                         dict(name='noop', label='no-op')], baseline='base')
+  md, png = _report(tmp_path, cfg)
+  assert open(png, 'rb').read(8) == PNG_MAGIC
+  base, vr, noop = _cells(md, 'baseline'), _cells(md, 'value residual'), _cells(md, 'no-op')
+  assert base[1:] == ['3.3274', '3.0100 ± 0.0100 (n=3)', '—', '—']
+  assert vr[1:3] == ['3.3151', '2.9100 ± 0.0100 (n=3)'] and vr[3] == '-0.1000'
+  assert float(vr[4]) < 1e-3 and float(noop[4]) > 0.05  # noop: mean 3.00 vs 3.01, p = 0.29
+  assert 'value residual: better than baseline' in md
+  assert 'no-op: no significant difference from baseline at this scale' in md
+
+
+def test_sign_change_of_a_variant_against_the_reference_over_depth(tmp_path):
+  # The variant is ahead at 4 and 8 additions and behind from 16 on: the sign changes at 16.
+  assert report.sign_changes({4: 2.0, 8: 2.0, 16: 2.0, 32: 2.0},
+                             {4: 1.9, 8: 1.95, 16: 2.1, 32: 2.5}) == [16]
+  assert report.sign_changes({4: 2.0, 8: 2.0}, {4: 1.9, 8: 1.8}) == []
+  wd = str(tmp_path)
+  runs = []
+  for series, losses in (('identity', (2.0, 2.0, 2.0)), ('lambda', (1.9, 2.1, 2.6))):
+    for x, loss in zip((4, 8, 16), losses):
+      _write_loss(wd, f'{series}_{x}', 0, loss)
+      runs.append(dict(name=f'{series}_{x}', label=f'{series} {x}', series=series, x=x))
+  cfg = _compare_config(runs, figure='against_x', reference_series='identity', x_label='additions')
+  md, png = _report(tmp_path, cfg)
+  assert open(png, 'rb').read(8) == PNG_MAGIC
+  assert _cells(md, 'lambda') == ['lambda', '1.9000', '2.1000', '2.6000', '8']
+  assert _cells(md, 'identity')[-1] == 'reference'

@@ -378,6 +378,14 @@ def render_comparison(rows: list[RowResult], config) -> str:
   metric = config.get('metric', 'test_loss')
   base_name = config.get('baseline', None)
   base = next((r for r in rows if r.name == base_name), None)
+  ref_series = config.get('reference_series', None)
+
+  def baseline_of(r):
+    """The row ``r`` is tested against: the reference series at the same x, else the baseline."""
+    if ref_series is not None and r.x is not None:
+      return next((b for b in rows if b.series == ref_series and b.x == r.x), None)
+    return base
+
   sched = config.get('schedule', {})
   out = [f'# {config.experiment}', '', f'Paper: {config.get("paper", "?")}  ',
          f'Scale: {config.get("scale", "paper")} · data: {config.get("data", {}).get("name", "?")} · '
@@ -387,8 +395,12 @@ def render_comparison(rows: list[RowResult], config) -> str:
     out += [f"> Scale '{config.get('scale')}' differs from the paper's data and length: the "
             "paper's numbers are for reference; the comparable facts are the differences to the "
             'baseline and whether they are significant.', '']
-  out += [f'| Run | Paper | Ours {metric} | Δ vs baseline | p (Welch t-test) |', '|---|---|---|---|---|']
+  against = (f'the {ref_series} row at the same {config.get("x_label", "x")}'
+             if ref_series is not None else 'the baseline')
+  out += [f'Δ and p compare each row with {against}.', '',
+          f'| Run | Paper | Ours {metric} | Δ vs baseline | p (Welch t-test) |', '|---|---|---|---|---|']
   for r in rows:
+    base = baseline_of(r)
     vals = [e for e in r.errors if math.isfinite(e)]
     diverged = len(r.errors) - len(vals)
     ours = _mean_std(vals) + (f', {diverged} diverged' if diverged else '')
@@ -403,21 +415,21 @@ def render_comparison(rows: list[RowResult], config) -> str:
     paper = '—' if r.paper_value is None else f'{r.paper_value:g}'
     out.append('| ' + ' | '.join(_cell(c) for c in (r.label, paper, ours, delta, p)) + ' |')
   alpha = config.get('alpha', 0.05)
-  if base is not None:
-    sig = []
-    for r in rows:
-      if r is base:
-        continue
+  sig = []
+  for r in rows:
+    base = baseline_of(r)
+    if base is not None and r is not base:
       vals = [e for e in r.errors if math.isfinite(e)]
       bvals = [e for e in base.errors if math.isfinite(e)]
       p = welch_p(vals, bvals)
       if p is not None:
         word = ('better' if np.mean(vals) < np.mean(bvals) else 'worse') if p < alpha else None
-        sig.append(f'{r.label}: ' + (f'{word} than the baseline (p={p:.3g})' if word else
-                                     f'no significant difference at this scale (p={p:.3g})'))
-    if sig:
-      out += ['', f'Against the baseline ({base.label}), at alpha={alpha:g}:', '']
-      out += [f'- {line}' for line in sig]
+        sig.append(f'{r.label}: ' + (f'{word} than {base.label} (p={p:.3g})' if word else
+                                     f'no significant difference from {base.label} at this '
+                                     f'scale (p={p:.3g})'))
+  if sig:
+    out += ['', f'Significance at alpha={alpha:g} (Welch t-test over seeds):', '']
+    out += [f'- {line}' for line in sig]
   n_seeds = sum(len(r.seeds) for r in rows)
   wall = row_wall_time(rows)
   out += ['', f'Wall time: {_fmt_duration(wall)} over {n_seeds} seed runs (seeds of a row train '

@@ -1,0 +1,120 @@
+"""The caution, as one figure: does a residual trick that helps shallow nets still help deep ones?
+
+ResNet-v1's option C (a 1x1 projection on every shortcut) beat identity at 34 layers; ResNet-v2
+showed the same 1x1 shortcut failing to match identity at 110 (12.22% vs 6.61%), and constant
+scaling of the shortcut (0.5 x + F(x)) failing outright: stacked, any non-identity shortcut
+multiplies the signal path by its gain once per unit (Eq. 8). The learnable residual
+y = lambda1 F(x) + lambda2 x with lambdas initialised to 0.5 is exactly that constant scaling at
+initialisation, so stacked on every residual of a deep stream it halves the shortcut path per
+addition. This experiment trains a Pre-LN Transformer LM over depths with four residual variants:
+
+* identity: x + F(x) on every residual (the reference);
+* value residual: identity, plus V_n <- lambda1 V_n + lambda2 V_1 in every attention (init 0.5);
+* stacked lambda: lambda1 F(x) + lambda2 x on every residual of the stream (init 0.5 / 0.5);
+* dense shortcut: W x + F(x), a learned projection on every residual (option C for tokens).
+
+Depth is counted in residual additions (2 per block) so it shares an axis with the ResNets of
+experiments/caution_depth_resnet.py (1 per unit). results.md gives the final test loss against
+depth per variant and the depth at which each variant's advantage over identity changes sign.
+
+    python -m resjax.main --config experiments/caution_depth.py:scale=cpu --workdir runs/caution_cpu
+
+Args: scale=paper|cpu|test, run=NAME, seeds=K, variants=all or names joined by "+"
+(e.g. variants=identity+stacked_lambda).
+
+scale=paper: width 512 (8 heads), context 256, depths 2 to 256 blocks (4 to 512 additions) on
+byte-level lm1b, 10k steps of AdamW; 2 seeds. The 256-block rows need ~10 GPU-hours each on an H100.
+
+scale=cpu: width 32 (2 heads), context 32, 1 to 16 blocks (2 to 32 additions) on the Python
+standard-library byte corpus, 200 steps, 2 seeds side by side.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from resjax import configs
+from resjax.configs import row
+
+REFERENCE = "identity"
+
+
+def variants():
+  m = "model__"
+  return {
+      "identity": {},
+      "value residual": {m + "value_residual__name": "lambda"},
+      "stacked lambda": {m + "shortcut__name": "lambda"},
+      "dense shortcut": {m + "shortcut__name": "conv1x1"},
+  }
+
+
+def rows(depths, names):
+  out = []
+  for name, overrides in variants().items():
+    if names and name.replace(" ", "_") not in names:
+      continue
+    for depth in depths:
+      out.append(row(f"{name.replace(' ', '_')}_d{depth}", f"{name}, {depth} blocks",
+                     series=name, x=2 * depth, model__depth=depth, **overrides))
+  return out
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0, variants="all")
+  c = ml_collections.ConfigDict()
+  c.experiment = "Caution at depth: residual variants against identity, Transformer LM"
+  c.paper = ("He et al. 2016 (arXiv 1603.05027) Table 1 / Eq. 8, carried to learnable residual "
+             "scalars and the value residual")
+  c.scale = arg.scale
+  c.run = arg.run
+  c.seed = 0
+  c.num_seeds = 2
+  c.metric = "test_loss"
+  c.report = "compare"
+  c.figure = "against_x"
+  c.reference_series = REFERENCE
+  c.x_label = "residual additions"
+  c.failure_error = None
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
+      max_test_bytes=20_000_000, max_eval_windows=2048))
+  c.model = ml_collections.ConfigDict(dict(
+      name="transformer", vocab_size=None, context=256, width=512, depth=2, heads=8,
+      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
+      shortcut=dict(name="identity", option="C"), value_residual=dict(name="none"),
+      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))
+  c.batch_size = 64
+  c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=10_000, warmup=500,
+                                              boundaries=()))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
+      decay="cosine", warmup_shape="linear", final_lr_fraction=0.1, scalar_lr=0.01))
+  c.log_every = 100
+  c.eval_every = 2000
+  c.checkpoint_every = 2000
+  c.eval_batch_size = 64
+  depths = (2, 8, 32, 128, 256)
+
+  if arg.scale in ("cpu", "test"):
+    c.data.update(name="stdlib", max_train_bytes=None, max_test_bytes=None, max_eval_windows=512)
+    c.model.update(context=32, width=32, heads=2)
+    c.batch_size = 32
+    c.optim.update(lr=3e-3)
+    c.schedule.update(total=200, warmup=20)
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
+    c.eval_batch_size = 256
+    depths = (1, 2, 4, 8, 16)
+  if arg.scale == "test":
+    c.data.max_eval_windows = 32
+    c.model.update(context=8, width=16)
+    c.batch_size = 8
+    c.schedule.update(total=3, warmup=1)
+    c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 3
+    c.eval_batch_size = 32
+    depths = (1, 2)
+  if arg.seeds:
+    c.num_seeds = arg.seeds
+  names = [] if arg.variants == "all" else str(arg.variants).split("+")
+  c.runs = rows(depths, names)
+  return c

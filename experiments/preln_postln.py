@@ -1,0 +1,99 @@
+"""Post-LN against Pre-LN, each with and without learning-rate warm-up, at two depths.
+
+Xiong et al. 2020 (arXiv 2002.04745): the Post-LN Transformer (LayerNorm after each residual
+addition, the original design) needs a learning-rate warm-up, because at initialisation the
+gradients of its last layers are large; Pre-LN (LayerNorm at each sub-block's input, plus a final
+LayerNorm, as GPT-2 does) trains without one. The paper gives curves, not a table, so rows carry
+no paper number; the claim to check is that Post-LN without warm-up ends worse than with it (or
+diverges), while Pre-LN barely cares, and that the gap grows with depth.
+
+    python -m resjax.main --config experiments/preln_postln.py:scale=cpu --workdir runs/ln_cpu
+
+Args: scale=paper|cpu|test, run=NAME, seeds=K.
+
+scale=paper: 6 and 24 blocks of width 512 (8 heads), context 512, byte-level lm1b, AdamW at LR
+1e-3 (high enough for warm-up to matter), 20k steps, 4k warm-up steps where warm-up is on; 3 seeds.
+About 3 GPU-days on one H100 for all 8 rows.
+
+scale=cpu: 2 and 8 blocks of width 64 on the Python standard-library byte corpus, context 64,
+AdamW at LR 3e-3, 300 steps (60 warm-up), 3 seeds side by side.
+"""
+
+import ml_collections
+from ml_collections.config_dict import placeholder
+
+from resjax import configs
+from resjax.configs import row
+
+
+def rows(depths):
+  out = []
+  for depth in depths:
+    for norm, norm_label in (("post", "Post-LN"), ("pre", "Pre-LN")):
+      for warm in (True, False):
+        label = f"{norm_label}, {'with' if warm else 'no'} warm-up, {depth} blocks"
+        series = f"{norm_label} {'+ warm-up' if warm else 'no warm-up'}"
+        out.append(row(f"{norm}_{'warm' if warm else 'nowarm'}_d{depth}", label, series=series,
+                       x=2 * depth, model__norm=norm, model__depth=depth,
+                       **({} if warm else {"schedule__warmup": 0})))
+  return out
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
+  c = ml_collections.ConfigDict()
+  c.experiment = "Post-LN vs Pre-LN, with and without warm-up, at two depths"
+  c.paper = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture, arXiv 2002.04745"
+  c.scale = arg.scale
+  c.run = arg.run
+  c.seed = 0
+  c.num_seeds = 3
+  c.metric = "test_loss"
+  c.report = "compare"
+  c.figure = "against_x"
+  c.reference_series = "Pre-LN + warm-up"
+  c.x_label = "residual additions (2 per block)"
+  c.failure_error = None
+
+  c.data = ml_collections.ConfigDict(dict(
+      name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
+      max_test_bytes=20_000_000, max_eval_windows=2048))
+  c.model = ml_collections.ConfigDict(dict(
+      name="transformer", vocab_size=None, context=512, width=512, depth=6, heads=8,
+      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
+      shortcut=dict(name="identity"), value_residual=dict(name="none"),
+      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))
+  c.batch_size = 64
+  c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=20_000, warmup=4_000,
+                                              boundaries=()))
+  c.optim = ml_collections.ConfigDict(dict(
+      name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01, clip_norm=0.0,
+      decay="linear", warmup_shape="linear", final_lr_fraction=0.0, scalar_lr=0.0))
+  c.log_every = 100
+  c.eval_every = 2000
+  c.checkpoint_every = 2000
+  c.eval_batch_size = 64
+  depths = (6, 24)
+
+  if arg.scale in ("cpu", "test"):
+    c.data.update(name="stdlib", max_train_bytes=None, max_test_bytes=None, max_eval_windows=1024)
+    c.model.update(context=64, width=64, depth=2, heads=4)
+    c.batch_size = 32
+    c.optim.lr = 3e-3
+    c.schedule.update(total=300, warmup=60)
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 150, 150
+    c.eval_batch_size = 256
+    depths = (2, 8)
+  if arg.scale == "test":
+    c.data.max_eval_windows = 64
+    c.model.update(context=16, width=16, heads=2)
+    c.num_seeds = 2
+    c.batch_size = 8
+    c.schedule.update(total=4, warmup=2)
+    c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
+    c.eval_batch_size = 32
+    depths = (1, 2)
+  if arg.seeds:
+    c.num_seeds = arg.seeds
+  c.runs = rows(depths)
+  return c
