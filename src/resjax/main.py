@@ -79,7 +79,7 @@ def task_key(rc) -> str:
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import inspect_model, report, train
+  from resjax import fileio, inspect_model, report, train
   resolved = resolved_runs(config)
   # Check every run's config and data before training any or writing anything, so a typo in
   # row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
@@ -87,7 +87,7 @@ def train_all(config, workdir: str) -> int:
     inspect_model.check(rc)
   task_of = load_tasks(resolved)
   is_main = jax.process_index() == 0
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   if is_main:
     train.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
 
@@ -126,7 +126,7 @@ def train_all(config, workdir: str) -> int:
       break
   if is_main:
     md, png = report.write_report(workdir, config)
-    print(f"\n{open(md).read()}\nwrote {md} and {png} ({time.time() - t_all:.0f} s)")
+    print(f"\n{fileio.read_text(md)}\nwrote {md} and {png} ({time.time() - t_all:.0f} s)")
   if preempted:
     print("preempted: checkpoint saved; rerun the same command to resume", file=sys.stderr)
     return EXIT_PREEMPTED

@@ -5,17 +5,19 @@ missing means "not run yet"; nothing here raises on a partial workdir.
 """
 
 import dataclasses
+import io
 import json
 import math
 import os
 import re
-import tempfile
 import textwrap
 
 import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+
+from resjax import fileio
 
 _SEED_DIR = re.compile(r'seed(\d+)')
 # A failed summary whose reason names nan/inf diverged, even if `final` kept an older eval.
@@ -78,8 +80,7 @@ class RowResult:
 
 def _read_json(path):
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(fileio.read_text(path))
   except (OSError, ValueError):
     return None  # absent, or caught mid-write by a live trainer
 
@@ -94,16 +95,16 @@ def load_run(run_dir: str) -> tuple[dict | None, list[dict]]:
   summary = _read_json(os.path.join(run_dir, 'summary.json'))
   by_step = {}
   try:
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-      for line in f:
-        try:
-          rec = json.loads(line)
-        except ValueError:
-          continue  # a torn last line from a crash
-        if isinstance(rec, dict) and isinstance(rec.get('step'), (int, float)):
-          by_step.setdefault(int(rec['step']), {}).update(rec)
+    text = fileio.read_text(os.path.join(run_dir, 'metrics.jsonl'))
   except OSError:
-    pass
+    text = ''
+  for line in text.splitlines():
+    try:
+      rec = json.loads(line)
+    except ValueError:
+      continue  # a torn last line from a crash
+    if isinstance(rec, dict) and isinstance(rec.get('step'), (int, float)):
+      by_step.setdefault(int(rec['step']), {}).update(rec)
   return (summary if isinstance(summary, dict) else None), [by_step[k] for k in sorted(by_step)]
 
 
@@ -149,10 +150,10 @@ def row_result(workdir: str, run, failure_error: float, metric: str = 'test_erro
   """
   run_dir = os.path.join(workdir, run['name'])
   found = []
-  if os.path.isdir(run_dir):
-    for entry in os.listdir(run_dir):
+  if fileio.isdir(run_dir):
+    for entry in fileio.listdir(run_dir):
       m = _SEED_DIR.fullmatch(entry)
-      if m and os.path.isdir(os.path.join(run_dir, entry)):
+      if m and fileio.isdir(os.path.join(run_dir, entry)):
         found.append((int(m.group(1)), entry))
   seeds = [load_seed(os.path.join(run_dir, e), k, metric) for k, e in sorted(found)]
   return RowResult(
@@ -331,19 +332,10 @@ def plot_figure(rows: list[RowResult], config, path) -> None:
 
 
 def _atomic_write(path: str, write) -> None:
-  """Calls write(file) on a temp file beside `path`, then renames it into place."""
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f'.{os.path.basename(path)}.')
-  try:
-    with os.fdopen(fd, 'wb') as f:
-      write(f)
-      f.flush()
-      os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be read by others
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
+  """Calls write(file) on an in-memory buffer, then writes it to ``path`` atomically."""
+  buf = io.BytesIO()
+  write(buf)
+  fileio.write_atomic(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------------- comparison tables
@@ -523,7 +515,7 @@ def write_report(workdir: str, config) -> tuple[str, str]:
   (mean ± std against ``config.baseline`` with a t-test). ``config.figure``: "curves" (training
   curves, the default) or "against_x" (final metric against the rows' ``x``, a line per series).
   """
-  os.makedirs(workdir, exist_ok=True)
+  fileio.makedirs(workdir)
   rows = collect_rows(workdir, config)
   md_path = os.path.join(workdir, 'results.md')
   png_path = os.path.join(workdir, 'figure.png')

@@ -28,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from resjax import configs, models, shortcuts, tasks
+from resjax import configs, fileio, models, shortcuts, tasks
 from resjax.errors import CheckpointError, ConfigError
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
@@ -215,7 +215,7 @@ def checkpoint_dir(group_dir: str, seeds: list[int]) -> str:
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      os.path.abspath(directory),
+      fileio.absolute(directory),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
@@ -283,15 +283,7 @@ def sigterm_saves():
 
 def write_json(path: str, obj: Any) -> None:
   """Atomic: a crash leaves the old file or the new one, never half of one."""
-  tmp = f"{path}.tmp{os.getpid()}"
-  try:
-    with open(tmp, "w") as f:
-      json.dump(obj, f, indent=1, default=float)
-      f.write("\n")
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
+  fileio.write_atomic(path, (json.dumps(obj, indent=1, default=float) + "\n").encode())
 
 
 class MetricsLog:
@@ -299,9 +291,11 @@ class MetricsLog:
 
   def __init__(self, run_dir: str, enabled: bool):
     self.enabled = enabled
-    self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a") if enabled else None
+    self.jsonl = fileio.AppendLog(os.path.join(run_dir, "metrics.jsonl")) if enabled else None
     self.tb = None
-    if enabled:
+    # TensorBoard events go beside the metrics on local disks; on object stores metrics.jsonl
+    # (the source of truth) is written alone.
+    if enabled and not fileio.is_remote(run_dir):
       from tensorboardX import SummaryWriter  # light: no TensorFlow
       self.tb = SummaryWriter(os.path.join(run_dir, "tb"))
 
@@ -310,13 +304,14 @@ class MetricsLog:
       return
     values = {k: float(v) for k, v in values.items()}
     self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
-    self.jsonl.flush()
-    for k, v in values.items():
-      self.tb.add_scalar(k, v, step)
+    if self.tb is not None:
+      for k, v in values.items():
+        self.tb.add_scalar(k, v, step)
 
   def close(self):
     if self.enabled:
       self.jsonl.close()
+    if self.tb is not None:
       self.tb.close()
 
 
@@ -352,7 +347,7 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   is_main = jax.process_index() == 0
   run_dirs = [os.path.join(group_dir, f"seed{s}") for s in seeds]
   for d in run_dirs:
-    os.makedirs(d, exist_ok=True)
+    fileio.makedirs(d)
   steps = configs.schedule_steps(config, task.train_size)
   total = steps["total"]
   if not task.sequence and config.batch_size > task.train_size:
@@ -490,8 +485,7 @@ def replica(state, k: int):
 
 def read_summary(run_dir: str) -> dict | None:
   try:
-    with open(os.path.join(run_dir, "summary.json")) as f:
-      return json.load(f)
+    return json.loads(fileio.read_text(os.path.join(run_dir, "summary.json")))
   except (OSError, ValueError):
     return None
 
