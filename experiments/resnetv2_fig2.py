@@ -82,7 +82,7 @@ def get_config(arg=None):
       test_size=placeholder(int)))
   c.model = ml_collections.ConfigDict(dict(
       name="cifar_resnet", depth=110, unit="basic", placement="post", widths=(16, 32, 64),
-      scan=True, conv_impl="auto",
+      scan=True, conv_impl="auto", zero_init_residual=False,
       shortcut=dict(name="identity", option="B", scale=1.0, branch_scale=1.0, gate_bias=0.0,
                     dropout_rate=0.5)))
   c.batch_size = 128

@@ -1,106 +1,476 @@
-"""Cost of resjax's real training step on synthetic CIFAR-shaped data: init, compile, step, memory.
+"""Speed of resjax's real training step against the same net and step in PyTorch, on synthetic data.
 
-    python -m resjax.bench --depths 110,1202 --batch 8 --steps 3
+    python -m resjax.bench                                  # ResNet-20, -110, pre-act -1001, + torch
+    python -m resjax.bench --rows resnet110 --batch 128 --repeats 3 --out bench.md
+    python -m resjax.bench --rows resnet50 --dtypes bfloat16 --batch 256   # on a GPU
 
-Each depth runs in a fresh subprocess so that its peak resident memory (the high-water mark of the
-whole process: init, compile and steps) is its own. Prints a markdown table.
+Each row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step``
+exactly as the trainer does (vmapped over one seed replica, jitted with the state donated, data on
+the device, 4-pixel crop and flip augmentation in the step); the reference is the same architecture
+and step in PyTorch (``resjax.bench_torch``), eager and under ``torch.compile``. Every measurement
+runs in its own subprocess, so its peak memory (CPU: the process's peak RSS, from init through
+compile and steps; GPU: the device allocator's peak) is its own, and resjax and torch alternate
+``--repeats`` times so that a machine shared with other work slows both alike; the table shows the
+median of each, and the ratio resjax / PyTorch of examples per second.
+
+Step time is the median of ``--steps`` individually timed steps after one warm-up step. Compile
+time is jit lowering + XLA compilation (torch.compile: the first call's time minus a step's).
+FLOPs per example are 3x the forward pass's, which XLA's cost analysis counts (``inspect_model``);
+MFU divides the achieved FLOP/s by the device's dense bf16 peak (``PEAK_TFLOPS``) where it is known.
+
+bf16 (``--dtypes bfloat16``) computes convolutions, projections, the head and BatchNorm's output in
+bfloat16; BatchNorm's batch statistics, running averages, parameters and optimizer state stay float32.
+It is on by default only on accelerators: without native bf16 units, XLA and PyTorch emulate it on CPU.
+
+A new row is one ``Row`` entry: its ``config.model``, its data (``image`` shape and classes, or
+``text`` context and vocabulary) and, where PyTorch has the same net, ``bench_torch`` arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
+import os
 import resource
+import statistics
 import subprocess
 import sys
 import time
 
+IMPLS = ("resjax", "torch-eager", "torch-compile")
+DTYPES = ("float32", "bfloat16")
 
-def measure(depth: int, batch: int, steps: int, scan: bool, size: int) -> dict:
+# Dense bf16 peak TFLOP/s per chip (REFERENCE section 6; H200 is H100's chip with more memory),
+# matched against jax's device_kind in order, so "TPU v5 lite" is tried before "TPU v5".
+PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275.0),
+               ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0))
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+  """One benchmarked model: its resjax config, its synthetic data, its PyTorch twin (if any)."""
+  label: str
+  model: dict  # config.model
+  data: dict  # {"kind": "image", "shape": (h, w, c), "classes": k} or {"kind": "text", ...}
+  torch: dict | None = None  # keyword arguments of bench_torch.measure; None: no reference
+  paper_macs: float | None = None  # forward multiply-adds per example (REFERENCE section 6)
+
+
+def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
+  return {"name": "cifar_resnet", "depth": depth, "unit": unit, "placement": placement,
+          "shortcut": {"name": "identity", "option": option}}
+
+
+CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10}
+ROWS = {
+    # ResNet-v1 Section 4.2: basic units, post-activation, option A shortcuts.
+    "resnet20": Row("ResNet-20", _cifar(20), CIFAR, {"depth": 20}, 40.6e6),
+    "resnet110": Row("ResNet-110", _cifar(110), CIFAR, {"depth": 110}, 252.9e6),
+    # ResNet-v2 Section 4: bottleneck units, full pre-activation, projections where shapes change.
+    "resnet1001": Row("pre-act ResNet-1001", _cifar(1001, "bottleneck", "preact", "B"), CIFAR,
+                      {"depth": 1001, "unit": "bottleneck", "placement": "preact", "option": "B"},
+                      1.49e9),
+    # ResNet-v1 Table 1 at 224x224 (accelerators; on CPU one step takes minutes).
+    "resnet50": Row("ImageNet ResNet-50", {"name": "imagenet_resnet", "depth": 50,
+                                           "shortcut": {"name": "identity", "option": "B"}},
+                    {"kind": "image", "shape": (224, 224, 3), "classes": 1000},
+                    {"depth": 50, "imagenet": True}, 4.09e9),
+    # A byte-level GPT (no PyTorch twin yet): the Transformer row's hook.
+    "transformer": Row("Transformer 6x256, T=256", {"name": "transformer", "context": 256,
+                                                    "width": 256, "depth": 6, "heads": 4},
+                       {"kind": "text", "context": 256, "classes": 256}),
+}
+DEFAULT_ROWS = ("resnet20", "resnet110", "resnet1001")
+
+
+def peak_tflops(device_kind: str) -> float | None:
+  """The device's dense bf16 peak TFLOP/s, or None where it is not known (CPUs)."""
+  for name, peak in PEAK_TFLOPS:
+    if name.lower() in device_kind.lower():
+      return peak
+  return None
+
+
+def mfu(flops_per_example: float, examples_per_s: float, peak: float | None) -> float | None:
+  """Model FLOPs utilisation: training FLOPs achieved per second over the peak (TFLOP/s)."""
+  if peak is None or not flops_per_example:
+    return None
+  return flops_per_example * examples_per_s / (peak * 1e12)
+
+
+# ------------------------------------------------------------------------------------------------
+# The measurement (a child process: one row, one dtype, one implementation).
+# ------------------------------------------------------------------------------------------------
+
+def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None):
+  import ml_collections
+  model = json.loads(json.dumps(row.model))
+  if row.model["name"] != "transformer":
+    model.update(scan=scan, **({"conv_impl": conv_impl} if conv_impl else {}))
+  elif dtype != "float32":
+    model["dtype"] = dtype
+  if row.data["kind"] == "text":
+    data = {"name": "stdlib"}
+  elif row.data["shape"][0] == 224:
+    data = {"name": "imagenet2012", "image_size": 224}
+  else:
+    data = {"name": "cifar10" if row.data["classes"] == 10 else "cifar100", "pad": 4, "flip": True}
+  return ml_collections.ConfigDict({
+      "model": model, "data": data, "batch_size": batch,
+      "schedule": {"unit": "iterations", "total": 64_000, "boundaries": (32_000,), "warmup": 0},
+      "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}})
+
+
+def synthetic_task(row: Row, config, batch: int):
+  """A task over random data held on the device, shaped as the row's dataset."""
+  import numpy as np
+
+  from resjax import tasks
+  rng = np.random.default_rng(0)
+  if row.data["kind"] == "text":
+    from resjax.data.text import TextSplits
+    n = max(batch * 4, 64) * (row.data["context"] + 1)
+    tokens = lambda k: rng.integers(0, row.data["classes"], k, dtype=np.uint8)
+    return tasks.TextTask(config.data, TextSplits("synthetic", tokens(n), tokens(n)),
+                          row.data["context"])
+  from resjax.data.images import ImageSplits
+  n, shape, classes = max(batch * 4, 64), tuple(row.data["shape"]), row.data["classes"]
+  images = lambda k: rng.integers(0, 256, (k, *shape), dtype=np.uint8)
+  labels = lambda k: rng.integers(0, classes, k).astype(np.int32)
+  splits = ImageSplits(images(n), labels(n), images(batch), labels(batch), classes,
+                       np.full(shape, 0.5, np.float32))
+  return tasks.ImageTask(config.data, splits)
+
+
+def forward_flops_per_example(config) -> float:
+  """XLA's count of one example's forward FLOPs, extended from 1 and 2 repeats to the real depth."""
+  from resjax import inspect_model, models
+  one, n = models.with_repeats(config.model, 1)
+  two, _ = models.with_repeats(config.model, 2)
+  f1, f2 = inspect_model.forward_flops(config, one), inspect_model.forward_flops(config, two)
+  counts = n if isinstance(n, (tuple, list)) else (n,)
+  return f1 + sum(c - 1 for c in counts) * (f2 - f1) if len(counts) == 1 else _per_stage(
+      config, f1, counts)
+
+
+def _per_stage(config, f1: float, counts) -> float:
+  """Stages of different lengths (ImageNet ResNets): one stage's unit at a time."""
+  from resjax import inspect_model, models
+  total = f1
+  for s, c in enumerate(counts):
+    ks = tuple(2 if i == s else 1 for i in range(len(counts)))
+    cfg, _ = models.with_repeats(config.model, ks)
+    total += (c - 1) * (inspect_model.forward_flops(config, cfg) - f1)
+  return total
+
+
+def _peak_memory_gib(device) -> float:
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  if stats and "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
+                   conv_impl: str | None = None, flops: bool = True) -> dict:
   import functools
 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  import ml_collections
+  from flax import nnx
 
-  from resjax import configs, train
-  from resjax.data.images import ImageSplits
+  from resjax import configs, models, train
+  from resjax.models import layers
 
-  rng = np.random.default_rng(0)
-  n = max(batch * 4, 64)
-  data = ImageSplits(rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
-                     rng.integers(0, 10, n).astype(np.int32),
-                     rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
-                     rng.integers(0, 10, batch).astype(np.int32), 10,
-                     np.full((size, size, 3), 0.5, np.float32))
-  config = ml_collections.ConfigDict(dict(
-      model=dict(name="cifar_resnet", depth=depth, unit="basic", placement="post", scan=scan,
-                 shortcut=dict(name="identity", option="A")),
-      batch_size=batch, schedule=dict(unit="iterations", total=64_000, boundaries=(32_000,),
-                                      warmup=0),
-      optim=dict(name="sgd", lr=0.1, momentum=0.9, weight_decay=1e-4)))
-  dd = train.DeviceData.put(data)
+  config = _config(row, batch, dtype, scan, conv_impl)
+  task = synthetic_task(row, config, batch)
+  arrays = task.device_arrays()
+  tx = train.make_optimizer(config, configs.schedule_steps(config, task.train_size))
   t = time.perf_counter()
-  model = train.build_model(config, data, 0)
-  graphdef, params, rest = train.split_model(model)
-  tx = train.make_optimizer(config, configs.schedule_steps(config, n))
-  state = {"step": jnp.zeros((), jnp.int32), "params": params, "rest": rest,
-           "opt": tx.init(params)}
+  graphdef, state = train.init_state(config, task, [0], tx)
   jax.block_until_ready(state)
   init_s = time.perf_counter() - t
-  step_fn = jax.jit(functools.partial(train.train_step, graphdef, tx, mean=dd.mean, pad=4,
-                                      flip=True, aug_key=train.key(1)), donate_argnums=(0, 1))
-  idx = train.batch_indices(0, 0, n, batch)
+  if dtype != "float32" and row.model["name"] != "transformer":
+    # The same state under a graph whose layers compute in bf16 (their dtype is static structure).
+    abstract = nnx.eval_shape(lambda: models.build(
+        config.model, num_classes=task.num_classes, in_channels=task.in_channels,
+        rngs=nnx.Rngs(params=train.key(0))))
+    layers.set_compute_dtype(abstract, jnp.dtype(dtype))
+    graphdef = train.split_model(abstract)[0]
+  # As train.train builds it: one replica per seed, vmapped; data arrays shared; state donated.
+  aug_keys = jnp.stack([jax.random.fold_in(train.key(0), 1)])
+  step_fn = jax.jit(jax.vmap(functools.partial(train.train_step, graphdef, tx, task),
+                             in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+  batch_at = lambda s: np.stack([task.train_batch(0, s, batch)])
+  window = train.new_window(1)
   t = time.perf_counter()
-  compiled = step_fn.lower(state, train.new_window(), dd.train_images, dd.train_labels,
-                           idx).compile()
+  compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
   compile_s = time.perf_counter() - t
-  window = train.new_window()
-  state, window = compiled(state, window, dd.train_images, dd.train_labels, idx)
+  state, window = compiled(state, window, batch_at(0), aug_keys, arrays)
   jax.block_until_ready(window)
-  t = time.perf_counter()
+  times, cpu_times = [], []
   for s in range(steps):
-    state, window = compiled(state, window, dd.train_images, dd.train_labels,
-                             train.batch_indices(0, s + 1, n, batch))
-  jax.block_until_ready(window)
-  step_s = (time.perf_counter() - t) / steps
-  return {"depth": depth, "batch": batch, "scan": scan, "init_s": init_s, "compile_s": compile_s,
-          "step_s": step_s, "examples_per_s": batch / step_s,
-          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-          "backend": jax.default_backend()}
+    b = batch_at(s + 1)
+    t, c = time.perf_counter(), time.process_time()
+    state, window = compiled(state, window, b, aug_keys, arrays)
+    jax.block_until_ready(window)
+    times.append(time.perf_counter() - t)
+    cpu_times.append(time.process_time() - c)
+  loss = float(window["loss"][0] / window["count"][0])
+  device = jax.devices()[0]
+  out = {"impl": "resjax", "dtype": dtype, "batch": batch, "init_s": init_s,
+         "compile_s": compile_s, "step_s": statistics.median(times),
+         "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
+         "peak_gib": _peak_memory_gib(device),
+         "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
+         "jax": jax.__version__}
+  out["examples_per_s"] = batch / out["step_s"]
+  if flops:
+    out["flops_per_example"] = 3 * forward_flops_per_example(config)
+  return out
+
+
+def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
+                  threads: int | None) -> dict:
+  from resjax import bench_torch
+  out = bench_torch.measure(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
+                            size=row.data["shape"][0], num_classes=row.data["classes"],
+                            **row.torch)
+  return {**out, "impl": f"torch-{mode}"}
+
+
+# ------------------------------------------------------------------------------------------------
+# The table (the parent process: one subprocess per measurement).
+# ------------------------------------------------------------------------------------------------
+
+def torch_available() -> bool:
+  return importlib.util.find_spec("torch") is not None
+
+
+def pin_to_cores(threads: int | None):
+  """A preexec_fn confining a child to its first ``threads`` allowed cores: XLA:CPU sizes its thread
+  pool by the affinity mask (it has no thread-count flag), and so does OpenMP under PyTorch."""
+  if not threads or not hasattr(os, "sched_setaffinity"):
+    return None
+  cores = sorted(os.sched_getaffinity(0))[:threads]
+  return lambda: os.sched_setaffinity(0, cores)
+
+
+def run_child(args: list[str], env: dict, timeout: float, threads: int | None = None) -> dict:
+  cmd = [sys.executable, "-m", "resjax.bench", *args]
+  try:
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
+                         preexec_fn=pin_to_cores(threads))
+  except subprocess.TimeoutExpired:
+    return {"error": f"timed out after {timeout:.0f} s"}
+  if out.returncode:
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    return {"error": lines[-1] if lines else f"killed (exit code {out.returncode})"}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def median_result(results: list[dict]) -> dict:
+  """The run whose examples/s is the median (lower middle) of the successful repeats."""
+  ok = sorted((r for r in results if "error" not in r), key=lambda r: r["examples_per_s"])
+  if not ok:
+    return results[-1]
+  best = dict(ok[(len(ok) - 1) // 2])
+  best["repeats"] = len(ok)
+  best["all_examples_per_s"] = [r["examples_per_s"] for r in ok]
+  return best
+
+
+def _num(x, fmt: str) -> str:
+  return "n/a" if x is None else format(x, fmt)
+
+
+def _cell(r: dict | None, key: str, fmt: str) -> str:
+  if r is None:
+    return "-"
+  if "error" in r:
+    return "failed"
+  return _num(r.get(key), fmt)
+
+
+def _ratio(a: dict | None, b: dict | None) -> str:
+  if not a or not b or "error" in a or "error" in b:
+    return "-"
+  return f"{a['examples_per_s'] / b['examples_per_s']:.2f}x"
+
+
+SUMMARY_HEADER = ("| model | dtype | batch | resjax ex/s | step ms | compile s | peak GiB | "
+                  "GFLOP/ex | TFLOP/s | MFU | torch eager ex/s | torch.compile ex/s | "
+                  "resjax / eager | resjax / compile |")
+
+
+def markdown(results: dict, *, peak: float | None) -> str:
+  """The summary table (one line per model and dtype) and the PyTorch details, in markdown.
+
+  ``results[(row, dtype)][impl]`` is the median measurement of that implementation (or an error).
+  """
+  lines = [SUMMARY_HEADER, "|" + "---|" * (SUMMARY_HEADER.count("|") - 1)]
+  notes = []
+  for (name, dtype), by_impl in results.items():
+    row = ROWS[name]
+    j, e, c = (by_impl.get(i) for i in IMPLS)
+    batch = next(r["batch"] for r in by_impl.values() if "batch" in r) if any(
+        "batch" in r for r in by_impl.values()) else "-"
+    flops = j.get("flops_per_example") if j and "error" not in j else None
+    tflops = flops * j["examples_per_s"] / 1e12 if flops else None
+    use = mfu(flops, j["examples_per_s"], peak) if flops else None
+    lines.append(
+        f"| {row.label} | {dtype} | {batch} | {_cell(j, 'examples_per_s', '.1f')} | "
+        f"{_num(j['step_s'] * 1e3 if j and 'error' not in j else None, '.1f')} | "
+        f"{_cell(j, 'compile_s', '.1f')} | {_cell(j, 'peak_gib', '.2f')} | "
+        f"{_num(flops / 1e9 if flops else None, '.3f')} | {_num(tflops, '.3f')} | "
+        f"{_num(use * 100 if use is not None else None, '.1f')}{'%' if use is not None else ''} | "
+        f"{_cell(e, 'examples_per_s', '.1f')} | {_cell(c, 'examples_per_s', '.1f')} | "
+        f"{_ratio(j, e)} | {_ratio(j, c)} |")
+    for impl, r in by_impl.items():
+      if r and "error" in r:
+        notes.append(f"- {row.label} {dtype} {impl} failed: {r['error']}")
+  torch_rows = [(n, d, i, r) for (n, d), by_impl in results.items() for i, r in by_impl.items()
+                if i != "resjax" and r and "error" not in r]
+  if torch_rows:
+    lines += ["", "| model | dtype | PyTorch | ex/s | step ms | compile s | peak GiB |",
+              "|---|---|---|---|---|---|---|"]
+    for n, d, i, r in torch_rows:
+      lines.append(f"| {ROWS[n].label} | {d} | {i[6:]} | {r['examples_per_s']:.1f} | "
+                   f"{r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {r['peak_gib']:.2f} |")
+  return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def compile_ratio(results: dict, deep: str = "resnet1001", shallow: str = "resnet110") -> float | None:
+  """Compile time of the deep row over the shallow one (fp32, resjax): scan keeps it near 1."""
+  a = results.get((deep, "float32"), {}).get("resjax")
+  b = results.get((shallow, "float32"), {}).get("resjax")
+  if not a or not b or "error" in a or "error" in b:
+    return None
+  return a["compile_s"] / b["compile_s"]
+
+
+def probe_device(env: dict) -> dict:
+  """The backend and device kind, asked of a subprocess (this process leaves the device alone)."""
+  code = ("import json, jax; d = jax.devices()[0]; "
+          "print(json.dumps({'backend': jax.default_backend(), 'kind': d.device_kind, "
+          "'jax': jax.__version__}))")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+  if out.returncode:
+    return {"backend": "unknown", "kind": "unknown", "jax": "?"}
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# glibc malloc returns every freed block over 32 MiB to the OS (and threads get their own arenas,
+# whose large blocks are always fresh mappings), so each step of an XLA:CPU program would fault its
+# temporary buffers in again, page by page: a third of a ResNet-20 step here. One arena that keeps
+# its memory avoids it. glibc reads these only at process start, hence the children's environment.
+MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=4294967296:"
+                   "glibc.malloc.trim_threshold=17179869184")
+
+
+def child_env(threads: int | None, malloc: bool = True) -> dict:
+  """The children's environment: the malloc settings above, for resjax and PyTorch alike."""
+  env = dict(os.environ)
+  if malloc and "GLIBC_TUNABLES" not in env:
+    env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+  if threads:
+    env["OMP_NUM_THREADS"] = str(threads)
+  return env
 
 
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--depths", default="110,1202")
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--steps", type=int, default=3)
-  p.add_argument("--size", type=int, default=32, help="image side (CIFAR: 32)")
+  p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"any of {', '.join(ROWS)}")
+  p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+  p.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
+  p.add_argument("--dtypes", default="auto", help="float32,bfloat16; auto: bf16 on accelerators")
+  p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
+                 help="also measure PyTorch (default: when it is installed)")
+  p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--threads", type=int,
+                 help="CPU cores for XLA and PyTorch (children pinned to them; default: all)")
   p.add_argument("--unrolled", action="store_true", help="a Python loop instead of lax.scan")
-  p.add_argument("--one", type=int, help=argparse.SUPPRESS)  # child process: one depth, JSON out
+  p.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="override conv_impl")
+  p.add_argument("--default-malloc", action="store_true",
+                 help="leave glibc malloc as it is (see MALLOC_TUNABLES)")
+  p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
+  p.add_argument("--out", help="also write the markdown here")
+  p.add_argument("--one", help=argparse.SUPPRESS)  # child: ROW:DTYPE:IMPL, prints JSON
   args = p.parse_args(argv)
+
   if args.one:
-    print(json.dumps(measure(args.one, args.batch, args.steps, not args.unrolled, args.size)))
-    return 0
-  rows = []
-  for depth in [int(d) for d in args.depths.split(",")]:
-    cmd = [sys.executable, "-m", "resjax.bench", "--one", str(depth), "--batch", str(args.batch),
-           "--steps", str(args.steps), "--size", str(args.size)] + (["--unrolled"] * args.unrolled)
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    if out.returncode:
-      rows.append({"depth": depth, "error": (out.stderr.strip().splitlines() or ["killed"])[-1]})
+    name, dtype, impl = args.one.split(":")
+    if impl == "resjax":
+      r = measure_resjax(ROWS[name], args.batch, args.steps, dtype, scan=not args.unrolled,
+                         conv_impl=args.conv_impl)
     else:
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-  print("| depth | batch | scan | init s | compile s | step s | examples/s | peak RSS GiB |")
-  print("|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    if "error" in r:
-      print(f"| {r['depth']} | {args.batch} | {not args.unrolled} | failed: {r['error']} |||||")
-      continue
-    print(f"| {r['depth']} | {r['batch']} | {r['scan']} | {r['init_s']:.1f} | {r['compile_s']:.1f} | "
-          f"{r['step_s']:.3f} | {r['examples_per_s']:.1f} | {r['peak_rss_gib']:.2f} |")
+      r = measure_torch(ROWS[name], args.batch, args.steps, dtype, impl.split("-")[1], args.threads)
+    print(json.dumps(r))
+    return 0
+
+  from resjax.errors import ConfigError
+  names = [n.strip() for n in args.rows.split(",") if n.strip()]
+  for n in names:
+    if n not in ROWS:
+      raise ConfigError(f"unknown bench row {n!r}: use --rows with any of {', '.join(ROWS)}")
+  env = child_env(args.threads, malloc=not args.default_malloc)
+  device = probe_device(env)
+  on_cpu = device["backend"] == "cpu"
+  dtypes = ["float32"] if on_cpu else list(DTYPES)
+  if args.dtypes != "auto":
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    for d in dtypes:
+      if d not in DTYPES:
+        raise ConfigError(f"unknown dtype {d!r}: use --dtypes with any of {', '.join(DTYPES)}")
+  use_torch = torch_available() if args.torch is None else args.torch
+  if use_torch and not torch_available():
+    raise ConfigError("PyTorch is not installed: pip install -e '.[bench]' (or run with --no-torch)")
+  impls = ["resjax"] + (["torch-eager"] + ["torch-compile"] * args.torch_compile) * use_torch
+  common = ["--batch", str(args.batch), "--steps", str(args.steps)]
+  common += ["--threads", str(args.threads)] if args.threads else []
+  common += ["--unrolled"] * args.unrolled + (["--conv-impl", args.conv_impl] if args.conv_impl else [])
+
+  results = {}
+  for name in names:
+    for dtype in dtypes:
+      runs = {impl: [] for impl in impls if impl == "resjax" or ROWS[name].torch is not None}
+      for _ in range(args.repeats):
+        for impl in runs:
+          r = run_child(["--one", f"{name}:{dtype}:{impl}", *common], env, args.timeout,
+                        args.threads)
+          runs[impl].append(r)
+          print(f"# {name} {dtype} {impl}: "
+                + (r["error"] if "error" in r else f"{r['examples_per_s']:.1f} ex/s"),
+                file=sys.stderr, flush=True)
+      results[(name, dtype)] = {impl: median_result(rs) for impl, rs in runs.items()}
+
+  peak = peak_tflops(device["kind"])
+  table = markdown(results, peak=peak)
+  ratio = compile_ratio(results)
+  torch_line = ("PyTorch: not measured" + ("" if torch_available() else
+                "; install it with pip install -e '.[bench]'") if not use_torch else
+                f"PyTorch {_torch_version()}")
+  footer = [f"Device: {device['kind']} ({device['backend']}), jax {device['jax']}, {torch_line}; "
+            f"batch {args.batch}, median of {args.steps} steps, median of {args.repeats} "
+            f"alternating run(s); threads: {args.threads or 'default'}; peak bf16 TFLOP/s: "
+            f"{_num(peak, '.0f')}; scan: {not args.unrolled}."]
+  if ratio is not None:
+    footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")
+  text = table + "\n\n" + "\n".join(footer) + "\n"
+  print(text)
+  if args.out:
+    with open(args.out, "w") as f:
+      f.write(text)
   return 0
+
+
+def _torch_version() -> str:
+  import torch
+  return torch.__version__
 
 
 if __name__ == "__main__":

@@ -65,8 +65,9 @@ def forward_flops(config, model_cfg) -> float:
   # Counted on XLA's convolution: im2col computes the same function, but XLA's cost analysis
   # counts an elementwise op feeding it once per k*k patch copy.
   model_cfg = copy.deepcopy(model_cfg)
-  if "conv_impl" in model_cfg:
-    model_cfg.conv_impl = "xla"
+  if model_cfg.name != "transformer":
+    with model_cfg.unlocked():
+      model_cfg.conv_impl = "xla"
   graphdef, state = nnx.split(abstract_model(config, model_cfg))
   fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
@@ -81,7 +82,14 @@ def describe(config) -> dict:
   model = abstract_model(config)
   params = train.count_params(model)
   one, n = models.with_repeats(config.model, 1)
-  two, _ = models.with_repeats(config.model, 2)
-  f1, f2 = forward_flops(config, one), forward_flops(config, two)
-  return {"params": params, "forward_flops_per_example": f1 + (n - 1) * (f2 - f1),
-          "model": config.model.to_dict()}
+  f1 = forward_flops(config, one)
+  if isinstance(n, int):  # every stack repeats its unit n times
+    two, _ = models.with_repeats(config.model, 2)
+    flops = f1 + (n - 1) * (forward_flops(config, two) - f1)
+  else:  # stacks of different lengths: one more unit in stack s at a time
+    flops = f1
+    for s, n_s in enumerate(n):
+      if n_s > 1:
+        k = tuple(2 if i == s else 1 for i in range(len(n)))
+        flops += (n_s - 1) * (forward_flops(config, models.with_repeats(config.model, k)[0]) - f1)
+  return {"params": params, "forward_flops_per_example": flops, "model": config.model.to_dict()}

@@ -59,33 +59,16 @@ def describe(config) -> list[dict]:
   return [{"run": run.name, **inspect_model.describe(rc)} for run, rc in resolved_runs(config)]
 
 
-def load_tasks(resolved) -> dict:
-  """One task per distinct data config (data read once however many rows share it)."""
-  from resjax import tasks, train
-  out: dict[str, object] = {}
-  for _, rc in resolved:
-    key = task_key(rc)
-    if key not in out:
-      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
-        out[key] = tasks.load(rc)
-  return out
-
-
-def task_key(rc) -> str:
-  context = rc.model.get("context", None)
-  return json.dumps([rc.data.to_dict(), context], sort_keys=True, default=str)
-
-
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import fileio, inspect_model, report, train
+  from resjax import fileio, inspect_model, report, tasks, train
   resolved = resolved_runs(config)
   # Check every run's config and data before training any or writing anything, so a typo in
   # row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
   for _, rc in resolved:
     inspect_model.check(rc)
-  task_of = load_tasks(resolved)
+  task_of = tasks.load_all(rc for _, rc in resolved)
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)
   if is_main:
@@ -105,7 +88,7 @@ def train_all(config, workdir: str) -> int:
       continue
     # Seeds train side by side; with config.seeds_side_by_side=False, one after another.
     groups = [todo] if config.get("seeds_side_by_side", True) else [[s] for s in todo]
-    key = task_key(rc)
+    key = tasks.task_key(rc)
     if key not in arrays:
       arrays[key] = task_of[key].device_arrays()
     for group in groups:

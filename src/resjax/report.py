@@ -156,6 +156,9 @@ def row_result(workdir: str, run, failure_error: float, metric: str = 'test_erro
       if m and fileio.isdir(os.path.join(run_dir, entry)):
         found.append((int(m.group(1)), entry))
   seeds = [load_seed(os.path.join(run_dir, e), k, metric) for k, e in sorted(found)]
+  for key, value in run.get('overrides', ()) or ():
+    if key == 'failure_error':  # a row may judge failure by its own threshold, or not at all
+      failure_error = math.inf if value is None else value
   return RowResult(
       name=run['name'], label=run.get('label', run['name']), paper_error=run.get('paper_error'),
       paper_failed=bool(run.get('paper_failed', False)), failure_error=float(failure_error),

@@ -26,6 +26,8 @@ mix                (1 - lambda) * x + lambda * f, learnable  modded-nanogpt's va
 rezero             x + alpha * f, alpha learnable           ReZero / SkipInit, init 0
 layerscale         x + gamma * f, gamma per channel         CaiT, init small
 deepnorm           alpha * x + f, alpha fixed               DeepNorm (the LN after it is the unit's)
+highway            (1 - T) * x + T * f, T from a conv       Highway networks; the 2024 Highway-110
+                   branch on x (``gate``: conv, two_conv)
 =================  =======================================  ============================================
 
 with ``g = sigmoid(W_g x + b_g)`` over the channel (last) axis: a 1x1 convolution for images and a
@@ -98,7 +100,10 @@ class ShapeMatch(nnx.Module):
       raise ConfigError("option A cannot reduce channels: use option B or C "
                         "(config.model.shortcut.option)")
     if self.projects:
-      self.proj = nnx.Linear(in_features, out_features, use_bias=not norm, kernel_init=he_normal,
+      # He-normal where BN follows (the papers' choice). Without BN (tokens) nothing rescales the
+      # projection's output, so it starts variance-preserving: LeCun normal, std 1/sqrt(fan-in).
+      self.proj = nnx.Linear(in_features, out_features, use_bias=not norm,
+                             kernel_init=he_normal if norm else nnx.initializers.lecun_normal(),
                              rngs=rngs)
       self.norm = nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5, rngs=rngs) if norm else None
 
@@ -314,3 +319,70 @@ def make_shortcut(cfg, in_features: int, out_features: int, stride: int = 1, *, 
   """
   check_name(cfg.name)
   return SHORTCUTS[cfg.name](cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Highway: the transform gate from its own convolutional branch (images only).
+# ---------------------------------------------------------------------------------------------
+
+HIGHWAY_GATES = ("conv", "two_conv")
+
+
+class ConvGate(nnx.Module):
+  """T(x) = sigmoid(B(x)) per channel, with the branch B on the unit's input x.
+
+  ``conv``: B(x) = conv_k(x) + b_T, a k x k convolution as large as H's (Highway networks, 2015).
+  ``two_conv``: B(x) = BN(conv(ReLU(BN(conv(x))))) with the last BN's bias starting at b_T, a
+  branch shaped like a basic unit's (the 2024 Highway-110 re-run, b_T = -6).
+  The first convolution carries the unit's stride, so T has the shape of the branch output f.
+  """
+
+  def __init__(self, in_features: int, out_features: int, stride: int, *, kind: str,
+               kernel: int, bias: float, conv_impl: str = "auto", rngs: nnx.Rngs):
+    if kind not in HIGHWAY_GATES:
+      raise ConfigError(f"unknown highway gate {kind!r}: set config.model.shortcut.gate to one of "
+                        f"{', '.join(HIGHWAY_GATES)}")
+    conv = lambda i, o, s: layers.Conv2D(i, o, kernel, s, impl=conv_impl, rngs=rngs)
+    bn = lambda b: nnx.BatchNorm(out_features, momentum=0.9, epsilon=1e-5,
+                                 bias_init=nnx.initializers.constant(b), rngs=rngs)
+    if kind == "conv":
+      self.convs = nnx.List([conv(in_features, out_features, stride)])
+      self.norms = nnx.List([])
+      self.bias = nnx.Param(jnp.full((out_features,), bias, jnp.float32))
+    else:
+      self.convs = nnx.List([conv(in_features, out_features, stride),
+                             conv(out_features, out_features, 1)])
+      self.norms = nnx.List([bn(0.0), bn(bias)])
+      self.bias = None
+
+  def __call__(self, x: Array, *, train: bool) -> Array:
+    if self.bias is not None:
+      return jax.nn.sigmoid(self.convs[0](x) + self.bias[...])
+    h = jax.nn.relu(self.norms[0](self.convs[0](x), use_running_average=not train))
+    return jax.nn.sigmoid(self.norms[1](self.convs[1](h), use_running_average=not train))
+
+
+class Highway(_MatchedShortcut):
+  """``(1 - T) x + T f``, exclusive gating with T from a convolutional branch (``ConvGate``).
+
+  Config: ``gate`` (conv | two_conv), ``gate_kernel`` (3), ``gate_bias`` (b_T, negative so that
+  units start close to carrying x), ``option`` for the carried x where the shape changes.
+  """
+
+  def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
+    super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
+    bias = cfg.get("gate_bias", None)
+    self.gate = ConvGate(in_features, out_features, stride, kind=cfg.get("gate", "conv"),
+                         kernel=int(cfg.get("gate_kernel", 3)),
+                         bias=-1.0 if bias is None else float(bias),
+                         conv_impl=cfg.get("conv_impl", "auto"), rngs=rngs)
+
+  def __call__(self, x, f, *, train):
+    if x.ndim != 4:
+      raise ConfigError("the highway shortcut gates convolutional (NHWC) units: for tokens use "
+                        "exclusive_gate (config.model.shortcut.name)")
+    t = self.gate(x, train=train)
+    return (1.0 - t) * self.carried(x, train) + t * f
+
+
+register("highway", Highway)

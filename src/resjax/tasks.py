@@ -22,8 +22,9 @@ stdlib, tiny_sh...  bytes held on the device, random windows         ``TextTask`
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -62,6 +63,7 @@ class ImageTask:
 
   kind = "image"
   sequence = False
+  host_local_batches = False  # every process draws the whole batch of indices
 
   def __init__(self, data_cfg, splits):
     self.splits = splits
@@ -100,6 +102,7 @@ class StreamImageTask:
 
   kind = "image"
   sequence = False
+  host_local_batches = True  # each process decodes its own rows
 
   def __init__(self, data_cfg):
     from resjax.data import imagenet
@@ -141,6 +144,7 @@ class TextTask:
 
   kind = "text"
   sequence = True
+  host_local_batches = False
 
   def __init__(self, data_cfg, splits, context: int):
     self.splits = splits
@@ -192,6 +196,24 @@ def load(config):
     return TextTask(config.data, text.load_text(config.data), config.model.context)
   known = IMAGE_SETS + STREAMED_IMAGE_SETS + TEXT_SETS
   raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of {', '.join(known)}")
+
+
+def task_key(config) -> str:
+  """Runs with equal data config (and context, for text) share one loaded task."""
+  return json.dumps([config.data.to_dict(), config.model.get("context", None)], sort_keys=True,
+                    default=str)
+
+
+def load_all(run_configs: Iterable) -> dict:
+  """One task per distinct ``task_key``: data read once however many rows share it."""
+  from resjax import train
+  out: dict[str, object] = {}
+  for rc in run_configs:
+    k = task_key(rc)
+    if k not in out:
+      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
+        out[k] = load(rc)
+  return out
 
 
 def bits_per_byte(nats: float) -> float:

@@ -28,18 +28,26 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from resjax import configs, fileio, models, shortcuts, tasks
+from resjax import configs, fileio, models, sharding, shortcuts, tasks
 from resjax.errors import CheckpointError, ConfigError
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
 
 # XLA on CPU takes seconds to compile threefry for every initialiser; the RngBitGenerator-based
-# "rbg" keys compile in milliseconds and are native on TPU and GPU.
+# "rbg" keys compile in milliseconds and are native on TPU and GPU. They draw the parameters.
 PRNG_IMPL = "rbg"
+# The streams used inside the vmapped step (augmentation, dropout) are threefry: its bits do not
+# change under vmap (rbg's do), so a seed trained beside others sees the batches it sees alone.
+STREAM_PRNG_IMPL = "threefry2x32"
 
 
 def key(seed: int) -> jax.Array:
   return jax.random.key(seed, impl=PRNG_IMPL)
+
+
+def stream_key(seed: int, stream: int) -> jax.Array:
+  """The key of one per-step random stream (1: augmentation, 2: dropout) of a seed."""
+  return jax.random.fold_in(jax.random.key(seed, impl=STREAM_PRNG_IMPL), stream)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -50,7 +58,7 @@ def build_model(config, task, seed: int) -> nnx.Module:
   """Initialises the model in one compiled program (eager init dispatches one per parameter)."""
   build = lambda: models.build(config.model, num_classes=task.num_classes,
                                in_channels=task.in_channels,
-                               rngs=nnx.Rngs(params=key(seed), dropout=jax.random.fold_in(key(seed), 2)))
+                               rngs=nnx.Rngs(params=key(seed), dropout=stream_key(seed, 2)))
   return nnx.jit(build)()
 
 
@@ -161,10 +169,12 @@ def new_window(replicas: int):
           "first_bad_step": jnp.full((replicas,), -1, jnp.int32)}
 
 
-def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays):
+def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays, *, mesh=None):
   """One optimizer step of one replica on ``batch`` (the task's host batch for this step)."""
   step = state["step"]
   x, y = task.train_inputs(arrays, batch, jax.random.fold_in(aug_key, step))
+  if mesh is not None:  # each device computes its own rows of what was gathered from `arrays`
+    x, y = sharding.constrain_batch((x, y), mesh)
 
   def loss_fn(params, rest):
     # copy=True: fresh Variables that belong to this trace, so BatchNorm may update them here.
@@ -319,11 +329,11 @@ class MetricsLog:
 # The loop: one row of a table, all its seeds side by side as replicas of one program.
 # ------------------------------------------------------------------------------------------------
 
-def evaluate(eval_fn, state, arrays, task, batch_size: int) -> list[dict]:
+def evaluate(eval_fn, state, arrays, task, batch_size: int, put=lambda x: x) -> list[dict]:
   """Test loss (nats per target) and error (%) of every replica."""
   loss = errors = count = 0.0
   for batch, valid in task.eval_batches(batch_size):
-    l, e, c = jax.device_get(eval_fn(state, batch, valid, arrays))
+    l, e, c = sharding.to_host(eval_fn(state, put(batch), put(valid), arrays))
     loss, errors, count = loss + l.astype(np.float64), errors + e, count + c
   out = []
   for k in range(len(loss)):
@@ -353,19 +363,37 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   if not task.sequence and config.batch_size > task.train_size:
     raise ConfigError(f"batch_size {config.batch_size} exceeds the {task.train_size} "
                       "training examples: lower config.batch_size")
-  arrays = arrays if arrays is not None else task.device_arrays()
 
-  # Model, optimizer, state.
+  # Mesh: the batch splits over the data-parallel axes, the dataset is replicated.
+  mesh = sharding.make_mesh(config.get("mesh", sharding.DEFAULT_MESH))
+  sharding.check_batch_size(config.batch_size, mesh)
+  arrays = arrays if arrays is not None else task.device_arrays()
+  arrays = sharding.put_replicated(arrays, mesh)
+  repl = sharding.replicated(mesh)
+  batch_sh = sharding.batch_sharding(mesh, replica_axis=True)
+  eval_sh = sharding.batch_sharding(mesh)
+  # Streamed tasks hand each process its own rows; device-resident ones the whole (index) batch.
+  put = sharding.put_process_local if task.host_local_batches else sharding.put_global
+
+  # Model, optimizer, state: parameters replicated or FSDP-sharded by config.sharding_rules.
   tx = make_optimizer(config, steps)
   lr_at = learning_rate(config.optim, steps)
   graphdef, state = init_state(config, task, seeds, tx)
+  state_sh = sharding.state_shardings(
+      state, mesh, config.get("sharding_rules", sharding.DEFAULT_RULES),
+      fsdp_min_size=config.get("fsdp_min_size", sharding.FSDP_MIN_SIZE), replica_axis=True)
+  state = sharding.put_global(state, state_sh)
 
   # Steps, vmapped over replicas; the data arrays are shared. The state is donated.
-  aug_keys = jnp.stack([jax.random.fold_in(key(s), 1) for s in seeds])
-  step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task),
-                             in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
+  aug_keys = sharding.put_global(jnp.stack([stream_key(s, 1) for s in seeds]), repl)
+  step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task, mesh=mesh),
+                             in_axes=(0, 0, 0, 0, None)),
+                    in_shardings=(state_sh, repl, batch_sh, repl, repl),
+                    out_shardings=(state_sh, repl), donate_argnums=(0, 1))
   eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef, task),
-                             in_axes=(0, None, None, None)))
+                             in_axes=(0, None, None, None)),
+                    in_shardings=(state_sh, eval_sh, eval_sh, repl), out_shardings=repl)
+  eval_put = lambda x: put(x, eval_sh)
 
   # Resume.
   with quiet_logs():
@@ -378,12 +406,14 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   eval_batch = config.get("eval_batch_size", 500)
   if not task.sequence:
     eval_batch = min(eval_batch, task.test_size)
+  n = sharding.data_parallel_size(mesh)
+  eval_batch = -(-eval_batch // n) * n  # padded rows are masked out by `valid`
   name = os.path.basename(os.path.normpath(group_dir))
   summaries = [{"run": name, "seed": s, "status": "running", "reason": None, "failed_step": None,
                 "steps": start, "total_steps": total, "final": {}, "wall_s": 0.0} for s in seeds]
   alive = [True] * replicas
   t0 = time.time()
-  window = new_window(replicas)
+  window = sharding.put_global(new_window(replicas), repl)
   bar = None
   if progress and is_main:
     from tqdm import tqdm
@@ -397,14 +427,14 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     while step < total:
       batch = jax.tree.map(lambda *b: np.stack(b),
                            *[task.train_batch(s, step, config.batch_size) for s in seeds])
-      state, window = step_fn(state, window, batch, aug_keys, arrays)
+      state, window = step_fn(state, window, put(batch, batch_sh), aug_keys, arrays)
       step += 1
       if bar is not None:
         bar.update(1)
       at_end = step == total
       if step % log_every == 0 or at_end or Preemption.requested:
-        w = jax.device_get(window)
-        window = new_window(replicas)
+        w = sharding.to_host(window)
+        window = sharding.put_global(new_window(replicas), repl)
         dt = time.time() - t_window
         t_window = time.time()
         for k in range(replicas):
@@ -431,7 +461,7 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
           bar.set_postfix(loss=f"{last_train[k]['train_loss']:.3f}",
                           err=f"{last_train[k]['train_error']:.1f}%")
       if step % eval_every == 0 or at_end:
-        results = evaluate(eval_fn, state, arrays, task, eval_batch)
+        results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
         for k in range(replicas):
           if alive[k]:
             last_eval[k] = {"step": step, **results[k]}
@@ -447,7 +477,7 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   wall = time.time() - t0
   resumed_at_end = any(alive[k] and last_eval[k].get("step") != step for k in range(replicas))
   if step == total and resumed_at_end:  # resumed from a checkpoint of the final step
-    results = evaluate(eval_fn, state, arrays, task, eval_batch)
+    results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
     last_eval = [{"step": step, **r} for r in results]
   threshold = config.get("failure_error", None)
   for k, summary in enumerate(summaries):

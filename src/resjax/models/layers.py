@@ -1,11 +1,21 @@
 """Layers whose implementation resjax chooses itself.
 
-``Conv2D`` keeps an HWIO kernel and computes either with XLA's convolution or as im2col + one matrix
-multiply. On CPU, XLA compiles the backward pass of a convolution inside a ``lax.scan`` body to a
-slow generic loop (in a first probe here: 1.3 s against 0.15 s per step for 17 scanned 16-channel
-units at 8x8, and 130 s against 6 s at 32x32), and even unrolled its convolution ran at half the
-speed of im2col. Accelerators get XLA's own convolution (cuDNN on GPU, the MXU path on TPU).
-Both use the symmetric padding k // 2 of the papers' code, so they compute the same function.
+``Conv2D`` keeps an HWIO kernel and computes either with XLA's convolution (``impl="xla"``: cuDNN on
+GPU, the MXU path on TPU) or, on CPU, as matrix multiplies (``impl="im2col"``). XLA:CPU compiles
+the backward pass of a convolution inside a ``lax.scan`` body to a slow generic loop (in a probe
+here: 60 s against 2.6 s for three scanned 16-channel 3x3 convolutions at 128x32x32), so every
+CPU convolution is a matrix multiply:
+
+* 1x1: subsample, then one matmul over channels;
+* k x k, stride 1 (almost all of a ResNet): ``conv_rows``. The k column shifts of the padded
+  input are concatenated along channels (k*C wide, not im2col's k*k*C), one matmul against the
+  kernel laid out as (dx, c) x (dy, o) gives every row's contribution to k output rows at once,
+  and the output is the sum of those k row-shifted slices. Its custom VJP keeps only the input
+  for the backward pass (the k*C patches are rebuilt there), so a scan stacks activations, not
+  patches, across units: im2col's k*k*C patches were the largest buffers of a ResNet step;
+* k x k, stride > 1 (one per stage): im2col, k*k*C patches and one matmul.
+
+Every form uses the symmetric padding k // 2 of the papers' code, so all compute the same function.
 """
 
 from __future__ import annotations
@@ -42,6 +52,66 @@ def im2col(x: jax.Array, k: int, stride: int) -> jax.Array:
   return jnp.concatenate(cols, axis=-1)
 
 
+# ------------------------------------------------------------------------------------------------
+# Stride-1 k x k convolution as one matmul over column shifts, summed over row shifts.
+# ------------------------------------------------------------------------------------------------
+
+def column_patches(x: jax.Array, k: int) -> jax.Array:
+  """[B, H, W, C] -> [B, H + k - 1, W, k*C]: the zero-padded rows, k column shifts side by side."""
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+  return jnp.concatenate([xp[:, :, dx:dx + x.shape[2], :] for dx in range(k)], axis=-1)
+
+
+def _row_kernel(w: jax.Array) -> jax.Array:
+  """HWIO [k, k, C, O] -> [k*C, k*O], rows in (dx, c) order, columns in (dy, o) order."""
+  k, _, c, o = w.shape
+  return w.transpose(1, 2, 0, 3).reshape(k * c, k * o)
+
+
+@jax.custom_vjp
+def conv_rows(x: jax.Array, w: jax.Array) -> jax.Array:
+  """Stride-1 'same' convolution of NHWC ``x`` with an HWIO kernel of odd size k."""
+  k, o = w.shape[0], w.shape[-1]
+  b, h, wd, _ = x.shape
+  z = (column_patches(x, k) @ _row_kernel(w)).reshape(b, h + k - 1, wd, k, o)
+  return sum(z[:, dy:dy + h, :, dy] for dy in range(k))
+
+
+def _conv_rows_fwd(x, w):
+  return conv_rows(x, w), (x, w)
+
+
+def _conv_rows_bwd(residuals, g):
+  x, w = residuals
+  k, _, c, o = w.shape
+  b, h, wd, _ = x.shape
+  p, rows = k // 2, b * (h + k - 1) * wd
+  # The output's row h took block dy of patch row h + dy: block dy of dz is g shifted down dy rows.
+  dz = jnp.concatenate([jnp.pad(g, ((0, 0), (dy, k - 1 - dy), (0, 0), (0, 0)))
+                        for dy in range(k)], axis=-1).reshape(rows, k * o)
+  patches = column_patches(x, k).reshape(rows, k * c)
+  dw = jnp.matmul(patches.T, dz, preferred_element_type=jnp.float32)  # a sum over every pixel
+  dw = dw.reshape(k, c, k, o).transpose(2, 0, 1, 3)
+  dpatches = (dz @ _row_kernel(w).T).reshape(b, h + k - 1, wd, k, c)
+  dxp = sum(jnp.pad(dpatches[:, :, :, dx], ((0, 0), (0, 0), (dx, k - 1 - dx), (0, 0)))
+            for dx in range(k))
+  return dxp[:, p:p + h, p:p + wd], dw.astype(w.dtype)
+
+
+conv_rows.defvjp(_conv_rows_fwd, _conv_rows_bwd)
+
+
+def matmul_conv(x: jax.Array, w: jax.Array, stride: int) -> jax.Array:
+  """NHWC x HWIO convolution, padding k // 2, as matrix multiplies (the CPU path)."""
+  k = w.shape[0]
+  if k == 1:
+    return x[:, ::stride, ::stride, :] @ w[0, 0]
+  if stride == 1 and k % 2 == 1:
+    return conv_rows(x, w)
+  return im2col(x, k, stride) @ w.reshape(-1, w.shape[-1])
+
+
 class Conv2D(nnx.Module):
   """A bias-free k x k convolution with stride, NHWC, He-normal (fan-out) kernel."""
 
@@ -55,7 +125,18 @@ class Conv2D(nnx.Module):
     if self.dtype is not None:
       x, w = x.astype(self.dtype), w.astype(self.dtype)
     if self.impl == "im2col":
-      return im2col(x, self.k, self.stride) @ w.reshape(-1, w.shape[-1])
+      return matmul_conv(x, w, self.stride)
     p = self.k // 2
     return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), ((p, p), (p, p)),
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def set_compute_dtype(model: nnx.Module, dtype) -> None:
+  """Makes every convolution, Dense layer and BatchNorm of ``model`` compute in ``dtype``.
+
+  Parameters stay float32, and BatchNorm still reduces its batch statistics in float32 (flax
+  promotes them to at least float32): only matrix multiplies and BN's output are ``dtype``.
+  """
+  for _, module in nnx.iter_graph(model):
+    if isinstance(module, (Conv2D, nnx.Linear, nnx.BatchNorm)):
+      module.dtype = dtype

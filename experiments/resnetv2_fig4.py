@@ -1,0 +1,58 @@
+"""ResNet-v2 Table 2 / Figure 4: where BN and ReLU sit in a residual unit, ResNet-110 and ResNet-164.
+
+He, Zhang, Ren, Sun 2016, "Identity Mappings in Deep Residual Networks", arXiv 1603.05027.
+(a) original: conv-BN-ReLU-conv-BN, add, ReLU; (b) BN after addition; (c) ReLU before addition;
+(d) ReLU-only pre-activation; (e) full pre-activation (BN-ReLU-conv twice, add). ResNet-110 has 54
+basic units, ResNet-164 54 bottleneck units (1x1, 3x3, 1x1 x4; widths 16/64/128/256 after the stem).
+Pre-activation details: the first unit's activation comes right after the stem conv; a final
+BN-ReLU comes before pooling; projection shortcuts take the pre-activated input.
+
+    python -m resjax.main --config experiments/resnetv2_fig4.py:scale=cpu --workdir runs/fig4_cpu
+
+Args: scale=paper|cpu|test, run=NAME, seeds=K.
+
+scale=paper: CIFAR-10 with ResNet-v2's recipe (resjax.configs.cifar_resnet_recipe), 5 seeds.
+10 rows x 5 seeds; a ResNet-164 run takes a few GPU-hours.
+
+scale=cpu: the same nets on the offline 8x8 digits, 230 iterations, 1 seed. Error values are not
+the paper's; whether a row trains (below 20%) is the comparable fact.
+
+Paper (CIFAR-10 test error %): ResNet-110: 6.61, 8.17, 7.84, 6.71, 6.37;
+ResNet-164: 5.93, 6.50, 6.14, 5.91, 5.46 for (a) to (e).
+"""
+
+from resjax import configs
+from resjax.configs import row
+
+PLACEMENTS = (("post", "(a) original"), ("bn_after_add", "(b) BN after addition"),
+              ("relu_before_add", "(c) ReLU before addition"),
+              ("relu_preact", "(d) ReLU-only pre-activation"), ("preact", "(e) full pre-activation"))
+PAPER = {110: (6.61, 8.17, 7.84, 6.71, 6.37), 164: (5.93, 6.50, 6.14, 5.91, 5.46)}
+
+
+def rows(nets):
+  out = []
+  for depth, unit in nets:
+    for (placement, label), paper in zip(PLACEMENTS, PAPER.get(depth, (None,) * 5)):
+      out.append(row(f"{placement}_{depth}", f"{label}, ResNet-{depth}", paper_error=paper,
+                     model__depth=depth, model__unit=unit, model__placement=placement))
+  return out
+
+
+def get_config(arg=None):
+  arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
+  c = configs.cifar_resnet_recipe()
+  c.experiment = "ResNet-v2 Table 2 / Figure 4: BN and ReLU placement, ResNet-110 and 164"
+  c.paper = "He et al. 2016, Identity Mappings in Deep Residual Networks, arXiv 1603.05027"
+  c.scale = arg.scale
+  c.run = arg.run
+  nets = ((110, "basic"), (164, "bottleneck"))
+  if arg.scale == "cpu":
+    configs.digits_cpu(c)
+  elif arg.scale == "test":
+    configs.digits_test(c)
+    nets = ((8, "basic"), (11, "bottleneck"))
+  if arg.seeds:
+    c.num_seeds = arg.seeds
+  c.runs = rows(nets)
+  return c
