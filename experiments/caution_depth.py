@@ -25,7 +25,7 @@ Args: scale=paper|cpu|test, run=NAME, seeds=K, variants=all or names joined by "
 scale=paper: width 512 (8 heads), context 256, depths 2 to 256 blocks (4 to 512 additions) on
 byte-level lm1b, 10k steps of AdamW; 2 seeds. The 256-block rows need ~10 GPU-hours each on an H100.
 
-scale=cpu: width 32 (2 heads), context 32, 1 to 16 blocks (2 to 32 additions) on the Python
+scale=cpu: width 32 (2 heads), context 32, 1, 4 and 16 blocks (2, 8, 32 additions) on the Python
 standard-library byte corpus, 200 steps, 2 seeds side by side.
 """
 
@@ -104,7 +104,7 @@ def get_config(arg=None):
     c.schedule.update(total=200, warmup=20)
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
     c.eval_batch_size = 256
-    depths = (1, 2, 4, 8, 16)
+    depths = (1, 4, 16)
   if arg.scale == "test":
     c.data.max_eval_windows = 32
     c.model.update(context=8, width=16)
