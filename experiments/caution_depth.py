@@ -80,7 +80,7 @@ def get_config(arg=None):
       name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
       max_test_bytes=20_000_000, max_eval_windows=2048))
   c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=None, context=256, width=512, depth=2, heads=8,
+      name="transformer", vocab_size=placeholder(int), context=256, width=512, depth=2, heads=8,
       mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
       shortcut=dict(name="identity", option="C"), value_residual=dict(name="none"),
       embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))

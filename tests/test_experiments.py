@@ -1,0 +1,86 @@
+"""Every experiment file: loads at every scale, carries the paper's numbers, and every run's config
+builds (abstract models, nothing trained). One Transformer file runs end to end at scale=test."""
+
+import importlib.util
+import json
+import math
+import pathlib
+
+import pytest
+
+from resjax import configs, inspect_model
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FILES = sorted((REPO / 'experiments').glob('*.py'))
+
+
+def _load(path, arg):
+  spec = importlib.util.spec_from_file_location(path.stem, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def test_the_ten_experiment_files_are_there():
+  assert {p.stem for p in FILES} >= {
+      'resnetv2_fig2', 'resnetv2_fig4', 'resnetv2_table3', 'resnetv1_table6', 'resnetv1_table3',
+      'highway', 'value_residual', 'preln_postln', 'caution_depth', 'caution_depth_resnet'}
+
+
+@pytest.mark.parametrize('path', FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize('scale', ['paper', 'cpu', 'test'])
+def test_every_run_of_every_file_builds(path, scale):
+  config = _load(path, f'scale={scale}')
+  assert config.scale == scale and config.experiment and config.paper
+  runs = configs.select_runs(config)
+  assert runs
+  for i, run in enumerate(runs):
+    rc = configs.run_config(config, run)  # every row's overrides name real fields
+    if scale != 'cpu' or i == 0:  # cpu rows build the models of the paper and test rows
+      inspect_model.check(rc)
+  if scale == 'paper':  # the paper's own recipe names the real dataset, never the offline one
+    assert config.data.name not in ('digits', 'stdlib')
+
+
+PAPER_NUMBERS = {  # one number per file, as REFERENCE.md gives it
+    'resnetv2_fig2': ('conv1x1', 12.22), 'resnetv2_fig4': ('preact_164', 5.46),
+    'resnetv2_table3': ('cifar100_1001_preact', 22.71), 'resnetv1_table6': ('resnet1202', 7.93),
+    'resnetv1_table3': ('resnet34_C', 24.19), 'highway': ('highway110_2024', 6.04),
+    'value_residual': ('embed_shortcut', 3.2972), 'caution_depth_resnet': ('conv1x1_110', 12.22),
+}
+
+
+@pytest.mark.parametrize('stem', sorted(PAPER_NUMBERS))
+def test_rows_carry_the_papers_numbers(stem):
+  config = _load(REPO / 'experiments' / f'{stem}.py', 'scale=paper')
+  name, value = PAPER_NUMBERS[stem]
+  (run,) = [r for r in config.runs if r.name == name]
+  assert run.paper == pytest.approx(value)
+
+
+def test_describe_reports_gpt2_small_parameters(cli):
+  result = cli.run('--config', 'experiments/value_residual.py:scale=paper,run=baseline',
+                   '--config.model.vocab_size=50257', '--mode=describe')
+  assert result.returncode == 0, result.stderr
+  (row,) = json.loads(result.stdout)
+  assert row['params'] == 124_439_808
+  # Forward FLOPs of 1024 tokens: at least 2 x the 85M non-embedding parameters per token.
+  assert row['forward_flops_per_example'] > 2 * 85e6 * 1024
+
+
+def test_a_transformer_experiment_trains_end_to_end_and_reports_bits_per_byte(cli, tmp_path):
+  workdir = tmp_path / 'ln'
+  result = cli.run('--config', 'experiments/preln_postln.py:scale=test,run=post_nowarm_d1',
+                   '--workdir', workdir)
+  assert result.returncode == 0, result.stderr
+  summaries = [json.loads((workdir / 'post_nowarm_d1' / f'seed{s}' / 'summary.json').read_text())
+               for s in (0, 1)]
+  for s in summaries:
+    assert s['status'] == 'ok' and s['steps'] == 4
+    assert s['final']['test_bpb'] == pytest.approx(s['final']['test_loss'] / math.log(2))
+    # A byte model that learned anything beats the uniform 8 bits per byte... not in 4 steps;
+    # but it cannot be worse than a few times uniform either.
+    assert 0 < s['final']['test_loss'] < 3 * math.log(256)
+  assert summaries[0]['final']['test_loss'] != summaries[1]['final']['test_loss']  # two inits
+  md = (workdir / 'results.md').read_text()
+  assert 'Post-LN, no warm-up, 1 blocks' in md and (workdir / 'figure.png').exists()
