@@ -115,13 +115,14 @@ def corrupt_rerun(cli, tmp_path_factory):
   first = cli.run(*args)
   assert first.returncode == 0, first.stderr
   run_dir = workdir / 'identity' / 'seed0'
-  assert os.listdir(run_dir / 'ckpt') == ['3']
-  step_dir = run_dir / 'ckpt' / '3'
+  ckpt_dir = workdir / 'identity' / 'ckpt' / 'seeds_0'  # the seeds trained together
+  assert os.listdir(ckpt_dir) == ['3']
+  step_dir = ckpt_dir / '3'
   os.remove(run_dir / 'summary.json')  # otherwise the finished run is skipped
   for path in _snapshot(step_dir):
     with open(step_dir / path, 'wb') as f:
       f.write(b'\0corrupt\0')
-  before = _snapshot(run_dir / 'ckpt')
+  before = _snapshot(ckpt_dir)
   again = cli.run(*args)
   return again, run_dir, before
 
@@ -131,12 +132,12 @@ def test_corrupt_checkpoint_error_names_it_and_the_fix(corrupt_rerun):
   assert result.returncode == 2, result.stderr
   assert 'Traceback' not in result.stderr
   (line,) = [line for line in _lines(result.stderr) if line.startswith('error: ')]
-  ckpt = str(run_dir / 'ckpt')
+  ckpt = str(run_dir.parent / 'ckpt' / 'seeds_0')
   assert f'checkpoint {ckpt}/3 cannot be restored' in line
   assert f'delete {ckpt} to restart this run from scratch' in line
   assert 'another --workdir' in line
   # Nothing deleted, repaired or added behind the user's back, and no summary claims a result.
-  assert _snapshot(run_dir / 'ckpt') == before
+  assert _snapshot(run_dir.parent / 'ckpt' / 'seeds_0') == before
   assert not (run_dir / 'summary.json').exists()
 
 
