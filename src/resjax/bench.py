@@ -1,29 +1,33 @@
 """Speed of resjax's real training step against the same net and step in PyTorch, on synthetic data.
 
-    python -m resjax.bench                                  # ResNet-20, -110, pre-act -1001, + torch
-    python -m resjax.bench --rows resnet110 --batch 128 --repeats 3 --out bench.md
-    python -m resjax.bench --rows resnet50 --dtypes bfloat16 --batch 256   # on a GPU
+    python -m resjax.bench                                   # ResNet-20, -110, pre-act -1001
+    python -m resjax.bench --rows resnet110 --repeats 3 --threads 1 --clock cpu --out bench.md
+    python -m resjax.bench --rows resnet110,resnet50 --dtypes float32,bfloat16   # on a GPU
 
-Each row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step``
-exactly as the trainer does (vmapped over one seed replica, jitted with the state donated, data on
-the device, 4-pixel crop and flip augmentation in the step); the reference is the same architecture
-and step in PyTorch (``resjax.bench_torch``), eager and under ``torch.compile``. Every measurement
-runs in its own subprocess, so its peak memory (CPU: the process's peak RSS, from init through
-compile and steps; GPU: the device allocator's peak) is its own, and resjax and torch alternate
-``--repeats`` times so that a machine shared with other work slows both alike; the table shows the
-median of each, and the ratio resjax / PyTorch of examples per second.
+A row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step`` as
+the trainer does (vmapped over one seed replica, jitted, state donated, data on the device, crop
+and flip augmentation inside the step); the reference is the same architecture and step in PyTorch
+(``resjax.bench_torch``), eager and under ``torch.compile``. Each measurement runs in its own
+subprocess, so its peak memory is its own (CPU: peak RSS of the process, init and compile
+included; GPU: the allocator's peak). The implementations alternate ``--repeats`` times, so that a
+machine shared with other work slows them alike; the table shows each one's median run and the
+ratios resjax / PyTorch of examples per second (above 1: resjax is faster).
 
-Step time is the median of ``--steps`` individually timed steps after one warm-up step. Compile
-time is jit lowering + XLA compilation (torch.compile: the first call's time minus a step's).
-FLOPs per example are 3x the forward pass's, which XLA's cost analysis counts (``inspect_model``);
-MFU divides the achieved FLOP/s by the device's dense bf16 peak (``PEAK_TFLOPS``) where it is known.
+Step time is the median of the individually timed steps after warm-up (``--clock cpu``: the
+process's CPU time per step, which with ``--threads 1`` does not count time lost to other
+processes). Compile time is jit lowering + XLA compilation; for torch.compile, the two warm-up
+steps less two steps. FLOPs per example are 3x the forward pass's as XLA's cost analysis counts
+them; MFU divides the FLOP/s achieved by the device's dense bf16 peak (``PEAK_TFLOPS``) where known.
 
-bf16 (``--dtypes bfloat16``) computes convolutions, projections, the head and BatchNorm's output in
-bfloat16; BatchNorm's batch statistics, running averages, parameters and optimizer state stay float32.
-It is on by default only on accelerators: without native bf16 units, XLA and PyTorch emulate it on CPU.
+bf16 (``--dtypes bfloat16``) computes convolutions, Dense layers and BatchNorm's output in bfloat16
+(PyTorch: autocast); BatchNorm's batch statistics and running averages, the parameters and the
+optimizer state stay float32. It is on by default only on accelerators: CPUs without bf16 units
+emulate it. Children get ``MALLOC_TUNABLES`` (see there) unless ``--default-malloc``, and with
+``--threads N`` both XLA and PyTorch are pinned to N cores.
 
-A new row is one ``Row`` entry: its ``config.model``, its data (``image`` shape and classes, or
-``text`` context and vocabulary) and, where PyTorch has the same net, ``bench_torch`` arguments.
+A new row is one ``Row``: its ``config.model``, its data (image shape, classes and whether the
+step augments, or a text context and vocabulary) and, where PyTorch has the same net, the
+``bench_torch.measure`` arguments that build it (None: resjax alone).
 """
 
 from __future__ import annotations
@@ -53,9 +57,12 @@ class Row:
   """One benchmarked model: its resjax config, its synthetic data, its PyTorch twin (if any)."""
   label: str
   model: dict  # config.model
-  data: dict  # {"kind": "image", "shape": (h, w, c), "classes": k} or {"kind": "text", ...}
+  data: dict  # {"kind": "image", "shape", "classes", "augment"} or {"kind": "text", "context", ...}
   torch: dict | None = None  # keyword arguments of bench_torch.measure; None: no reference
   paper_macs: float | None = None  # forward multiply-adds per example (REFERENCE section 6)
+  batch: int = 128
+  cpu_batch: int | None = None  # on CPU, when --batch is not given (memory, minutes per step)
+  cpu_steps: int | None = None  # on CPU, when --steps is not given
 
 
 def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
@@ -63,26 +70,40 @@ def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str
           "shortcut": {"name": "identity", "option": option}}
 
 
-CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10}
+CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10, "augment": True}
 ROWS = {
     # ResNet-v1 Section 4.2: basic units, post-activation, option A shortcuts.
     "resnet20": Row("ResNet-20", _cifar(20), CIFAR, {"depth": 20}, 40.6e6),
     "resnet110": Row("ResNet-110", _cifar(110), CIFAR, {"depth": 110}, 252.9e6),
     # ResNet-v2 Section 4: bottleneck units, full pre-activation, projections where shapes change.
+    # At batch 128 its activations take about 40 GB; on CPU it runs at 16 (compile time does not
+    # depend on the batch).
     "resnet1001": Row("pre-act ResNet-1001", _cifar(1001, "bottleneck", "preact", "B"), CIFAR,
                       {"depth": 1001, "unit": "bottleneck", "placement": "preact", "option": "B"},
-                      1.49e9),
+                      1.49e9, cpu_batch=16, cpu_steps=3),
     # ResNet-v1 Table 1 at 224x224 (accelerators; on CPU one step takes minutes).
     "resnet50": Row("ImageNet ResNet-50", {"name": "imagenet_resnet", "depth": 50,
                                            "shortcut": {"name": "identity", "option": "B"}},
-                    {"kind": "image", "shape": (224, 224, 3), "classes": 1000},
-                    {"depth": 50, "imagenet": True}, 4.09e9),
+                    {"kind": "image", "shape": (224, 224, 3), "classes": 1000, "augment": False},
+                    {"depth": 50, "imagenet": True, "option": "B"}, 4.09e9, batch=256,
+                    cpu_batch=8, cpu_steps=3),
     # A byte-level GPT (no PyTorch twin yet): the Transformer row's hook.
     "transformer": Row("Transformer 6x256, T=256", {"name": "transformer", "context": 256,
                                                     "width": 256, "depth": 6, "heads": 4},
                        {"kind": "text", "context": 256, "classes": 256}),
 }
 DEFAULT_ROWS = ("resnet20", "resnet110", "resnet1001")
+
+
+def resolve_row(name: str, size: int | None = None) -> Row:
+  """``ROWS[name]``, with its images ``size`` x ``size`` if given (small sizes: quick checks)."""
+  from resjax.errors import ConfigError
+  if name not in ROWS:
+    raise ConfigError(f"unknown bench row {name!r}: use --rows with any of {', '.join(ROWS)}")
+  row = ROWS[name]
+  if size and row.data["kind"] == "image":
+    row = dataclasses.replace(row, data={**row.data, "shape": (size, size, row.data["shape"][2])})
+  return row
 
 
 def peak_tflops(device_kind: str) -> float | None:
@@ -111,12 +132,9 @@ def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None)
     model.update(scan=scan, **({"conv_impl": conv_impl} if conv_impl else {}))
   elif dtype != "float32":
     model["dtype"] = dtype
-  if row.data["kind"] == "text":
-    data = {"name": "stdlib"}
-  elif row.data["shape"][0] == 224:
-    data = {"name": "imagenet2012", "image_size": 224}
-  else:
-    data = {"name": "cifar10" if row.data["classes"] == 10 else "cifar100", "pad": 4, "flip": True}
+  # The CIFAR recipe augments in the step (4-pixel crops, flips); ImageNet's comes from the host.
+  augment = row.data.get("augment", False)
+  data = {"name": "synthetic", "pad": 4 if augment else 0, "flip": augment}
   return ml_collections.ConfigDict({
       "model": model, "data": data, "batch_size": batch,
       "schedule": {"unit": "iterations", "total": 64_000, "boundaries": (32_000,), "warmup": 0},
@@ -144,25 +162,47 @@ def synthetic_task(row: Row, config, batch: int):
   return tasks.ImageTask(config.data, splits)
 
 
-def forward_flops_per_example(config) -> float:
-  """XLA's count of one example's forward FLOPs, extended from 1 and 2 repeats to the real depth."""
-  from resjax import inspect_model, models
-  one, n = models.with_repeats(config.model, 1)
-  two, _ = models.with_repeats(config.model, 2)
-  f1, f2 = inspect_model.forward_flops(config, one), inspect_model.forward_flops(config, two)
-  counts = n if isinstance(n, (tuple, list)) else (n,)
-  return f1 + sum(c - 1 for c in counts) * (f2 - f1) if len(counts) == 1 else _per_stage(
-      config, f1, counts)
+def xla_forward_flops(model_cfg, example, num_classes: int, in_channels: int) -> float:
+  """XLA's cost analysis of one example's forward pass (as ``inspect_model``, on any input shape).
+
+  Counted on XLA's convolution: im2col and conv_rows compute the same function, but the cost
+  analysis counts an elementwise op feeding a matmul once per patch copy. XLA counts only the
+  multiply-adds that meet real pixels, not the zero padding, so a CIFAR ResNet comes out about 7%
+  under twice the papers' multiply-adds.
+  """
+  import copy
+
+  import jax
+  from flax import nnx
+
+  from resjax import models
+  model_cfg = copy.deepcopy(model_cfg)
+  if model_cfg.name != "transformer":
+    with model_cfg.unlocked():
+      model_cfg.conv_impl = "xla"
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build(
+      model_cfg, num_classes=num_classes, in_channels=in_channels, rngs=nnx.Rngs(0))))
+  fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  one = jax.ShapeDtypeStruct((1, *example.shape), example.dtype)
+  cost = jax.jit(fwd).lower(abstract, one).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost["flops"])
 
 
-def _per_stage(config, f1: float, counts) -> float:
-  """Stages of different lengths (ImageNet ResNets): one stage's unit at a time."""
-  from resjax import inspect_model, models
-  total = f1
-  for s, c in enumerate(counts):
-    ks = tuple(2 if i == s else 1 for i in range(len(counts)))
-    cfg, _ = models.with_repeats(config.model, ks)
-    total += (c - 1) * (inspect_model.forward_flops(config, cfg) - f1)
+def forward_flops_per_example(model_cfg, example, num_classes: int, in_channels: int) -> float:
+  """Forward FLOPs of the real depth, from nets with 1 and 2 repeated units per stack (XLA counts
+  a scanned body once): each further unit of a stack costs what its second one adds."""
+  from resjax import models
+  count = lambda cfg: xla_forward_flops(cfg, example, num_classes, in_channels)
+  one, n = models.with_repeats(model_cfg, 1)
+  f1 = count(one)
+  if not isinstance(n, (tuple, list)):
+    return f1 + (n - 1) * (count(models.with_repeats(model_cfg, 2)[0]) - f1)
+  total = f1  # stages of different lengths (ImageNet ResNets): one stage's unit at a time
+  for s, c in enumerate(n):
+    ks = tuple(2 if i == s else 1 for i in range(len(n)))
+    total += (c - 1) * (count(models.with_repeats(model_cfg, ks)[0]) - f1)
   return total
 
 
@@ -228,17 +268,21 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
          "jax": jax.__version__}
   out["examples_per_s"] = batch / out["step_s"]
-  if flops:
-    out["flops_per_example"] = 3 * forward_flops_per_example(config)
+  if flops:  # training = forward + backward (twice the forward's matmuls): 3x the forward
+    x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
+    example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+    out["flops_per_example"] = 3 * forward_flops_per_example(
+        config.model, example, task.num_classes, task.in_channels)
   return out
 
 
 def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
-                  threads: int | None) -> dict:
+                  threads: int | None, channels_last: bool = True) -> dict:
   from resjax import bench_torch
   out = bench_torch.measure(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
                             size=row.data["shape"][0], num_classes=row.data["classes"],
-                            **row.torch)
+                            augment=row.data.get("augment", False),
+                            channels_last=channels_last, **row.torch)
   return {**out, "impl": f"torch-{mode}"}
 
 
@@ -316,17 +360,18 @@ def markdown(results: dict, *, peak: float | None) -> str:
   for (name, dtype), by_impl in results.items():
     row = ROWS[name]
     j, e, c = (by_impl.get(i) for i in IMPLS)
-    batch = next(r["batch"] for r in by_impl.values() if "batch" in r) if any(
-        "batch" in r for r in by_impl.values()) else "-"
-    flops = j.get("flops_per_example") if j and "error" not in j else None
+    ok = [r for r in by_impl.values() if r and "error" not in r]
+    batch = ok[0]["batch"] if ok else "-"
+    j_ok = j is not None and "error" not in j
+    flops = j.get("flops_per_example") if j_ok else None
     tflops = flops * j["examples_per_s"] / 1e12 if flops else None
     use = mfu(flops, j["examples_per_s"], peak) if flops else None
     lines.append(
         f"| {row.label} | {dtype} | {batch} | {_cell(j, 'examples_per_s', '.1f')} | "
-        f"{_num(j['step_s'] * 1e3 if j and 'error' not in j else None, '.1f')} | "
+        f"{_num(j['step_s'] * 1e3 if j_ok else None, '.1f')} | "
         f"{_cell(j, 'compile_s', '.1f')} | {_cell(j, 'peak_gib', '.2f')} | "
         f"{_num(flops / 1e9 if flops else None, '.3f')} | {_num(tflops, '.3f')} | "
-        f"{_num(use * 100 if use is not None else None, '.1f')}{'%' if use is not None else ''} | "
+        f"{'n/a' if use is None else f'{use:.1%}'} | "
         f"{_cell(e, 'examples_per_s', '.1f')} | {_cell(c, 'examples_per_s', '.1f')} | "
         f"{_ratio(j, e)} | {_ratio(j, c)} |")
     for impl, r in by_impl.items():
@@ -384,39 +429,47 @@ def child_env(threads: int | None, malloc: bool = True) -> dict:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"any of {', '.join(ROWS)}")
-  p.add_argument("--batch", type=int, default=128)
-  p.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+  p.add_argument("--batch", type=int, help="default: each row's (128 for CIFAR; see ROWS)")
+  p.add_argument("--size", type=int, help="image side instead of the row's (e.g. 8: a quick check)")
+  p.add_argument("--steps", type=int, help="timed steps per measurement (default 10; see ROWS)")
   p.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
   p.add_argument("--dtypes", default="auto", help="float32,bfloat16; auto: bf16 on accelerators")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
                  help="also measure PyTorch (default: when it is installed)")
   p.add_argument("--torch-compile", action=argparse.BooleanOptionalAction, default=True)
+  p.add_argument("--torch-layout", choices=("channels_last", "nchw"), default="channels_last",
+                 help="PyTorch's memory format (channels_last: faster on CPU and tensor cores)")
   p.add_argument("--threads", type=int,
                  help="CPU cores for XLA and PyTorch (children pinned to them; default: all)")
   p.add_argument("--unrolled", action="store_true", help="a Python loop instead of lax.scan")
   p.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="override conv_impl")
   p.add_argument("--default-malloc", action="store_true",
                  help="leave glibc malloc as it is (see MALLOC_TUNABLES)")
+  p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                 help="cpu: time steps by the process's CPU time (with --threads 1, robust to a "
+                      "machine shared with other work)")
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
   p.add_argument("--out", help="also write the markdown here")
+  p.add_argument("--json", help="also write every measurement (all repeats) here")
   p.add_argument("--one", help=argparse.SUPPRESS)  # child: ROW:DTYPE:IMPL, prints JSON
   args = p.parse_args(argv)
 
   if args.one:
     name, dtype, impl = args.one.split(":")
+    row = resolve_row(name, args.size)
     if impl == "resjax":
-      r = measure_resjax(ROWS[name], args.batch, args.steps, dtype, scan=not args.unrolled,
+      r = measure_resjax(row, args.batch, args.steps, dtype, scan=not args.unrolled,
                          conv_impl=args.conv_impl)
     else:
-      r = measure_torch(ROWS[name], args.batch, args.steps, dtype, impl.split("-")[1], args.threads)
+      r = measure_torch(row, args.batch, args.steps, dtype, impl.split("-")[1], args.threads,
+                        args.torch_layout == "channels_last")
     print(json.dumps(r))
     return 0
 
   from resjax.errors import ConfigError
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
   for n in names:
-    if n not in ROWS:
-      raise ConfigError(f"unknown bench row {n!r}: use --rows with any of {', '.join(ROWS)}")
+    resolve_row(n)
   env = child_env(args.threads, malloc=not args.default_malloc)
   device = probe_device(env)
   on_cpu = device["backend"] == "cpu"
@@ -430,23 +483,34 @@ def main(argv=None) -> int:
   if use_torch and not torch_available():
     raise ConfigError("PyTorch is not installed: pip install -e '.[bench]' (or run with --no-torch)")
   impls = ["resjax"] + (["torch-eager"] + ["torch-compile"] * args.torch_compile) * use_torch
-  common = ["--batch", str(args.batch), "--steps", str(args.steps)]
+  common = ["--size", str(args.size)] if args.size else []
   common += ["--threads", str(args.threads)] if args.threads else []
+  common += ["--torch-layout", args.torch_layout]
   common += ["--unrolled"] * args.unrolled + (["--conv-impl", args.conv_impl] if args.conv_impl else [])
 
-  results = {}
+  results, raw = {}, []
   for name in names:
     for dtype in dtypes:
-      runs = {impl: [] for impl in impls if impl == "resjax" or ROWS[name].torch is not None}
+      row = ROWS[name]
+      batch = args.batch or (on_cpu and row.cpu_batch) or row.batch
+      steps = args.steps or (on_cpu and row.cpu_steps) or 10
+      sizes = ["--batch", str(batch), "--steps", str(steps)]
+      runs = {impl: [] for impl in impls if impl == "resjax" or row.torch is not None}
       for _ in range(args.repeats):
         for impl in runs:
-          r = run_child(["--one", f"{name}:{dtype}:{impl}", *common], env, args.timeout,
+          r = run_child(["--one", f"{name}:{dtype}:{impl}", *sizes, *common], env, args.timeout,
                         args.threads)
+          if args.clock == "cpu" and "error" not in r:
+            r = {**r, "step_s": r["cpu_step_s"], "examples_per_s": r["batch"] / r["cpu_step_s"]}
           runs[impl].append(r)
           print(f"# {name} {dtype} {impl}: "
                 + (r["error"] if "error" in r else f"{r['examples_per_s']:.1f} ex/s"),
                 file=sys.stderr, flush=True)
       results[(name, dtype)] = {impl: median_result(rs) for impl, rs in runs.items()}
+      raw.append({"row": name, "dtype": dtype, "runs": runs})
+      if args.json:
+        with open(args.json, "w") as f:
+          json.dump({"device": device, "args": vars(args), "rows": raw}, f, indent=1)
 
   peak = peak_tflops(device["kind"])
   table = markdown(results, peak=peak)
@@ -455,9 +519,10 @@ def main(argv=None) -> int:
                 "; install it with pip install -e '.[bench]'") if not use_torch else
                 f"PyTorch {_torch_version()}")
   footer = [f"Device: {device['kind']} ({device['backend']}), jax {device['jax']}, {torch_line}; "
-            f"batch {args.batch}, median of {args.steps} steps, median of {args.repeats} "
+            f"median of each run's steps ({args.clock} clock), median of {args.repeats} "
             f"alternating run(s); threads: {args.threads or 'default'}; peak bf16 TFLOP/s: "
-            f"{_num(peak, '.0f')}; scan: {not args.unrolled}."]
+            f"{_num(peak, '.0f')}; scan: {not args.unrolled}; PyTorch layout: {args.torch_layout}; "
+            f"malloc: {'default' if args.default_malloc else 'MALLOC_TUNABLES'}."]
   if ratio is not None:
     footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")
   text = table + "\n\n" + "\n".join(footer) + "\n"
