@@ -20,9 +20,6 @@ experiments/resnetv2_fig2.py at scale=cpu), depths 20, 56, 110.
 Paper values: identity at 110 layers 6.61, 1x1 conv 12.22 (ResNet-v2 Table 1).
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
 from resjax import configs
 from resjax.configs import row
 
@@ -41,47 +38,20 @@ def rows(depths):
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
-  c = ml_collections.ConfigDict()
+  c = configs.cifar_resnet_recipe()
   c.experiment = "Caution at depth, ResNets: identity vs 1x1-conv shortcut on every unit"
   c.paper = "He et al. 2016, arXiv 1512.03385 Table 3 and arXiv 1603.05027 Table 1"
   c.scale = arg.scale
   c.run = arg.run
-  c.seed = 0
-  c.num_seeds = 5
-  c.failure_error = 20.0
   c.figure = "against_x"
   c.reference_series = "identity"
   c.x_label = "residual additions (units)"
-
-  c.data = ml_collections.ConfigDict(dict(
-      name="cifar10", data_dir=placeholder(str), pad=4, flip=True, train_size=placeholder(int),
-      test_size=placeholder(int)))
-  c.model = ml_collections.ConfigDict(dict(
-      name="cifar_resnet", depth=110, unit="basic", placement="post", widths=(16, 32, 64),
-      scan=True, conv_impl="auto", zero_init_residual=False,
-      shortcut=dict(name="identity", option="B")))
-  c.batch_size = 128
-  c.schedule = ml_collections.ConfigDict(dict(
-      unit="iterations", total=64_000, boundaries=(32_000, 48_000), warmup=400))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="sgd", lr=0.1, warmup_lr=0.01, decay="step", decay_factor=0.1, momentum=0.9,
-      weight_decay=1e-4))
-  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
-  c.eval_batch_size = 500
   depths = (20, 56, 110, 218)
-
-  if arg.scale in ("cpu", "test"):
-    c.data.update(name="digits", pad=1, flip=False)
-    c.num_seeds = 1
-    c.batch_size = 64
-    c.optim.update(lr=0.05, warmup_lr=0.005)
-    c.schedule.update(total=230, boundaries=(160, 205), warmup=40)
-    c.log_every, c.eval_every, c.checkpoint_every = 23, 115, 115
+  if arg.scale == "cpu":
+    configs.digits_cpu(c)
     depths = (20, 56, 110)
-  if arg.scale == "test":
-    c.batch_size = 32
-    c.schedule.update(total=4, boundaries=(3,), warmup=1)
-    c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
+  elif arg.scale == "test":
+    configs.digits_test(c)
     depths = (8, 14)
   if arg.seeds:
     c.num_seeds = arg.seeds
