@@ -235,3 +235,36 @@ def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
   if bench.torch_available():
     assert cells[-2].endswith('x')  # resjax / eager
     assert np.isfinite(runs['torch-eager'][0]['loss'])
+
+
+def _bench_json(path, row, compile_s, kind='cpu'):
+  runs = {'resjax': [_result(v, compile_s=compile_s) for v in (3.0, 1.0, 2.0)]}
+  path.write_text(json.dumps({'device': {'backend': 'cpu', 'kind': kind, 'jax': jax.__version__},
+                              'args': {'repeats': 3, 'clock': 'wall'},
+                              'rows': [{'row': row, 'dtype': 'float32', 'runs': runs}]}))
+  return str(path)
+
+
+def test_merge_joins_rows_measured_separately(tmp_path, capsys):
+  a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
+  b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0)
+  out = tmp_path / 'merged.md'
+  assert bench.cli(['--merge', a, b, '--out', str(out)]) == 0
+  table = out.read_text()
+  rows = [l for l in table.splitlines() if l.startswith('| ResNet-110 |')
+          or l.startswith('| pre-act ResNet-1001 |')]
+  assert len(rows) == 2
+  assert all(r.split('|')[4].strip() == '2.0' for r in rows)  # the median of 3, 1, 2 ex/s
+  assert 'Compile time, pre-act ResNet-1001 / ResNet-110: 1.50x.' in table
+  assert 'median of 3 alternating run(s)' in table
+
+
+def test_merge_refuses_another_device_and_a_foreign_file(tmp_path, capsys):
+  a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
+  b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0, kind='NVIDIA H100')
+  assert bench.cli(['--merge', a, b]) == 2
+  assert 'merge files from one device only' in capsys.readouterr().err
+  (tmp_path / 'c.json').write_text('{"loss": 1.0}')
+  assert bench.cli(['--merge', a, str(tmp_path / 'c.json')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith('error:') and 'not a bench --json file' in err and len(err.splitlines()) == 1

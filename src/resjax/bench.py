@@ -3,6 +3,7 @@
     python -m resjax.bench                                   # ResNet-20, -110, pre-act -1001
     python -m resjax.bench --rows resnet110 --repeats 3 --threads 1 --clock cpu --out bench.md
     python -m resjax.bench --rows resnet110,resnet50 --dtypes float32,bfloat16   # on a GPU
+    python -m resjax.bench --merge a.json b.json --out bench.md   # rows measured separately
 
 A row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step`` as
 the trainer does (vmapped over one seed replica, jitted, state donated, data on the device, crop
@@ -451,6 +452,8 @@ def main(argv=None) -> int:
   p.add_argument("--timeout", type=float, default=3600.0, help="seconds per measurement")
   p.add_argument("--out", help="also write the markdown here")
   p.add_argument("--json", help="also write every measurement (all repeats) here")
+  p.add_argument("--merge", nargs="+", metavar="JSON",
+                 help="measure nothing: one table from earlier --json files (rows run separately)")
   p.add_argument("--one", help=argparse.SUPPRESS)  # child: ROW:DTYPE:IMPL, prints JSON
   args = p.parse_args(argv)
 
@@ -464,6 +467,14 @@ def main(argv=None) -> int:
       r = measure_torch(row, args.batch, args.steps, dtype, impl.split("-")[1], args.threads,
                         args.torch_layout == "channels_last")
     print(json.dumps(r))
+    return 0
+
+  if args.merge:
+    text = report(*merge(args.merge))
+    print(text)
+    if args.out:
+      with open(args.out, "w") as f:
+        f.write(text)
     return 0
 
   from resjax.errors import ConfigError
@@ -512,20 +523,7 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
           json.dump({"device": device, "args": vars(args), "rows": raw}, f, indent=1)
 
-  peak = peak_tflops(device["kind"])
-  table = markdown(results, peak=peak)
-  ratio = compile_ratio(results)
-  torch_line = ("PyTorch: not measured" + ("" if torch_available() else
-                "; install it with pip install -e '.[bench]'") if not use_torch else
-                f"PyTorch {_torch_version()}")
-  footer = [f"Device: {device['kind']} ({device['backend']}), jax {device['jax']}, {torch_line}; "
-            f"median of each run's steps ({args.clock} clock), median of {args.repeats} "
-            f"alternating run(s); threads: {args.threads or 'default'}; peak bf16 TFLOP/s: "
-            f"{_num(peak, '.0f')}; scan: {not args.unrolled}; PyTorch layout: {args.torch_layout}; "
-            f"malloc: {'default' if args.default_malloc else 'MALLOC_TUNABLES'}."]
-  if ratio is not None:
-    footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")
-  text = table + "\n\n" + "\n".join(footer) + "\n"
+  text = report(results, device, vars(args))
   print(text)
   if args.out:
     with open(args.out, "w") as f:
@@ -533,10 +531,62 @@ def main(argv=None) -> int:
   return 0
 
 
+def report(results: dict, device: dict, args: dict) -> str:
+  """The markdown table of ``results`` with a footer saying how they were measured."""
+  peak = peak_tflops(device["kind"])
+  table = markdown(results, peak=peak)
+  ratio = compile_ratio(results)
+  measured_torch = any(i != "resjax" for by_impl in results.values() for i in by_impl)
+  torch_line = (f"PyTorch {_torch_version()}" if measured_torch and torch_available() else
+                "PyTorch: not measured" + ("" if torch_available() else
+                                           "; install it with pip install -e '.[bench]'"))
+  footer = [f"Device: {device['kind']} ({device['backend']}), jax {device['jax']}, {torch_line}; "
+            f"median of each run's steps ({args.get('clock', 'wall')} clock), median of "
+            f"{args.get('repeats', 1)} alternating run(s); threads: {args.get('threads') or 'default'}; "
+            f"peak bf16 TFLOP/s: {_num(peak, '.0f')}; scan: {not args.get('unrolled', False)}; "
+            f"PyTorch layout: {args.get('torch_layout', 'channels_last')}; malloc: "
+            f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}."]
+  if ratio is not None:
+    footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")
+  return table + "\n\n" + "\n".join(footer) + "\n"
+
+
+def merge(paths: list[str]) -> tuple[dict, dict, dict]:
+  """(results, device, args) of several ``--json`` files, in their order; a row measured in more
+  than one file keeps the last. Files from different devices are refused."""
+  from resjax.errors import ConfigError
+  results, device, args = {}, None, {}
+  for path in paths:
+    try:
+      with open(path) as f:
+        data = json.load(f)
+      rows, dev = data["rows"], data["device"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+      raise ConfigError(f"{path} is not a bench --json file ({e}): rerun the bench with --json "
+                        f"{path}") from None
+    if device is not None and dev["kind"] != device["kind"]:
+      raise ConfigError(f"{path} was measured on {dev['kind']}, not {device['kind']}: merge "
+                        f"files from one device only")
+    device, args = dev, {**data.get("args", {}), **args}
+    for r in rows:
+      results[(r["row"], r["dtype"])] = {impl: median_result(rs) for impl, rs in r["runs"].items()}
+  return results, device, args
+
+
 def _torch_version() -> str:
   import torch
   return torch.__version__
 
 
+def cli(argv=None) -> int:
+  """``main`` with a user's mistake reported as one line and exit status 2."""
+  from resjax.errors import UserError
+  try:
+    return main(argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 if __name__ == "__main__":
-  sys.exit(main())
+  sys.exit(cli())
