@@ -306,3 +306,13 @@ def test_sign_change_of_a_variant_against_the_reference_over_depth(tmp_path):
   assert open(png, 'rb').read(8) == PNG_MAGIC
   assert _cells(md, 'lambda') == ['lambda', '1.9000', '2.1000', '2.6000', '8']
   assert _cells(md, 'identity')[-1] == 'reference'
+
+
+def test_header_names_the_depths_rows_set_themselves(tmp_path):
+  from resjax.configs import row
+  cfg = _config([], scale='cpu')
+  cfg.runs = [row('a', 'a', model__depth=56), row('b', 'b', model__shortcut__name='none')]
+  md, _ = _report(tmp_path, cfg)
+  assert '· depth: 56, 110 ·' in md
+  cfg.runs = cfg.runs[:1]
+  assert '· depth: 56 ·' in _report(tmp_path, cfg)[0]

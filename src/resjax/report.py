@@ -227,6 +227,17 @@ def row_wall_time(rows: list[RowResult]) -> float:
   return sum(max([s.wall_s for s in r.seeds] or [0.0]) for r in rows)
 
 
+def depths_run(config) -> str:
+  """The depths the rows train at: the model's, or those rows set themselves (e.g. '20, 56')."""
+  base = config.get('model', {}).get('depth', '?')
+  depths = []
+  for r in config.get('runs', None) or [None]:
+    d = dict((r or {}).get('overrides', None) or ()).get('model.depth', base)
+    if d not in depths:
+      depths.append(d)
+  return ', '.join(str(d) for d in depths)
+
+
 def render_markdown(rows: list[RowResult], config) -> str:
   """The results.md text for `rows` (as returned by collect_rows)."""
   scale = config.get('scale', 'paper')
@@ -235,7 +246,7 @@ def render_markdown(rows: list[RowResult], config) -> str:
   data = config.get('data', {}).get('name', '?')
   sched = config.get('schedule', {})
   steps = f"{sched.get('total', '?')} {sched.get('unit', 'iterations')}"
-  depth = config.get('model', {}).get('depth', '?')
+  depth = depths_run(config)
   out = [f'# {config.experiment}', '',
          f'Paper: {config.get("paper", "?")}  ',
          f'Scale: {scale} · data: {data} · depth: {depth} · {steps} · '
