@@ -42,6 +42,16 @@ def test_every_run_of_every_file_builds(path, scale):
     assert config.data.name not in ('digits', 'stdlib')
 
 
+@pytest.mark.parametrize('path', FILES, ids=lambda p: p.stem)
+def test_scale_cpu_trains_a_few_hundred_steps(path):
+  # scale=cpu is minutes on a laptop: a schedule left in epochs of the paper's recipe would run
+  # the offline data's 1497 digits for hundreds of epochs instead (thousands of steps per row).
+  config = _load(path, 'scale=cpu')
+  for run in configs.select_runs(config):
+    rc = configs.run_config(config, run)
+    assert configs.schedule_steps(rc, train_size=1497)['total'] <= 600, run.name
+
+
 PAPER_NUMBERS = {  # one number per file, as REFERENCE.md gives it
     'resnetv2_fig2': ('conv1x1', 12.22), 'resnetv2_fig4': ('preact_164', 5.46),
     'resnetv2_table3': ('cifar100_1001_preact', 22.71), 'resnetv1_table6': ('resnet1202', 7.93),

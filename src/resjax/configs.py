@@ -179,8 +179,8 @@ def digits_cpu(c: ml_collections.ConfigDict, *, total: int = 230) -> None:
   c.num_seeds = 1
   c.batch_size = 64
   c.optim.update(lr=0.05, warmup_lr=0.005)
-  c.schedule.update(total=total, boundaries=(int(total * 0.7), int(total * 0.89)),
-                    warmup=max(1, total // 6))
+  c.schedule.update(unit="iterations", total=total,
+                    boundaries=(int(total * 0.7), int(total * 0.89)), warmup=max(1, total // 6))
   c.log_every, c.eval_every, c.checkpoint_every = total // 10, total // 2, total // 2
 
 
