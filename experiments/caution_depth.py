@@ -82,7 +82,9 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       name="transformer", vocab_size=placeholder(int), context=256, width=512, depth=2, heads=8,
       mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
-      shortcut=dict(name="identity", option="C"), value_residual=dict(name="none"),
+      # Option B projects only where the shape changes, which on tokens is never: the identity,
+      # value-residual and lambda rows carry x as it is; the dense row's conv1x1 is option C itself.
+      shortcut=dict(name="identity", option="B"), value_residual=dict(name="none"),
       embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))
   c.batch_size = 64
   c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=10_000, warmup=500,

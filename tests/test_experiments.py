@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from resjax import configs, inspect_model
+from resjax import configs, inspect_model, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / 'experiments').glob('*.py'))
@@ -50,6 +50,24 @@ def test_scale_cpu_trains_a_few_hundred_steps(path):
   for run in configs.select_runs(config):
     rc = configs.run_config(config, run)
     assert configs.schedule_steps(rc, train_size=1497)['total'] <= 600, run.name
+
+
+def test_caution_depth_projects_only_on_the_dense_rows():
+  # Every variant but the dense shortcut carries x unchanged: no shortcut parameters at all.
+  config = _load(REPO / 'experiments' / 'caution_depth.py', 'scale=test')
+  counts = {}
+  for run in configs.select_runs(config):
+    rc = configs.run_config(config, run)
+    counts[(run.series, rc.model.depth)] = train.count_params(inspect_model.abstract_model(rc))
+  for (series, depth), n in counts.items():
+    extra = n - counts[('identity', depth)]
+    w = config.model.width
+    if series == 'dense shortcut':  # a Dense with bias on both residuals of every block
+      assert extra == depth * 2 * (w * w + w), (series, depth)
+    elif series == 'stacked lambda':  # two scalars per residual addition
+      assert extra == depth * 2 * 2, (series, depth)
+    elif series == 'value residual':  # two scalars per block after the first
+      assert extra == (depth - 1) * 2, (series, depth)
 
 
 PAPER_NUMBERS = {  # one number per file, as REFERENCE.md gives it
