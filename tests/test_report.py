@@ -306,6 +306,12 @@ def test_sign_change_of_a_variant_against_the_reference_over_depth(tmp_path):
   assert open(png, 'rb').read(8) == PNG_MAGIC
   assert _cells(md, 'lambda') == ['lambda', '1.9000', '2.1000', '2.6000', '8']
   assert _cells(md, 'identity')[-1] == 'reference'
+  # A row not run yet is a gap, not a divergence.
+  cfg.runs.append(dict(name='lambda_32', label='lambda 32', series='lambda', x=32))
+  _write_loss(wd, 'identity_32', 0, 2.0)
+  cfg.runs.append(dict(name='identity_32', label='identity 32', series='identity', x=32))
+  md, _ = _report(tmp_path, cfg)
+  assert _cells(md, 'lambda') == ['lambda', '1.9000', '2.1000', '2.6000', '—', '8']
 
 
 def test_header_names_the_depths_rows_set_themselves(tmp_path):

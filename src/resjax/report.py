@@ -480,7 +480,8 @@ def against_x_summary(rows: list[RowResult], config) -> list[str]:
          '| Variant | ' + ' | '.join(f'{x:g}' for x in sorted(ref)) + ' | sign changes at |',
          '|---|' + '---|' * (len(ref) + 1)]
   for name, points in series.items():
-    means = {x: (float(np.mean(v)) if v else math.inf) for x, v, _ in points}
+    # A point whose seeds all diverged is inf; one with no result yet (not run) is left out.
+    means = {x: (float(np.mean(v)) if v else math.inf) for x, v, d in points if v or d}
     cells = [(f'{means[x]:.4f}' if math.isfinite(means.get(x, math.nan)) else
               'diverged' if x in means else '—') for x in sorted(ref)]
     if name == ref_name:
