@@ -54,7 +54,8 @@ def rows(depths, names):
     if names and name.replace(" ", "_") not in names:
       continue
     for depth in depths:
-      out.append(row(f"{name.replace(' ', '_')}_d{depth}", f"{name}, {depth} block{'s' * (depth != 1)}",
+      blocks = f"{depth} block" + "s" * (depth != 1)
+      out.append(row(f"{name.replace(' ', '_')}_d{depth}", f"{name}, {blocks}",
                      series=name, x=2 * depth, model__depth=depth, **overrides))
   return out
 
