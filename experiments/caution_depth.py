@@ -26,7 +26,7 @@ scale=paper: width 512 (8 heads), context 256, depths 2 to 256 blocks (4 to 512 
 byte-level lm1b, 10k steps of AdamW; 2 seeds. The 256-block rows need ~10 GPU-hours each on an H100.
 
 scale=cpu: width 32 (2 heads), context 32, 1, 4 and 16 blocks (2, 8, 32 additions) on the Python
-standard-library byte corpus, 200 steps, 2 seeds side by side.
+standard-library byte corpus, 200 steps, 2 seeds side by side (8 minutes on 2 cores).
 """
 
 import ml_collections

@@ -20,7 +20,7 @@ pad 4 + crop + flip), 5 seeds; the 2015-style rows (single-layer highway units w
 b_T by depth) use the same recipe at depths 20, 56, 110.
 
 scale=cpu: on the offline 8x8 digits, 230 iterations, 1 seed: Highway-20 with 2015 units, and
-the 2024 re-run's Highway and ResNet shrunk from 110 to 56 layers (about 5 minutes on 2 cores).
+the 2024 re-run's Highway and ResNet shrunk from 110 to 56 layers (3 minutes on 2 cores).
 
 Paper (test error %): Highway-19 (2015) 7.54; Highway-110 (2024) 6.04; ResNet-110 (2024) 6.25.
 """

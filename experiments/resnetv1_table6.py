@@ -15,7 +15,7 @@ in the paper (here the full 50k train and the 10k test), batch 128, LR 0.1 divid
 pad 4 + crop + flip. ResNet-1202 (19.4M parameters) needs one GPU with ~12 GB for ~1.5 days.
 
 scale=cpu: ResNet and plain nets at 20, 56 and 110 layers on the offline 8x8 digits, 230
-iterations each, 1 seed (about 4 minutes on 2 cores). ResNet-1202 runs only at scale=paper.
+iterations each, 1 seed (5 minutes on 2 cores). ResNet-1202 runs only at scale=paper.
 
 Paper (test error %): ResNet-20 8.75, -32 7.51, -44 7.17, -56 6.97, -110 6.43 (6.61 ± 0.16),
 -1202 7.93. Plain nets: Figure 6 only; plain-110 above 60%, so here "fail" is above 60%.

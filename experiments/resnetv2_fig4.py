@@ -15,7 +15,7 @@ on by default except at scale=cpu).
 scale=paper: CIFAR-10 with ResNet-v2's recipe (resjax.configs.cifar_resnet_recipe), 5 seeds.
 10 rows x 5 seeds; a ResNet-164 run takes a few GPU-hours.
 
-scale=cpu: ResNet-56 (27 units) on the offline 8x8 digits, 230 iterations, 1 seed (about 5
+scale=cpu: ResNet-56 (27 units) on the offline 8x8 digits, 230 iterations, 1 seed (4
 minutes on 2 cores; bottleneck=True adds a 65-layer bottleneck column). Error values are not the
 paper's; whether a row trains (below 20%) is the comparable fact.
 
