@@ -268,3 +268,25 @@ def test_merge_refuses_another_device_and_a_foreign_file(tmp_path, capsys):
   assert bench.cli(['--merge', a, str(tmp_path / 'c.json')]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error:') and 'not a bench --json file' in err and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------------ the profile
+
+def test_instruction_kinds_read_what_a_fusion_computes():
+  from resjax import profile
+  f = lambda a, b: (jnp.tanh(a @ b) + 1.0, jnp.concatenate([a, b], 0).sum(0), jnp.exp(a) * 2.0)
+  x = jnp.ones((64, 64))
+  hlo = jax.jit(f).lower(x, x).compile().as_text()
+  kinds = {k for k, _ in profile.instruction_kinds(hlo).values()}
+  assert 'matmul' in kinds and 'reduction' in kinds and 'elementwise' in kinds
+  assert 'convolution' not in kinds
+
+
+def test_profile_attributes_the_traced_step_to_its_instructions(tmp_path):
+  from resjax import profile
+  s = profile.profile('resnet20', batch=4, steps=1, out=str(tmp_path), size=8)
+  assert s['by_kind']['matmul'] > 0  # on CPU every convolution is a matmul (conv_impl auto)
+  assert 'convolution' not in s['by_kind']
+  assert sum(s['by_kind'].values()) == pytest.approx(s['total_ms'])
+  assert s['total_ms'] > 0 and s['wall_ms'] > 0
+  assert (tmp_path / 'profile.md').read_text().startswith('# ResNet-20, batch 4, float32')

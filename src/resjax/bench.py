@@ -214,8 +214,25 @@ def _peak_memory_gib(device) -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
-                   conv_impl: str | None = None, flops: bool = True) -> dict:
+@dataclasses.dataclass
+class CompiledStep:
+  """resjax's training step for a row, compiled, with its state and inputs (see ``build_step``)."""
+  run: object  # (state, window, batch, aug_keys, arrays) -> (state, window); state donated
+  state: object
+  window: dict
+  batch_at: object  # step -> the replica-stacked batch indices
+  aug_keys: object
+  arrays: object
+  task: object
+  config: object
+  init_s: float
+  compile_s: float
+
+
+def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = True,
+               conv_impl: str | None = None) -> CompiledStep:
+  """The step as ``train.train`` builds it: one replica per seed, vmapped; data arrays shared;
+  state donated; compiled ahead of time so that compile time is measured on its own."""
   import functools
 
   import jax
@@ -241,7 +258,6 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
         rngs=nnx.Rngs(params=train.key(0))))
     layers.set_compute_dtype(abstract, jnp.dtype(dtype))
     graphdef = train.split_model(abstract)[0]
-  # As train.train builds it: one replica per seed, vmapped; data arrays shared; state donated.
   aug_keys = jnp.stack([jax.random.fold_in(train.key(0), 1)])
   step_fn = jax.jit(jax.vmap(functools.partial(train.train_step, graphdef, tx, task),
                              in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
@@ -250,7 +266,18 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
   t = time.perf_counter()
   compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
   compile_s = time.perf_counter() - t
-  state, window = compiled(state, window, batch_at(0), aug_keys, arrays)
+  return CompiledStep(compiled, state, window, batch_at, aug_keys, arrays, task, config, init_s,
+                      compile_s)
+
+
+def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
+                   conv_impl: str | None = None, flops: bool = True) -> dict:
+  import jax
+
+  step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl)
+  compiled, batch_at, aug_keys, arrays = step.run, step.batch_at, step.aug_keys, step.arrays
+  task, config, init_s, compile_s = step.task, step.config, step.init_s, step.compile_s
+  state, window = compiled(step.state, step.window, batch_at(0), aug_keys, arrays)
   jax.block_until_ready(window)
   times, cpu_times = [], []
   for s in range(steps):
@@ -540,9 +567,10 @@ def report(results: dict, device: dict, args: dict) -> str:
   torch_line = (f"PyTorch {_torch_version()}" if measured_torch and torch_available() else
                 "PyTorch: not measured" + ("" if torch_available() else
                                            "; install it with pip install -e '.[bench]'"))
+  threads = args.get("threads") or "default"
   footer = [f"Device: {device['kind']} ({device['backend']}), jax {device['jax']}, {torch_line}; "
             f"median of each run's steps ({args.get('clock', 'wall')} clock), median of "
-            f"{args.get('repeats', 1)} alternating run(s); threads: {args.get('threads') or 'default'}; "
+            f"{args.get('repeats', 1)} alternating run(s); threads: {threads}; "
             f"peak bf16 TFLOP/s: {_num(peak, '.0f')}; scan: {not args.get('unrolled', False)}; "
             f"PyTorch layout: {args.get('torch_layout', 'channels_last')}; malloc: "
             f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}."]
