@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resjax import bench, models, train
+from resjax import bench, inspect_model, models, train
 from resjax.models import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -173,7 +173,9 @@ def test_xla_flop_count_is_twice_the_papers_multiply_adds():
   """ResNet-20 forward: ResNet-v1's 40.6M multiply-adds (REFERENCE 6) are 81.2M FLOPs; XLA skips
   the taps that meet zero padding (4% of them at 32x32, 16% at 8x8), so it counts 7% fewer."""
   cfg = _model_cfg('resnet20')
-  flops = bench.forward_flops_per_example(cfg, jax.ShapeDtypeStruct((32, 32, 3), jnp.float32), 10, 3)
+  example = jax.ShapeDtypeStruct((32, 32, 3), jnp.float32)
+  flops = inspect_model.flops_at_depth(
+      cfg, lambda c: inspect_model.xla_forward_flops(c, example, 10, 3))
   assert 0.90 < flops / (2 * bench.ROWS['resnet20'].paper_macs) < 0.96
 
 

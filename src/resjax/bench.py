@@ -163,50 +163,6 @@ def synthetic_task(row: Row, config, batch: int):
   return tasks.ImageTask(config.data, splits)
 
 
-def xla_forward_flops(model_cfg, example, num_classes: int, in_channels: int) -> float:
-  """XLA's cost analysis of one example's forward pass (as ``inspect_model``, on any input shape).
-
-  Counted on XLA's convolution: im2col and conv_rows compute the same function, but the cost
-  analysis counts an elementwise op feeding a matmul once per patch copy. XLA counts only the
-  multiply-adds that meet real pixels, not the zero padding, so a CIFAR ResNet comes out about 7%
-  under twice the papers' multiply-adds.
-  """
-  import copy
-
-  import jax
-  from flax import nnx
-
-  from resjax import models
-  model_cfg = copy.deepcopy(model_cfg)
-  if model_cfg.name != "transformer":
-    with model_cfg.unlocked():
-      model_cfg.conv_impl = "xla"
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build(
-      model_cfg, num_classes=num_classes, in_channels=in_channels, rngs=nnx.Rngs(0))))
-  fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
-  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-  one = jax.ShapeDtypeStruct((1, *example.shape), example.dtype)
-  cost = jax.jit(fwd).lower(abstract, one).compile().cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"])
-
-
-def forward_flops_per_example(model_cfg, example, num_classes: int, in_channels: int) -> float:
-  """Forward FLOPs of the real depth, from nets with 1 and 2 repeated units per stack (XLA counts
-  a scanned body once): each further unit of a stack costs what its second one adds."""
-  from resjax import models
-  count = lambda cfg: xla_forward_flops(cfg, example, num_classes, in_channels)
-  one, n = models.with_repeats(model_cfg, 1)
-  f1 = count(one)
-  if not isinstance(n, (tuple, list)):
-    return f1 + (n - 1) * (count(models.with_repeats(model_cfg, 2)[0]) - f1)
-  total = f1  # stages of different lengths (ImageNet ResNets): one stage's unit at a time
-  for s, c in enumerate(n):
-    ks = tuple(2 if i == s else 1 for i in range(len(n)))
-    total += (c - 1) * (count(models.with_repeats(model_cfg, ks)[0]) - f1)
-  return total
-
-
 def _peak_memory_gib(device) -> float:
   stats = device.memory_stats() if device.platform != "cpu" else None
   if stats and "peak_bytes_in_use" in stats:
@@ -274,6 +230,8 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
                    conv_impl: str | None = None, flops: bool = True) -> dict:
   import jax
 
+  from resjax import inspect_model
+
   step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl)
   compiled, batch_at, aug_keys, arrays = step.run, step.batch_at, step.aug_keys, step.arrays
   task, config, init_s, compile_s = step.task, step.config, step.init_s, step.compile_s
@@ -299,8 +257,9 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
   if flops:  # training = forward + backward (twice the forward's matmuls): 3x the forward
     x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
     example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    out["flops_per_example"] = 3 * forward_flops_per_example(
-        config.model, example, task.num_classes, task.in_channels)
+    out["flops_per_example"] = 3 * inspect_model.flops_at_depth(
+        config.model, lambda cfg: inspect_model.xla_forward_flops(
+            cfg, example, task.num_classes, task.in_channels))
   return out
 
 
@@ -497,12 +456,7 @@ def main(argv=None) -> int:
     return 0
 
   if args.merge:
-    text = report(*merge(args.merge))
-    print(text)
-    if args.out:
-      with open(args.out, "w") as f:
-        f.write(text)
-    return 0
+    return emit(report(*merge(args.merge)), args.out)
 
   from resjax.errors import ConfigError
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
@@ -550,10 +504,14 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
           json.dump({"device": device, "args": vars(args), "rows": raw}, f, indent=1)
 
-  text = report(results, device, vars(args))
+  return emit(report(results, device, vars(args)), args.out)
+
+
+def emit(text: str, out: str | None) -> int:
+  """Prints the table and, with ``--out``, writes it there."""
   print(text)
-  if args.out:
-    with open(args.out, "w") as f:
+  if out:
+    with open(out, "w") as f:
       f.write(text)
   return 0
 

@@ -60,36 +60,51 @@ def check(config) -> None:
     raise ConfigError(f"config.num_seeds={config.num_seeds} must be at least 1")
 
 
-def forward_flops(config, model_cfg) -> float:
-  example, _, _ = input_spec(config)
-  # Counted on XLA's convolution: im2col computes the same function, but XLA's cost analysis
-  # counts an elementwise op feeding it once per k*k patch copy.
+def xla_forward_flops(model_cfg, example, num_classes: int, in_channels: int) -> float:
+  """XLA's cost analysis of one ``example``'s forward pass through the model of ``model_cfg``.
+
+  Counted on XLA's convolution: im2col and conv_rows compute the same function, but the cost
+  analysis counts an elementwise op feeding a matmul once per patch copy. XLA counts only the
+  multiply-adds that meet real pixels, not the zero padding.
+  """
   model_cfg = copy.deepcopy(model_cfg)
   if model_cfg.name != "transformer":
     with model_cfg.unlocked():
       model_cfg.conv_impl = "xla"
-  graphdef, state = nnx.split(abstract_model(config, model_cfg))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: models.build(
+      model_cfg, num_classes=num_classes, in_channels=in_channels, rngs=nnx.Rngs(0))))
   fwd = lambda s, x: nnx.merge(graphdef, s)(x, train=False)
   abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-  compiled = jax.jit(fwd).lower(abstract, jax.ShapeDtypeStruct((1, *example.shape), example.dtype)).compile()
-  cost = compiled.cost_analysis()
+  one = jax.ShapeDtypeStruct((1, *example.shape), example.dtype)
+  cost = jax.jit(fwd).lower(abstract, one).compile().cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return float(cost["flops"])
+
+
+def forward_flops(config, model_cfg) -> float:
+  """``xla_forward_flops`` on the input of ``config.data``."""
+  example, classes, channels = input_spec(config)
+  return xla_forward_flops(model_cfg, example, classes, channels)
+
+
+def flops_at_depth(model_cfg, count) -> float:
+  """Forward FLOPs of the real depth from ``count(cfg)`` on nets with 1 and 2 units per stack
+  (XLA counts a scanned body once): each further unit of a stack costs what its second one adds."""
+  one, n = models.with_repeats(model_cfg, 1)
+  f1 = count(one)
+  if isinstance(n, int):  # every stack repeats its unit n times
+    return f1 + (n - 1) * (count(models.with_repeats(model_cfg, 2)[0]) - f1)
+  flops = f1  # stacks of different lengths: one more unit in stack s at a time
+  for s, n_s in enumerate(n):
+    if n_s > 1:
+      k = tuple(2 if i == s else 1 for i in range(len(n)))
+      flops += (n_s - 1) * (count(models.with_repeats(model_cfg, k)[0]) - f1)
+  return flops
 
 
 def describe(config) -> dict:
   check(config)
   model = abstract_model(config)
   params = train.count_params(model)
-  one, n = models.with_repeats(config.model, 1)
-  f1 = forward_flops(config, one)
-  if isinstance(n, int):  # every stack repeats its unit n times
-    two, _ = models.with_repeats(config.model, 2)
-    flops = f1 + (n - 1) * (forward_flops(config, two) - f1)
-  else:  # stacks of different lengths: one more unit in stack s at a time
-    flops = f1
-    for s, n_s in enumerate(n):
-      if n_s > 1:
-        k = tuple(2 if i == s else 1 for i in range(len(n)))
-        flops += (n_s - 1) * (forward_flops(config, models.with_repeats(config.model, k)[0]) - f1)
+  flops = flops_at_depth(config.model, lambda cfg: forward_flops(config, cfg))
   return {"params": params, "forward_flops_per_example": flops, "model": config.model.to_dict()}
