@@ -20,7 +20,7 @@ experiments/resnetv2_fig2.py at scale=cpu), depths 20, 56, 110 (5 minutes on 2 c
 Paper values: identity at 110 layers 6.61, 1x1 conv 12.22 (ResNet-v2 Table 1).
 """
 
-from resjax import configs
+from resjax import claims, configs
 from resjax.configs import row
 
 PAPER_110 = {"identity": 6.61, "conv1x1": 12.22}
@@ -34,6 +34,18 @@ def rows(depths):
                      paper_error=PAPER_110[name] if depth == 110 else None, series=label,
                      x=(depth - 2) // 2, model__depth=depth, model__shortcut__name=name))
   return out
+
+
+def paper_claims(depths):
+  lo, hi = min(depths), max(depths)
+  return [
+      claims.claim(f"the 1x1 conv shortcut is worse than identity at {hi} layers "
+                   "(ResNet-v2 Table 1, at 110)", claims.less(f"identity_{hi}", f"conv1x1_{hi}"),
+                   paper=True),
+      claims.claim(f"the 1x1 conv shortcut is ahead of identity at {lo} layers (ResNet-v1 Table "
+                   "3 found option C ahead at 34 layers, on ImageNet)",
+                   claims.less(f"conv1x1_{lo}", f"identity_{lo}"), paper=True),
+  ]
 
 
 def get_config(arg=None):
@@ -56,4 +68,6 @@ def get_config(arg=None):
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows(depths)
+  c.claims = paper_claims(depths)
+  c.baseline = f"identity_{min(depths)}"
   return c

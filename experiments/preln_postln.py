@@ -3,9 +3,13 @@
 Xiong et al. 2020 (arXiv 2002.04745): the Post-LN Transformer (LayerNorm after each residual
 addition, the original design) needs a learning-rate warm-up, because at initialisation the
 gradients of its last layers are large; Pre-LN (LayerNorm at each sub-block's input, plus a final
-LayerNorm, as GPT-2 does) trains without one. The paper gives curves, not a table, so rows carry
-no paper number; the claim to check is that Post-LN without warm-up ends worse than with it (or
-diverges), while Pre-LN barely cares, and that the gap grows with depth.
+LayerNorm) trains without one. The paper gives curves, not a table, so rows carry no paper number;
+its claims are stated as predicates over the rows (``paper_claims``).
+
+Rows change one thing at a time. Post-LN and Pre-LN rows share the initialisation (every weight
+N(0, 0.02)), so they differ only in where the norm sits. The GPT-2 rows are Pre-LN with GPT-2's
+1/sqrt(2L) scaling of the residual output projections as well: two changes from Post-LN, labelled
+as such.
 
     python -m resjax.main --config experiments/preln_postln.py:scale=cpu --workdir runs/ln_cpu
 
@@ -13,29 +17,49 @@ Args: scale=paper|cpu|test, run=NAME, seeds=K.
 
 scale=paper: 6 and 24 blocks of width 512 (8 heads), context 512, byte-level lm1b, AdamW at LR
 1e-3 (high enough for warm-up to matter), 20k steps, 4k warm-up steps where warm-up is on; 3 seeds.
-About 3 GPU-days on one H100 for all 8 rows.
+About 4 GPU-days on one H100 for all 12 rows.
 
 scale=cpu: 2 and 6 blocks of width 64 on the Python standard-library byte corpus, context 64,
-batch 16, AdamW at LR 3e-3, 150 steps (30 warm-up), 2 seeds side by side.
+batch 16, AdamW at LR 3e-3, 150 steps (30 warm-up), 3 seeds side by side.
 """
 
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from resjax import configs
+from resjax import claims, configs
 from resjax.configs import row
+
+
+NORMS = (  # (row prefix, label, model overrides)
+    ("post", "Post-LN", {"model.norm": "post", "model.scaled_out_init": False}),
+    ("pre", "Pre-LN", {"model.norm": "pre", "model.scaled_out_init": False}),
+    ("gpt2", "GPT-2 Pre-LN (1/sqrt(2L) init)", {"model.norm": "pre", "model.scaled_out_init": True}),
+)
 
 
 def rows(depths):
   out = []
   for depth in depths:
-    for norm, norm_label in (("post", "Post-LN"), ("pre", "Pre-LN")):
+    for prefix, norm_label, overrides in NORMS:
       for warm in (True, False):
         label = f"{norm_label}, {'with' if warm else 'no'} warm-up, {depth} blocks"
         series = f"{norm_label} {'+ warm-up' if warm else 'no warm-up'}"
-        out.append(row(f"{norm}_{'warm' if warm else 'nowarm'}_d{depth}", label, series=series,
-                       x=2 * depth, model__norm=norm, model__depth=depth,
-                       **({} if warm else {"schedule__warmup": 0})))
+        out.append(row(f"{prefix}_{'warm' if warm else 'nowarm'}_d{depth}", label,
+                       {**overrides, "model.depth": depth,
+                        **({} if warm else {"schedule.warmup": 0})},
+                       series=series, x=2 * depth))
+  return out
+
+
+def paper_claims(depths):
+  out = []
+  for d in depths:
+    out += [
+        claims.claim(f"Post-LN needs warm-up: it ends lower with it ({d} blocks)",
+                     claims.less(f"post_warm_d{d}", f"post_nowarm_d{d}"), paper=True),
+        claims.claim(f"Without warm-up, Pre-LN ends lower than Post-LN ({d} blocks)",
+                     claims.less(f"pre_nowarm_d{d}", f"post_nowarm_d{d}"), paper=True),
+    ]
   return out
 
 
@@ -51,7 +75,7 @@ def get_config(arg=None):
   c.metric = "test_loss"
   c.report = "compare"
   c.figure = "against_x"
-  c.reference_series = "Pre-LN + warm-up"
+  c.reference_series = "Post-LN + warm-up"
   c.x_label = "residual additions (2 per block)"
   c.failure_error = None
 
@@ -62,7 +86,7 @@ def get_config(arg=None):
       name="transformer", vocab_size=placeholder(int), context=512, width=512, depth=6, heads=8,
       mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
       shortcut=dict(name="identity"), value_residual=dict(name="none"),
-      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))
+      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32", scaled_out_init=None))
   c.batch_size = 64
   c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=20_000, warmup=4_000,
                                               boundaries=()))
@@ -78,7 +102,7 @@ def get_config(arg=None):
   if arg.scale in ("cpu", "test"):
     c.data.update(name="stdlib", max_train_bytes=None, max_test_bytes=None, max_eval_windows=1024)
     c.model.update(context=64, width=64, depth=2, heads=4)
-    c.num_seeds = 2
+    c.num_seeds = 3
     c.batch_size = 16
     c.optim.lr = 3e-3
     c.schedule.update(total=150, warmup=30)
@@ -97,4 +121,5 @@ def get_config(arg=None):
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows(depths)
+  c.claims = paper_claims(depths)
   return c

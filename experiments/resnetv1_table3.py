@@ -20,7 +20,7 @@ divided on plateaus, up to 600k iterations, which is about this), 1 seed. A ResN
 a day on 8 current GPUs or a TPU v4-32 slice; 6 rows.
 
 scale=cpu: the same architectures at 1/8 width (stem 8, stages 8/16/32/64) on the offline 8x8
-digits, 230 iterations, 1 seed: ImageNet itself cannot be downloaded on the fly, and these runs
+digits, 230 iterations, 3 seeds: ImageNet itself cannot be downloaded on the fly, and these runs
 only check that the pipeline and the degradation comparison work end to end (3 minutes on 2
 cores). On 8x8 inputs the stem and max pool leave 1x1 maps from stage 2 on, so the errors say
 nothing about the paper's tables.
@@ -29,7 +29,7 @@ nothing about the paper's tables.
 import ml_collections
 from ml_collections.config_dict import placeholder
 
-from resjax import configs
+from resjax import claims, configs
 from resjax.configs import row
 
 
@@ -42,6 +42,19 @@ def rows():
       row("resnet34_A", "ResNet-34, A", paper=25.03, model__depth=34, **{sc + "option": "A"}),
       row("resnet34_B", "ResNet-34, B", paper=24.52, model__depth=34, **{sc + "option": "B"}),
       row("resnet34_C", "ResNet-34, C", paper=24.19, model__depth=34, **{sc + "option": "C"}),
+  ]
+
+
+def paper_claims():
+  """Tables 2-3: the degradation problem at 18 -> 34 layers, and C < B < A < plain at 34."""
+  return [
+      claims.claim("plain-34 is worse than plain-18 (degradation)", claims.less("plain18", "plain34"),
+                   paper=True),
+      claims.claim("ResNet-34 A beats ResNet-18 A", claims.less("resnet34_A", "resnet18_A"),
+                   paper=True),
+      claims.claim("at 34 layers, C < B < A < plain in error",
+                   claims.less("resnet34_C", "resnet34_B"), claims.less("resnet34_B", "resnet34_A"),
+                   claims.less("resnet34_A", "plain34"), paper=True),
   ]
 
 
@@ -80,12 +93,15 @@ def get_config(arg=None):
     c.batch_size = 64
     c.optim.update(lr=0.05)
     c.schedule.update(unit="iterations", total=230, boundaries=(161, 204), warmup=0)
-    c.log_every, c.eval_every, c.checkpoint_every = 23, 115, 115
+    c.num_seeds = 3
+    c.log_every, c.eval_every, c.checkpoint_every = 10, 23, 115
   if arg.scale == "test":
+    c.num_seeds = 1
     c.batch_size = 16
     c.schedule.update(total=3, boundaries=(2,))
     c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 3
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows()
+  c.claims = paper_claims()
   return c

@@ -23,7 +23,7 @@ Paper (CIFAR-10 test error %): ResNet-110: 6.61, 8.17, 7.84, 6.71, 6.37;
 ResNet-164: 5.93, 6.50, 6.14, 5.91, 5.46 for (a) to (e).
 """
 
-from resjax import configs
+from resjax import claims, configs
 from resjax.configs import row
 
 PLACEMENTS = (("post", "(a) original"), ("bn_after_add", "(b) BN after addition"),
@@ -38,8 +38,26 @@ def rows(nets):
     paper_depth = 110 if unit == "basic" else 164  # the paper's net of this unit kind
     shrunk = "" if depth == paper_depth else f" (paper: ResNet-{paper_depth})"
     for (placement, label), paper in zip(PLACEMENTS, PAPER[paper_depth]):
+      # Option A for the basic-unit net (ResNet-v1 §4.2), projections (B) for the bottleneck net.
       out.append(row(f"{placement}_{depth}", f"{label}, ResNet-{depth}{shrunk}", paper_error=paper,
-                     model__depth=depth, model__unit=unit, model__placement=placement))
+                     model__depth=depth, model__unit=unit, model__placement=placement,
+                     model__shortcut__option="A" if unit == "basic" else "B"))
+  return out
+
+
+def paper_claims(nets):
+  """Table 2: full pre-activation has the lowest error and BN after addition the highest, at both
+  depths (ResNet-v2 §4.1)."""
+  out = []
+  for depth, _ in nets:
+    names = [f"{p}_{depth}" for p, _ in PLACEMENTS]
+    best, worst = f"preact_{depth}", f"bn_after_add_{depth}"
+    out += [
+        claims.claim(f"(e) full pre-activation has the lowest error (ResNet-{depth})",
+                     *[claims.less(best, n) for n in names if n != best], paper=True),
+        claims.claim(f"(b) BN after addition has the highest error (ResNet-{depth})",
+                     *[claims.less(n, worst) for n in names if n != worst], paper=True),
+    ]
   return out
 
 
@@ -62,4 +80,6 @@ def get_config(arg=None):
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows(nets)
+  c.claims = paper_claims(nets)
+  c.baseline = "post_" + str(nets[0][0])
   return c

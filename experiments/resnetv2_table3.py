@@ -23,7 +23,7 @@ Paper (test error %, original / pre-act): CIFAR-10: 110 1-layer skip 9.90 / 8.91
 164 5.93 / 5.46, 1001 7.61 / 4.92; CIFAR-100: 164 25.16 / 24.33, 1001 27.82 / 22.71.
 """
 
-from resjax import configs
+from resjax import claims, configs
 from resjax.configs import row
 
 NETS = {  # name: (depth, unit, label)
@@ -52,7 +52,21 @@ def rows(entries, depth_of=None):
                      paper_error=paper if data == "cifar10" else None, paper=paper, data__name=data,
                      # ResNet-v2's "fail" (above 20%) is a CIFAR-10 notion.
                      **({} if data == "cifar10" else {"failure_error": None}),
-                     model__depth=depth, model__unit=unit, model__placement=placement))
+                     model__depth=depth, model__unit=unit, model__placement=placement,
+                     # Option A for the 110-layer nets as ResNet-v1 built them (§4.2);
+                     # projections (B) for the bottleneck nets, as ResNet-v2 used.
+                     model__shortcut__option="B" if unit == "bottleneck" else "A"))
+  return out
+
+
+def paper_claims(runs):
+  """Table 3: the pre-activation unit beats the original on every net and dataset (§4.2)."""
+  out = []
+  for r in runs:
+    if r.name.endswith("_preact"):
+      original = r.name[:-len("_preact")] + "_post"
+      out.append(claims.claim(f"pre-activation beats the original: {r.label.split(', pre-act')[0]}",
+                              claims.less(r.name, original), paper=True))
   return out
 
 
@@ -75,4 +89,6 @@ def get_config(arg=None):
   if arg.scale in ("cpu", "test"):  # digits under every row
     for r in c.runs:
       r.overrides = tuple((k, v) for k, v in r.overrides if k != "data.name")
+  c.claims = paper_claims(c.runs)
+  c.baseline = c.runs[0].name
   return c

@@ -1,12 +1,14 @@
-"""Fixtures shared by the tests that train: the CLI as a subprocess, one XLA cache per session."""
+"""Shared by the tests: the CLI as a subprocess, one XLA cache per session, float32 tolerances."""
 
 import contextlib
+import math
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -68,6 +70,7 @@ def write_experiment(path, body):
 
       def get_config(arg=None):
         c = _fig2.get_config('scale=test')
+        c.claims = []  # fig2's claims name its rows; the body may replace them
       """)
   path.write_text(head + textwrap.indent(textwrap.dedent(body).strip(), '  ') + '\n  return c\n')
   return path
@@ -76,3 +79,48 @@ def write_experiment(path, body):
 @pytest.fixture(scope='session')
 def experiment_file():
   return write_experiment
+
+
+# ------------------------------------------------------------------------ float32 tolerances
+#
+# Two float32 programs that compute the same mathematics in another order (XLA fusing another
+# graph differently, AVX-512 vs AVX2 vs SSE vector widths in a reduction, Eigen splitting a
+# contraction over another number of threads, a scan vs an unrolled loop, a vmap, a hand-written
+# jnp or numpy reference) agree only to rounding, on any CPU:
+#
+# * one float32 rounding errs by at most u = eps / 2 of the value (eps = 2^-23 = 1.19e-7, the
+#   spacing of float32 numbers in [1, 2));
+# * a K-term sum (a dot, a convolution, a mean or variance, a softmax's denominator) makes K - 1
+#   roundings of its partial sums: at worst (K - 1) u of the sum of the terms' magnitudes, but
+#   roundings of either sign are practically independent, so it errs by about sqrt(K) u (Higham,
+#   Accuracy and Stability of Numerical Algorithms, 2nd ed., sections 3.1 and 4.2). Two programs
+#   that are each that close to the exact sum differ by at most 2 sqrt(K) u = sqrt(K) eps; ULPS = 2
+#   of that leaves room for the tail of that spread over the many elements a test compares, and
+#   for the few-ulp differences of exp, tanh, log and rsqrt between vectorised and scalar code;
+# * a chain of `depth` such layers (each normalised or scaled to pass its input's relative error
+#   on with a gain about 1) adds up to `depth` times one layer's error.
+#
+# The error is relative to the magnitude of the terms summed, not to each result: a logit that is
+# a near-cancelling sum of O(1) terms errs by 1e-7 absolute, which can be 1e-5 of itself. So the
+# comparison is |actual - desired| <= f32_tol(...) * scale, scale = max |desired| unless a test
+# knows its terms' magnitude better. Where a computation amplifies errors (a cancelling variance,
+# cos of a large argument, a ratio of small numbers) a test multiplies in that gain and says why.
+# Anything wrong (a unit skipped, another order of BN and ReLU, a batch split the wrong way) moves
+# results by 1e-2 of their scale or more, far above these tolerances.
+
+F32_EPS = 2.0 ** -23
+ULPS = 2
+
+
+def f32_tol(terms=1, depth=1, ulps=ULPS):
+  """Relative tolerance between two float32 programs: `depth` chained layers of `terms`-term sums."""
+  return ulps * F32_EPS * math.sqrt(terms) * depth
+
+
+def assert_f32_close(actual, desired, *, terms=1, depth=1, gain=1.0, scale=None, err_msg=''):
+  """|actual - desired| <= gain * f32_tol(terms, depth) * scale, scale = max |desired| by default."""
+  desired = np.asarray(desired)
+  if scale is None:
+    scale = float(np.max(np.abs(desired), initial=0.0))
+  np.testing.assert_allclose(actual, desired, rtol=0,
+                             atol=gain * f32_tol(terms, depth) * scale, err_msg=err_msg)

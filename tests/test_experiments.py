@@ -8,7 +8,7 @@ import pathlib
 
 import pytest
 
-from resjax import configs, inspect_model, train
+from resjax import claims, configs, inspect_model, train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / 'experiments').glob('*.py'))
@@ -38,6 +38,7 @@ def test_every_run_of_every_file_builds(path, scale):
     rc = configs.run_config(config, run)  # every row's overrides name real fields
     if scale != 'cpu' or i == 0:  # cpu rows build the models of the paper and test rows
       inspect_model.check(rc)
+  claims.check(config)  # every claim names rows of this file, and `fails` has its line
   if scale == 'paper':  # the paper's own recipe names the real dataset, never the offline one
     assert config.data.name not in ('digits', 'stdlib')
 
@@ -112,3 +113,13 @@ def test_a_transformer_experiment_trains_end_to_end_and_reports_bits_per_byte(cl
   assert summaries[0]['final']['test_loss'] != summaries[1]['final']['test_loss']  # two inits
   md = (workdir / 'results.md').read_text()
   assert 'Post-LN, no warm-up, 1 blocks' in md and (workdir / 'figure.png').exists()
+
+
+def test_fig2_paper_rows_are_resnet110_with_option_a_shortcuts():
+  # ResNet-v1 §4.2: CIFAR nets use option A (no shortcut parameters), 1,727,962 parameters for
+  # ResNet-110 on CIFAR-10; option B would add the two projections' 1x1 kernels and BNs.
+  config = _load(REPO / 'experiments' / 'resnetv2_fig2.py', 'scale=paper')
+  (run,) = [r for r in config.runs if r.name == 'identity']
+  rc = configs.run_config(config, run)
+  assert rc.model.shortcut.option == 'A'
+  assert train.count_params(inspect_model.abstract_model(rc)) == 1_727_962

@@ -1,5 +1,8 @@
 """Tests for the highway shortcut and the highway model family (2015 conv highway, 2024 Highway-110)."""
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -7,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resjax import shortcuts, train
+from resjax import configs, inspect_model, shortcuts, train
 from resjax.errors import ConfigError
 from resjax.models import highway, resnet
 
@@ -85,19 +88,69 @@ def test_highway_family_defaults():
   assert n == 6 and two.depth == 8 and two.shortcut.gate_bias == -2.0  # b_T stays the real net's
 
 
+def _highway110_2024_by_hand():
+  """The re-run's resnet.py, module by module: a 16-channel stem conv + BN, 18 units per stage at
+  int(0.875 w) channels, each H's and the gate's conv-BN pairs, a 1x1 conv + BN (option B) where
+  the shape changes, and the Dense head."""
+  total, c = 3 * 9 * 16 + 2 * 16, 16
+  for w in (14, 28, 56):
+    for _ in range(18):
+      total += 2 * (9 * c * w + 2 * w + 9 * w * w + 2 * w)  # H and the gate: conv-BN, conv-BN
+      if c != w:
+        total += c * w + 2 * w
+      c = w
+  return total + 56 * 10 + 10
+
+
 def test_highway_110_of_the_2024_rerun():
-  """Two-conv gate with its last BN bias at -6, option B, widths x0.875: 2.65M parameters."""
+  """2,649,918 parameters, the count in the re-run's log (log_highway110/metrics.json)."""
+  assert _highway110_2024_by_hand() == 2_649_918
   cfg = ml_collections.ConfigDict(highway.HIGHWAY_110_2024)
   model = nnx.eval_shape(lambda: highway.from_config(cfg, num_classes=10, in_channels=3,
                                                      rngs=nnx.Rngs(0)))
+  assert model.stem.kernel.shape == (3, 3, 3, 16)  # the stem stays at 16 channels
   assert [st.out_features for st in model.stages] == [14, 28, 56]
   assert sum(st.n for st in model.stages) == 54
-  assert round(_n_params(model) / 1e4) / 100 == 2.65
-  # Each unit doubles ResNet-110's: the gate branch is the size of F, so about 2 x 0.875^2 x 1.73M.
-  resnet110 = nnx.eval_shape(lambda: resnet.CifarResNet(
-      depth=110, num_classes=10, shortcut=ml_collections.ConfigDict(dict(name='identity', option='B')),
-      rngs=nnx.Rngs(0)))
-  assert abs(_n_params(model) / (2 * 0.875 ** 2 * _n_params(resnet110)) - 1) < 0.01
+  first = model.stages[0].first
+  assert first.placement == 'relu_before_add' and first.shortcut.projects  # 16 -> 14 channels
+  assert first.shortcut.gate.convs[0].kernel.shape == (3, 3, 16, 14)
+  assert _n_params(model) == 2_649_918
+
+
+def test_highway_unit_of_the_2024_rerun_against_a_hand_written_one():
+  """The re-run's forward: h = ReLU(BN(conv(ReLU(BN(conv x))))), t = sigmoid(BN(conv(ReLU(BN(conv
+  x)))) - 6), out = x + t (h - x), with no ReLU after the sum (negative outputs survive)."""
+  sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='two_conv', gate_bias=-6.0))
+  unit = resnet.Unit(4, 4, 1, kind='basic', placement='relu_before_add', shortcut=sc,
+                     skip_preact=False, rngs=_rngs())
+  w = [0.3 * _normal((3, 3, 4, 4), seed) for seed in range(1, 5)]
+  for conv, k in zip([*unit.convs, *unit.shortcut.gate.convs], w):
+    conv.kernel.set_value(k)
+  x = _normal((2, 6, 6, 4))
+  h = jax.nn.relu(_bn(_conv(jax.nn.relu(_bn(_conv(x, w[0]))), w[1])))
+  t = jax.nn.sigmoid(_bn(_conv(jax.nn.relu(_bn(_conv(x, w[2]))), w[3])) - 6.0)
+  y = unit(x, train=True)
+  # float32 convolutions of 36 O(1) terms and BN agree to about 1e-6; 1e-4 leaves a wide margin.
+  np.testing.assert_allclose(y, x + t * (h - x), rtol=1e-4, atol=1e-4)
+  assert float(y.min()) < 0
+
+
+def test_highway_experiment_recipe_of_the_2024_rerun():
+  """scale=paper: ResNet-110 option A, LR 0.01 through its first epoch (391 steps of 128 of 50k
+  images), weight decay 1e-4; the highway rows have no warm-up."""
+  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'highway.py'
+  spec = importlib.util.spec_from_file_location('highway_experiment', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config('scale=paper')
+  runs = {r.name: configs.run_config(config, r) for r in configs.select_runs(config)}
+  base, hw = runs['resnet110'], runs['highway110_2024']
+  assert base.model.shortcut.option == 'A' and base.optim.warmup_lr == 0.01
+  assert configs.schedule_steps(base, train_size=50_000)['warmup'] == 391
+  assert base.optim.weight_decay == hw.optim.weight_decay == 1e-4
+  assert configs.schedule_steps(hw, train_size=50_000)['warmup'] == 0
+  assert hw.model.placement == 'relu_before_add' and hw.model.shortcut.option == 'B'
+  assert _n_params(inspect_model.abstract_model(hw)) == 2_649_918
 
 
 def test_two_conv_gate_starts_nearly_closed():

@@ -72,21 +72,78 @@ def test_options_a_c_and_plain_nets_by_hand():
   assert _n_params(_abstract_imagenet(18, name='none')) == b18 - entry
 
 
-def test_preact_cifar_bottleneck_counts():
-  """ResNet-v2: pre-act ResNet-164 has 1.7M parameters and ResNet-1001 10.2M (CIFAR-10, option B).
+def _resnet_1k_by_hand(depth):
+  """resnet-pre-act.lua (KaimingHe/resnet-1k-layers), module by module: the stem conv; per stage a
+  unit that changes shape (common BN, 1x1 conv, BN, 3x3 conv, BN, 1x1 conv, and a projection that
+  is a 1x1 conv alone) and n - 1 units of BN-conv three times; the final BN and the Linear."""
+  n, total, c = (depth - 2) // 9, 3 * 9 * 16, 16
+  for k in (16, 32, 64):
+    total += 2 * c + c * k + 2 * k + 9 * k * k + 2 * k + k * 4 * k + c * 4 * k
+    total += (n - 1) * (2 * 4 * k + 4 * k * k + 2 * k + 9 * k * k + 2 * k + k * 4 * k)
+    c = 4 * k
+  return total + 2 * 256 + 256 * 10 + 10
 
-  The paper's 10.2M is the weights of convolutions and the classifier (10.18M); BN's scale and
-  bias add 0.15M at 1001 layers (10.33M in all), which rounds away at 164 layers.
+
+def _preact_cifar(depth, **kw):
+  return nnx.eval_shape(lambda: resnet.CifarResNet(
+      depth=depth, num_classes=10, unit='bottleneck', placement='preact', shortcut=_shortcut(),
+      rngs=nnx.Rngs(0), **kw))
+
+
+def test_preact_cifar_bottleneck_counts():
+  """ResNet-v2: pre-act ResNet-164 has 1.7M parameters and ResNet-1001 10.2M (CIFAR-10).
+
+  Exactly the released code's 1,703,258 and 10,327,706. The paper's 10.2M is the weights of
+  convolutions and the classifier (10.18M); BN's scale and bias add 0.15M at 1001 layers.
   """
-  def model(depth):
-    return nnx.eval_shape(lambda: resnet.CifarResNet(
-        depth=depth, num_classes=10, unit='bottleneck', placement='preact', shortcut=_shortcut(),
-        rngs=nnx.Rngs(0)))
-  m164, m1001 = model(164), model(1001)
+  assert (_resnet_1k_by_hand(164), _resnet_1k_by_hand(1001)) == (1_703_258, 10_327_706)
+  m164, m1001 = _preact_cifar(164), _preact_cifar(1001)
   assert m164.head.kernel.shape == (256, 10) and m164.final_norm is not None
-  assert round(_n_params(m164) / 1e5) / 10 == 1.7
+  assert _n_params(m164) == 1_703_258 and round(_n_params(m164) / 1e5) / 10 == 1.7
+  assert _n_params(m1001) == 10_327_706
   assert round(_n_params(m1001, kernels_only=True) / 1e5) / 10 == 10.2
-  assert 10.2e6 < _n_params(m1001) < 10.2e6 * 1.015
+
+
+def test_preact_cifar_bottleneck_units_are_resnet_1k_layers():
+  """The stride on the first 1x1 conv, a projection without BN, no BN where the first unit skips
+  its pre-activation; the post-activation bottleneck keeps the stride on its 3x3 and BN after
+  the projection."""
+  model = _preact_cifar(20)
+  first = model.stages[0].first
+  assert first.skip_preact and [n.num_features for n in first.norms] == [16, 16]
+  for stage, norms in zip(model.stages[1:], ([64, 32, 32], [128, 64, 64])):
+    unit = stage.first
+    assert [c.stride for c in unit.convs] == [2, 1, 1]
+    assert unit.shortcut.projects and unit.shortcut.match.norm is None
+    assert [n.num_features for n in unit.norms] == norms
+  post = nnx.eval_shape(lambda: resnet.CifarResNet(
+      depth=20, num_classes=10, unit='bottleneck', placement='post', shortcut=_shortcut(),
+      rngs=nnx.Rngs(0)))
+  assert [c.stride for c in post.stages[1].first.convs] == [1, 2, 1]
+  assert post.stages[1].first.shortcut.match.norm is not None
+
+
+def _strided_conv(h, w, stride):
+  p = w.shape[0] // 2
+  return jax.lax.conv_general_dilated(h, w, (stride, stride), ((p, p), (p, p)),
+                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def test_preact_bottleneck_unit_against_resnet_1k_layers():
+  """A unit that changes shape, as resnet-pre-act.lua computes it: a = ReLU(BN(x)) feeds both the
+  branch (1x1 stride 2, BN-ReLU, 3x3, BN-ReLU, 1x1) and the projection (1x1 stride 2)."""
+  unit = resnet.Unit(8, 4, 2, kind='bottleneck', placement='preact', shortcut=_shortcut(),
+                     skip_preact=False, stride_first=True, projection_norm=False, rngs=_rngs())
+  x = _normal((2, 6, 6, 8))
+  ws = [c.kernel[...] for c in unit.convs]
+  proj = unit.shortcut.match.proj.kernel[...]
+  a = jax.nn.relu(_bn(x))
+  h = _strided_conv(a, ws[0], 2)
+  h = _strided_conv(jax.nn.relu(_bn(h)), ws[1], 1)
+  h = _strided_conv(jax.nn.relu(_bn(h)), ws[2], 1)
+  expected = a[:, ::2, ::2] @ proj + h
+  # float32 sums of at most 36 O(1) products per conv, through BN: about 1e-6; 1e-4 is a margin.
+  np.testing.assert_allclose(unit(x, train=True), expected, rtol=1e-4, atol=1e-4)
 
 
 def test_layout_errors_are_one_line():

@@ -339,11 +339,13 @@ def test_placements_follow_the_documented_order():
 
 
 def test_preact_first_unit_skips_its_preactivation():
-  """skip_preact: the stem's BN-ReLU already ran, so the first conv sees x as it is."""
+  """skip_preact: the stem's BN-ReLU already ran, so the first conv sees x as it is, and the unit
+  has no BN there (one BN, before its second conv)."""
   x = _normal((2, 6, 6, 4))
   w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
   unit = resnet.Unit(4, 4, 1, kind='basic', placement='preact', shortcut=_shortcut(),
                      skip_preact=True, rngs=_rngs())
+  assert len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w1)
   unit.convs[1].kernel.set_value(w2)
   expected = x + _conv(jax.nn.relu(_bn(_conv(x, w1))), w2)

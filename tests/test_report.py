@@ -263,29 +263,42 @@ def _compare_config(runs, **extra):
   return c
 
 
-def test_welch_p_matches_the_textbook_value():
-  # t = (mean_a - mean_b) / sqrt(s_a^2/n_a + s_b^2/n_b) = -3 / sqrt(1/3 + 1/3) = -3.674;
-  # Welch-Satterthwaite df = 4; two-sided p = 0.02131 for t = 3.674 at 4 df.
-  assert report.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.02131, abs=2e-5)
-  assert report.welch_p([1.0], [2.0, 3.0]) is None
-  assert report.welch_p([2.0, 2.0], [2.0, 2.0]) == 1.0
+def test_paired_p_matches_the_textbook_value():
+  # d = a - b = (-1, -2, -3): mean -2, sd 1, t = -2 / (1 / sqrt 3) = -3.464 at 2 df. For 2 df,
+  # P(T > t) = (1 - t / sqrt(t^2 + 2)) / 2 = 0.0371, so the two-sided p is 0.0742.
+  a = {0: 1.0, 1: 2.0, 2: 3.0, 9: 50.0}  # seed 9 has no partner: left out
+  b = {0: 2.0, 1: 4.0, 2: 6.0, 4: 0.0}
+  p, mean_d = report.paired_p(a, b)
+  assert p == pytest.approx(1 - 12 ** 0.5 / 14 ** 0.5, abs=1e-9) and mean_d == -2.0
+  assert report.paired_p({0: 1.0, 1: 2.0}, {0: 1.5, 5: 2.0}) == (None, -0.5)
+  assert report.paired_p({0: 1.0}, {1: 1.0}) == (None, None)
+  # No spread in d: the sign decides, and identical rows are no difference at all.
+  assert report.paired_p({0: 1.0, 1: 2.0}, {0: 2.0, 1: 3.0}) == (0.0, -1.0)
+  assert report.paired_p({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == (1.0, 0.0)
 
 
 def test_comparison_table_gives_mean_std_delta_and_p_against_the_baseline(tmp_path):
   wd = str(tmp_path)
-  for seed, (b, v, same) in enumerate([(3.00, 2.90, 3.01), (3.02, 2.91, 2.99), (3.01, 2.92, 3.00)]):
+  # The rows' values overlap across seeds (seed 1 is harder for every row), but seed by seed the
+  # value residual is always 0.05 ahead: a paired test sees it, an unpaired one would not.
+  for seed, (b, v, same) in enumerate([(3.00, 2.95, 3.01), (3.20, 3.14, 3.18),
+                                       (3.10, 3.06, 3.11)]):
     _write_loss(wd, 'base', seed, b)
     _write_loss(wd, 'vr', seed, v)
     _write_loss(wd, 'noop', seed, same)
+  _write_loss(wd, 'vr', 3, 9.0)  # no baseline seed 3: not paired, though it counts in the mean
   cfg = _compare_config([dict(name='base', label='baseline', paper=3.3274),
                          dict(name='vr', label='value residual', paper=3.3151),
                          dict(name='noop', label='no-op')], baseline='base')
   md, png = _report(tmp_path, cfg)
   assert open(png, 'rb').read(8) == PNG_MAGIC
+  assert '| Δ vs baseline (mean paired difference) | p (two-sided paired t-test) |' in md
   base, vr, noop = _cells(md, 'baseline'), _cells(md, 'value residual'), _cells(md, 'no-op')
-  assert base[1:] == ['3.3274', '3.0100 ± 0.0100 (n=3)', '—', '—']
-  assert vr[1:3] == ['3.3151', '2.9100 ± 0.0100 (n=3)'] and vr[3] == '-0.1000'
-  assert float(vr[4]) < 1e-3 and float(noop[4]) > 0.05  # noop: mean 3.00 vs 3.01, p = 0.29
+  assert base[1:] == ['3.3274', '3.1000 ± 0.1000 (n=3)', '—', '—']
+  assert vr[1:3] == ['3.3151', '4.5375 ± 2.9760 (n=4)'] and vr[3] == '-0.0500'
+  # d = (-0.05, -0.06, -0.04): t = -8.66 at 2 df, p = 0.013; Welch's test on the same values
+  # gives 0.56. noop: d = (0.01, -0.02, 0.01), mean 0, p = 1.
+  assert 0.01 < float(vr[4]) < 0.02 and float(noop[4]) > 0.5
   assert 'value residual: better than baseline' in md
   assert 'no-op: no significant difference from baseline at this scale' in md
 

@@ -5,10 +5,12 @@
 The architecture of ``resjax.models.resnet`` for the bench's rows: CIFAR ResNets (3x3 stem, stages
 at 16/32/64) and ImageNet ResNets (7x7/2 stem and 3x3/2 max pool, stages at 64..512); basic or
 bottleneck units (stride on the 3x3); post-activation (ResNet-v1) or full pre-activation
-(ResNet-v2: stem BN-ReLU, the first unit without its own pre-activation, projections fed the
-pre-activated input, a final BN-ReLU); shortcut option A (subsample, zero channels) or B (1x1
-projection + BN where the shape changes); bias-free He-normal (fan-out) convolutions; BN momentum
-0.1 (the Torch convention for resjax's 0.9) and epsilon 1e-5; a Dense head with bias.
+(ResNet-v2: stem BN-ReLU, the first unit without its own pre-activation or a BN for it, projections
+fed the pre-activated input, a final BN-ReLU); shortcut option A (subsample, zero channels) or B
+(1x1 projection + BN where the shape changes); bias-free He-normal (fan-out) convolutions; BN
+momentum 0.1 (the Torch convention for resjax's 0.9) and epsilon 1e-5; a Dense head with bias.
+CIFAR pre-activation bottleneck nets (ResNet-164, ResNet-1001) are resnet-pre-act.lua's, as in
+resjax: the stride on the first 1x1 conv and projections without BN.
 
 The step: gather the batch from a uint8 training set on the device, ``x / 255 - mean``, 4-pixel
 zero pad + random crop + horizontal flip per example (CIFAR rows), forward, cross-entropy,
@@ -57,9 +59,11 @@ def batch_norm(features: int) -> nn.BatchNorm2d:
 
 
 class Shortcut(nn.Module):
-  """Option A: subsample and zero-pad channels. Option B: 1x1 projection + BN where the shape changes."""
+  """Option A: subsample and zero-pad channels. Option B: 1x1 projection + BN where the shape changes
+  (without the BN where ``norm`` is False)."""
 
-  def __init__(self, in_features: int, out_features: int, stride: int, option: str):
+  def __init__(self, in_features: int, out_features: int, stride: int, option: str,
+               norm: bool = True):
     super().__init__()
     changes = stride != 1 or in_features != out_features
     self.stride, self.extra = stride, out_features - in_features
@@ -68,11 +72,12 @@ class Shortcut(nn.Module):
       raise ConfigError(f"shortcut option {option!r}: the torch reference has A and B")
     if self.projects:
       self.proj = conv(in_features, out_features, 1, stride)
-      self.norm = batch_norm(out_features)
+      self.norm = batch_norm(out_features) if norm else None
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     if self.projects:
-      return self.norm(self.proj(x))
+      x = self.proj(x)
+      return x if self.norm is None else self.norm(x)
     if self.stride != 1:
       x = x[:, :, ::self.stride, ::self.stride]
     if self.extra:
@@ -81,31 +86,38 @@ class Shortcut(nn.Module):
 
 
 class Unit(nn.Module):
+  """``stride_first``: a bottleneck strides its first 1x1 conv, not its 3x3. ``projection_norm``:
+  whether a projecting shortcut has a BN. A pre-act unit that skips its first pre-activation has no
+  BN there, so ``norms[i - norm_offset]`` acts before conv i (as resjax's Unit)."""
+
   def __init__(self, in_features: int, width: int, stride: int, *, unit: str, placement: str,
-               option: str, skip_preact: bool):
+               option: str, skip_preact: bool, stride_first: bool = False,
+               projection_norm: bool = True):
     super().__init__()
     if unit == "basic":
       layers = [(3, width, stride), (3, width, 1)]
-    else:  # bottleneck; the stride sits on the 3x3 convolution, as in resjax
-      layers = [(1, width, 1), (3, width, stride), (1, width * BOTTLENECK_EXPANSION, 1)]
+    else:  # bottleneck, strided on its 1x1 or its 3x3 convolution, as in resjax
+      s1, s3 = (stride, 1) if stride_first else (1, stride)
+      layers = [(1, width, s1), (3, width, s3), (1, width * BOTTLENECK_EXPANSION, 1)]
     features = [in_features] + [f for _, f, _ in layers]
     self.convs = nn.ModuleList(conv(features[i], f, k, s) for i, (k, f, s) in enumerate(layers))
     norm_features = features[:-1] if placement == "preact" else features[1:]
-    self.norms = nn.ModuleList(batch_norm(f) for f in norm_features)
-    self.shortcut = Shortcut(in_features, features[-1], stride, option)
+    self.norm_offset = int(placement == "preact" and skip_preact)
+    self.norms = nn.ModuleList(batch_norm(f) for f in norm_features[self.norm_offset:])
+    self.shortcut = Shortcut(in_features, features[-1], stride, option, norm=projection_norm)
     self.placement, self.skip_preact = placement, skip_preact
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
     carried, h, last = x, x, len(self.convs) - 1
-    for i, (conv_i, norm_i) in enumerate(zip(self.convs, self.norms)):
+    for i, conv_i in enumerate(self.convs):
       if self.placement == "preact":
         if not (i == 0 and self.skip_preact):
-          h = F.relu(norm_i(h))
+          h = F.relu(self.norms[i - self.norm_offset](h))
         if i == 0 and self.shortcut.projects:
           carried = h  # projections take the pre-activated input
         h = conv_i(h)
       else:
-        h = norm_i(conv_i(h))
+        h = self.norms[i](conv_i(h))
         if i < last:
           h = F.relu(h)
     y = self.shortcut(carried) + h
@@ -138,13 +150,16 @@ class ResNet(nn.Module):
       self.stem = conv(in_channels, stem_width, 3)
       self.pool = nn.Identity()
     preact = placement == "preact"
+    # CIFAR pre-act bottleneck nets: resnet-pre-act.lua's units (resjax.models.resnet.CifarResNet).
+    resnet_1k = not imagenet and unit == "bottleneck" and preact
     self.stem_norm = batch_norm(stem_width)
     units, features = [], stem_width
     for s, (n, width, stride) in enumerate(zip(counts, widths, strides)):
       for j in range(n):
         units.append(Unit(features, width, stride if j == 0 else 1, unit=unit,
                           placement=placement, option=option,
-                          skip_preact=preact and s == 0 and j == 0))
+                          skip_preact=preact and s == 0 and j == 0, stride_first=resnet_1k,
+                          projection_norm=not resnet_1k))
         features = width * (BOTTLENECK_EXPANSION if unit == "bottleneck" else 1)
     self.units = nn.Sequential(*units)
     self.final_norm = batch_norm(features) if preact else None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import math
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from resjax.errors import ConfigError
 
@@ -47,16 +48,19 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(out)
 
 
-def row(name: str, label: str, *, paper_error: float | None = None, paper_failed: bool = False,
-        paper: float | None = None, series: str | None = None, x: float | None = None,
-        **overrides) -> ml_collections.ConfigDict:
+def row(name: str, label: str, overrides: dict | None = None, *,
+        paper_error: float | None = None, paper_failed: bool = False, paper: float | None = None,
+        series: str | None = None, x: float | None = None, **keyword_overrides
+        ) -> ml_collections.ConfigDict:
   """One row of a paper table: a run name, its label, the paper's number and its config overrides.
 
   ``paper_error`` / ``paper_failed``: the paper's test error % (or "fail") for error tables;
   ``paper``: the paper's value of the experiment's metric otherwise (e.g. a validation loss).
   ``series`` and ``x``: for figures of a metric against a swept quantity (a line per series).
-  Overrides are dotted keys written with "__" for "." (``model__shortcut__name="scaling"``).
+  Overrides are a dict of dotted keys (``{"model.shortcut.name": "scaling"}``), or keywords with
+  "__" for "." (``model__depth=56``).
   """
+  overrides = {**(overrides or {}), **keyword_overrides}
   return ml_collections.ConfigDict({
       "name": name, "label": label, "paper_error": paper_error, "paper_failed": paper_failed,
       "paper": paper if paper is not None else paper_error, "series": series, "x": x,
@@ -125,11 +129,25 @@ def to_steps(amount: float, unit: str, *, train_size: int, batch_size: int) -> i
 
 
 def schedule_steps(config, train_size: int) -> dict[str, object]:
-  """Total, warm-up and decay boundaries of ``config.schedule`` in steps."""
+  """Total, warm-up and decay boundaries of ``config.schedule`` in steps.
+
+  ``warmup_until_error`` (a training error in %, optional) is ResNet-v1's warm-up rule: the warm-up
+  LR is held until the running training error falls below it, and ``warmup`` becomes the cap.
+  """
   s = config.schedule
   conv = lambda v: to_steps(v, s.unit, train_size=train_size, batch_size=config.batch_size)
-  return {"total": conv(s.total), "warmup": conv(s.get("warmup", 0) or 0),
-          "boundaries": [conv(b) for b in s.get("boundaries", ())]}
+  out = {"total": conv(s.total), "warmup": conv(s.get("warmup", 0) or 0),
+         "boundaries": [conv(b) for b in s.get("boundaries", ())],
+         "warmup_until_error": s.get("warmup_until_error", None)}
+  until = out["warmup_until_error"]
+  if until is not None:
+    if isinstance(until, bool) or not isinstance(until, (int, float)) or not 0 < until <= 100:
+      raise ConfigError(f"config.schedule.warmup_until_error={until!r} must be a training error "
+                        "in % in (0, 100], e.g. 80.0 (or None for a fixed-length warm-up)")
+    if out["warmup"] <= 0:
+      raise ConfigError("config.schedule.warmup_until_error needs a cap on the warm-up: set "
+                        "config.schedule.warmup to a positive duration (in the schedule's unit)")
+  return out
 
 
 
@@ -141,8 +159,12 @@ def schedule_steps(config, train_size: int) -> dict[str, object]:
 def cifar_resnet_recipe(**model) -> ml_collections.ConfigDict:
   """ResNet-v2's CIFAR-10 recipe (He et al. 2016): 64k iterations at batch 128, LR 0.1 divided by 10
   at 32k and 48k, 400 warm-up iterations at 0.01, momentum 0.9, L2 1e-4, pad 4 + crop + flip,
-  per-pixel mean subtracted; 5 seeds, median reported; "fail" above 20% test error."""
-  from ml_collections.config_dict import placeholder
+  per-pixel mean subtracted; 5 seeds, median reported; "fail" above 20% test error.
+
+  Shortcuts are option A, as ResNet-v1 §4.2 used on CIFAR ("identity shortcuts in all cases") and
+  ResNet-v2 kept for its 110-layer net; rows of bottleneck nets set option B, the projections
+  ResNet-v2 used for them.
+  """
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_seeds = 5
@@ -153,12 +175,13 @@ def cifar_resnet_recipe(**model) -> ml_collections.ConfigDict:
   c.model = ml_collections.ConfigDict(dict(
       name="cifar_resnet", depth=110, unit="basic", placement="post", widths=(16, 32, 64),
       scan=True, conv_impl="auto", zero_init_residual=False,
-      shortcut=dict(name="identity", option="B", scale=1.0, branch_scale=1.0, gate_bias=0.0,
+      shortcut=dict(name="identity", option="A", scale=1.0, branch_scale=1.0, gate_bias=0.0,
                     dropout_rate=0.5)))
   c.model.update(model)
   c.batch_size = 128
   c.schedule = ml_collections.ConfigDict(dict(
-      unit="iterations", total=64_000, boundaries=(32_000, 48_000), warmup=400))
+      unit="iterations", total=64_000, boundaries=(32_000, 48_000), warmup=400,
+      warmup_until_error=placeholder(float)))
   c.optim = ml_collections.ConfigDict(dict(
       name="sgd", lr=0.1, warmup_lr=0.01, decay="step", decay_factor=0.1, momentum=0.9,
       weight_decay=1e-4))

@@ -62,12 +62,13 @@ def describe(config) -> list[dict]:
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import fileio, inspect_model, report, tasks, train
+  from resjax import claims, fileio, inspect_model, report, tasks, train
   resolved = resolved_runs(config)
-  # Check every run's config and data before training any or writing anything, so a typo in
-  # row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
+  # Check every run's config, the claims and the data before training any or writing anything,
+  # so a typo in row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
   for _, rc in resolved:
     inspect_model.check(rc)
+  claims.check(config)
   task_of = tasks.load_all(rc for _, rc in resolved)
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)

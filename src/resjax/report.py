@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from resjax import fileio
+from resjax import claims, fileio
 
 _SEED_DIR = re.compile(r'seed(\d+)')
 # A failed summary whose reason names nan/inf diverged, even if `final` kept an older eval.
@@ -354,17 +354,27 @@ def _atomic_write(path: str, write) -> None:
 
 # ------------------------------------------------------------------------- comparison tables
 # For experiments whose claim is "row X beats the baseline" (a loss, several seeds): mean ± std,
-# the difference to the baseline row and Welch's t-test p-value, instead of fail / not fail.
+# the difference to the baseline row and a paired t-test p-value, instead of fail / not fail.
+# Rows train the same seed ids on the same data streams, so seed k of one row is compared with
+# seed k of the other: the seed-to-seed spread they share cancels.
 
 
-def welch_p(a: list[float], b: list[float]) -> float | None:
-  """Two-sided p-value of Welch's t-test; None with fewer than two values on either side."""
-  if len(a) < 2 or len(b) < 2:
-    return None
-  from scipy import stats
-  if np.std(a) == 0 and np.std(b) == 0:
-    return 1.0 if np.mean(a) == np.mean(b) else 0.0
-  return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+def finished_values(row: RowResult, metric: str) -> dict[int, float]:
+  """Seed id -> final value of the row's finished seeds that did not diverge."""
+  return {s: v for s, v in claims.seed_values(row, metric).items() if math.isfinite(v)}
+
+
+def paired_p(a: dict[int, float], b: dict[int, float]) -> tuple[float | None, float | None]:
+  """(two-sided paired t-test p of a - b, mean of a - b) over the seed ids in both.
+
+  p is None below two pairs, the mean None without any.
+  """
+  seeds = sorted(set(a) & set(b))
+  d = [a[s] - b[s] for s in seeds]
+  if len(d) < 2:
+    return None, (float(d[0]) if d else None)
+  p_up, p_down = claims.one_sided_p(d)
+  return min(1.0, 2 * min(p_up, p_down)), float(np.mean(d))
 
 
 def _mean_std(values: list[float]) -> str:
@@ -403,8 +413,10 @@ def render_comparison(rows: list[RowResult], config) -> str:
             'baseline and whether they are significant.', '']
   against = (f'the {ref_series} row at the same {config.get("x_label", "x")}'
              if ref_series is not None else 'the baseline')
-  out += [f'Δ and p compare each row with {against}.', '',
-          f'| Run | Paper | Ours {metric} | Δ vs baseline | p (Welch t-test) |', '|---|---|---|---|---|']
+  out += [f'Δ and p compare each row with {against}, seed by seed over the seeds both finished '
+          '(rows share seed ids and data streams).', '',
+          f'| Run | Paper | Ours {metric} | Δ vs baseline (mean paired difference) | '
+          'p (two-sided paired t-test) |', '|---|---|---|---|---|']
   for r in rows:
     base = baseline_of(r)
     vals = [e for e in r.errors if math.isfinite(e)]
@@ -413,11 +425,10 @@ def render_comparison(rows: list[RowResult], config) -> str:
     if r.running:
       ours += ' (running)'
     delta = p = '—'
-    if base is not None and r is not base and vals:
-      bvals = [e for e in base.errors if math.isfinite(e)]
-      if bvals:
-        delta = f'{np.mean(vals) - np.mean(bvals):+.4f}'
-        p = _fmt_p(welch_p(vals, bvals))
+    if base is not None and r is not base:
+      pval, mean_d = paired_p(finished_values(r, metric), finished_values(base, metric))
+      delta = '—' if mean_d is None else f'{mean_d:+.4f}'
+      p = _fmt_p(pval)
     paper = '—' if r.paper_value is None else f'{r.paper_value:g}'
     out.append('| ' + ' | '.join(_cell(c) for c in (r.label, paper, ours, delta, p)) + ' |')
   alpha = config.get('alpha', 0.05)
@@ -425,16 +436,15 @@ def render_comparison(rows: list[RowResult], config) -> str:
   for r in rows:
     base = baseline_of(r)
     if base is not None and r is not base:
-      vals = [e for e in r.errors if math.isfinite(e)]
-      bvals = [e for e in base.errors if math.isfinite(e)]
-      p = welch_p(vals, bvals)
+      p, mean_d = paired_p(finished_values(r, metric), finished_values(base, metric))
       if p is not None:
-        word = ('better' if np.mean(vals) < np.mean(bvals) else 'worse') if p < alpha else None
+        word = ('better' if mean_d < 0 else 'worse') if p < alpha else None
         sig.append(f'{r.label}: ' + (f'{word} than {base.label} (p={p:.3g})' if word else
                                      f'no significant difference from {base.label} at this '
                                      f'scale (p={p:.3g})'))
   if sig:
-    out += ['', f'Significance at alpha={alpha:g} (Welch t-test over seeds):', '']
+    out += ['', f'Significance at alpha={alpha:g} (two-sided paired t-test over shared seeds):',
+            '']
     out += [f'- {line}' for line in sig]
   n_seeds = sum(len(r.seeds) for r in rows)
   wall = row_wall_time(rows)
@@ -527,8 +537,9 @@ def write_report(workdir: str, config) -> tuple[str, str]:
   """Writes WORKDIR/results.md and WORKDIR/figure.png; returns (md_path, png_path).
 
   ``config.report``: "failure" (the paper's fail / not fail table, the default) or "compare"
-  (mean ± std against ``config.baseline`` with a t-test). ``config.figure``: "curves" (training
-  curves, the default) or "against_x" (final metric against the rows' ``x``, a line per series).
+  (mean ± std against ``config.baseline`` with a paired t-test). ``config.figure``: "curves"
+  (training curves, the default) or "against_x" (final metric against the rows' ``x``, a line per
+  series). With ``config.claims`` set, either kind ends with the Claims section (resjax.claims).
   """
   fileio.makedirs(workdir)
   rows = collect_rows(workdir, config)
@@ -538,6 +549,9 @@ def write_report(workdir: str, config) -> tuple[str, str]:
     text = render_comparison(rows, config)
   else:
     text = render_markdown(rows, config) + '\n'.join(against_x_summary(rows, config))
+  if config.get('claims', None):
+    section = claims.render(claims.evaluate(rows, config), config)
+    text = text.rstrip('\n') + '\n\n' + '\n'.join(section)
   plot = plot_against_x if config.get('figure', 'curves') == 'against_x' else plot_figure
   _atomic_write(md_path, lambda f: f.write(text.encode('utf-8')))
   _atomic_write(png_path, lambda f: plot(rows, config, f))

@@ -76,8 +76,12 @@ def stack(trees: list):
   return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
 
 
-def init_state(config, task, seeds: list[int], tx):
-  """The stacked train state of one replica per seed, and the model's graphdef."""
+def init_state(config, task, seeds: list[int], tx, warmup: WarmupRule | None = None):
+  """The stacked train state of one replica per seed, and the model's graphdef.
+
+  With ResNet-v1's warm-up rule the state also holds each replica's running training error and
+  the step its warm-up ended (``state["warmup"]``), so a checkpoint carries them.
+  """
   params, rests = [], []
   for seed in seeds:
     graphdef, p, r = split_model(build_model(config, task, seed))
@@ -86,6 +90,8 @@ def init_state(config, task, seeds: list[int], tx):
   params = stack(params)
   state = {"step": jnp.zeros((len(seeds),), jnp.int32), "params": params, "rest": stack(rests),
            "opt": jax.vmap(tx.init)(params)}
+  if warmup is not None:
+    state["warmup"] = warmup.init(len(seeds))
   return graphdef, state
 
 
@@ -94,7 +100,12 @@ def init_state(config, task, seeds: list[int], tx):
 # ------------------------------------------------------------------------------------------------
 
 def learning_rate(optim, steps: dict) -> optax.Schedule:
-  """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay."""
+  """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay.
+
+  Under the warm-up rule (``steps["warmup_until_error"]``) each replica decides in the step when
+  its warm-up ends (``WarmupRule``); this is then the schedule after the warm-up: step decays at
+  their boundaries, cosine and linear decays from the cap, wherever the warm-up ended.
+  """
   warmup, total = steps["warmup"], steps["total"]
   decay = optim.get("decay", "step")
   if decay == "step":
@@ -112,12 +123,79 @@ def learning_rate(optim, steps: dict) -> optax.Schedule:
   else:
     raise ConfigError(f"unknown LR decay {decay!r}: set config.optim.decay to step, cosine, "
                       "linear or constant")
+  if steps.get("warmup_until_error") is not None:
+    if optim.get("warmup_shape", "constant") != "constant":
+      raise ConfigError("config.schedule.warmup_until_error holds a constant warm-up LR: set "
+                        "config.optim.warmup_shape to constant or drop warmup_until_error")
+    return main
   if not warmup:
     return main
   if optim.get("warmup_shape", "constant") == "linear":
     return lambda s: jnp.where(s < warmup, optim.lr * (s + 1) / warmup, main(s))
   warm_lr = optim.get("warmup_lr", optim.lr)
   return lambda s: jnp.where(s < warmup, warm_lr, main(s))
+
+
+# ResNet-v1 (He et al. 2015, 4.2) warms the 110-layer net up at 0.01 "until the training error is
+# below 80% (about 400 iterations)". The running training error is an exponential moving average
+# of the per-step batch error, r <- (1 - 1/tau) r + e / tau, started at 100% (no evidence yet).
+# tau = 20 steps: one batch of 128 at 80% error is noisy by 3.5 points, the average by about 0.6,
+# so no lucky batch ends the warm-up, and its lag (~tau steps) is small against the paper's ~400.
+# From 100%, even a net at 0% error needs 5 steps to get below 80%.
+WARMUP_ERROR_TAU = 20.0
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupRule:
+  """Hold ``warmup_lr`` until the running training error is below ``until_error`` % or ``cap``
+  steps have passed, whichever comes first, per replica; then the schedule ``lr`` applies.
+
+  The optimizer always runs ``lr`` (its decay boundaries in absolute steps); while a replica warms
+  up, its updates are scaled by warmup_lr / lr(step). Every group the rule scales ends in a
+  multiplication by the LR (momentum SGD with L2 in the gradient, Adam, AdamW's decoupled decay),
+  so this is exactly a step at warmup_lr, up to float32 rounding.
+  """
+  until_error: float
+  cap: int
+  warmup_lr: float
+  lr: Any  # the optax schedule the optimizer runs
+  groups: tuple[str, ...]  # the parameter groups whose LR is ``lr``
+  tau: float = WARMUP_ERROR_TAU
+
+  def init(self, replicas: int) -> dict:
+    # end_step: the first step at the schedule's LR, -1 while warming up.
+    return {"error": jnp.full((replicas,), 100.0, jnp.float32),
+            "end_step": jnp.full((replicas,), -1, jnp.int32)}
+
+  def update(self, warm: dict, step, batch_error):
+    """One replica at ``step`` with this step's batch error (%, measured before its update):
+    the new warm-up state and the factor on this step's updates."""
+    decay = 1.0 - 1.0 / self.tau
+    error = decay * warm["error"] + (1.0 - decay) * batch_error
+    ends = (warm["end_step"] < 0) & ((error < self.until_error) | (step >= self.cap))
+    end_step = jnp.where(ends, step, warm["end_step"]).astype(jnp.int32)
+    lr = self.lr(step)
+    # An LR of 0 moves nothing whatever it is scaled by: leave it alone rather than divide by 0.
+    factor = jnp.where((end_step < 0) & (lr > 0), self.warmup_lr / jnp.where(lr > 0, lr, 1.0), 1.0)
+    return {"error": error, "end_step": end_step}, factor
+
+  def lr_used(self, step: int, end_step: int) -> float:
+    """The LR (of the weights' group) that a replica whose warm-up ended at ``end_step`` used."""
+    return self.warmup_lr if end_step < 0 or step < end_step else float(self.lr(step))
+
+
+def warmup_rule(optim, steps: dict) -> WarmupRule | None:
+  """The warm-up rule of ``steps`` (``configs.schedule_steps``), or None for a fixed warm-up."""
+  until = steps.get("warmup_until_error")
+  if until is None:
+    return None
+  # As in make_optimizer: AdamW's scalars at their own scalar_lr are outside the LR schedule,
+  # so neither a fixed warm-up nor this rule changes their LR.
+  follows = optim.get("name", "sgd") == "sgd" or not optim.get("scalar_lr", None)
+  return WarmupRule(until_error=float(until), cap=int(steps["warmup"]),
+                    warmup_lr=float(optim.get("warmup_lr", optim.lr)),
+                    lr=learning_rate(optim, steps),
+                    groups=("weights", "scalars") if follows else ("weights",))
 
 
 def _decay_mask(weights):
@@ -169,8 +247,12 @@ def new_window(replicas: int):
           "first_bad_step": jnp.full((replicas,), -1, jnp.int32)}
 
 
-def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays, *, mesh=None):
-  """One optimizer step of one replica on ``batch`` (the task's host batch for this step)."""
+def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays, *, mesh=None,
+               warmup: WarmupRule | None = None):
+  """One optimizer step of one replica on ``batch`` (the task's host batch for this step).
+
+  ``warmup``: ResNet-v1's warm-up rule, whose per-replica state is ``state["warmup"]``.
+  """
   step = state["step"]
   x, y = task.train_inputs(arrays, batch, jax.random.fold_in(aug_key, step))
   if mesh is not None:  # each device computes its own rows of what was gathered from `arrays`
@@ -186,18 +268,24 @@ def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays, *, mes
   (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], state["rest"])
   updates, opt = tx.update(grads, state["opt"], state["params"])
-  params = optax.apply_updates(state["params"], updates)
-  bad = ~jnp.isfinite(loss)
   count = jnp.asarray(y.size, jnp.float32)
+  errors = jnp.sum(jnp.argmax(logits, -1) != y)
+  new = {"step": step + 1, "rest": rest, "opt": opt}
+  if warmup is not None:  # a replica still warming up steps at warmup_lr
+    new["warmup"], factor = warmup.update(state["warmup"], step, 100.0 * errors / count)
+    scale = lambda tree: jax.tree.map(lambda u: (u * factor).astype(u.dtype), tree)
+    updates = {g: scale(u) if g in warmup.groups else u for g, u in updates.items()}
+  new["params"] = optax.apply_updates(state["params"], updates)
+  bad = ~jnp.isfinite(loss)
   window = {
       "loss": window["loss"] + loss * count,
-      "errors": window["errors"] + jnp.sum(jnp.argmax(logits, -1) != y),
+      "errors": window["errors"] + errors,
       "count": window["count"] + count,
       # Counted in steps done, as metrics.jsonl and summary.json count them.
       "first_bad_step": jnp.where((window["first_bad_step"] < 0) & bad, step + 1,
                                   window["first_bad_step"]),
   }
-  return {"step": step + 1, "params": params, "rest": rest, "opt": opt}, window
+  return new, window
 
 
 def eval_step(graphdef, task, state, batch, valid, arrays):
@@ -312,7 +400,8 @@ class MetricsLog:
   def write(self, step: int, values: dict) -> None:
     if not self.enabled:
       return
-    values = {k: float(v) for k, v in values.items()}
+    # Counts (a step) stay ints; everything else is a float (numpy scalars included).
+    values = {k: v if type(v) is int else float(v) for k, v in values.items()}
     self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
     if self.tb is not None:
       for k, v in values.items():
@@ -378,7 +467,8 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   # Model, optimizer, state: parameters replicated or FSDP-sharded by config.sharding_rules.
   tx = make_optimizer(config, steps)
   lr_at = learning_rate(config.optim, steps)
-  graphdef, state = init_state(config, task, seeds, tx)
+  warmup = warmup_rule(config.optim, steps)
+  graphdef, state = init_state(config, task, seeds, tx, warmup)
   state_sh = sharding.state_shardings(
       state, mesh, config.get("sharding_rules", sharding.DEFAULT_RULES),
       fsdp_min_size=config.get("fsdp_min_size", sharding.FSDP_MIN_SIZE), replica_axis=True)
@@ -386,7 +476,8 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
 
   # Steps, vmapped over replicas; the data arrays are shared. The state is donated.
   aug_keys = sharding.put_global(jnp.stack([stream_key(s, 1) for s in seeds]), repl)
-  step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task, mesh=mesh),
+  step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task, mesh=mesh,
+                                               warmup=warmup),
                              in_axes=(0, 0, 0, 0, None)),
                     in_shardings=(state_sh, repl, batch_sh, repl, repl),
                     out_shardings=(state_sh, repl), donate_argnums=(0, 1))
@@ -421,6 +512,8 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
                disable=None, leave=False)
   last_train: list[dict] = [{} for _ in seeds]
   last_eval: list[dict] = [{} for _ in seeds]
+  # The warm-up rule's end step goes into metrics.jsonl once, on the first line after it.
+  end_logged = [int(e) >= 0 for e in warmup_ends(state)] if warmup else []
   step = start
   t_window = time.time()
   with sigterm_saves():
@@ -437,6 +530,8 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
         window = sharding.put_global(new_window(replicas), repl)
         dt = time.time() - t_window
         t_window = time.time()
+        if warmup is not None:
+          warm = sharding.to_host(state["warmup"])
         for k in range(replicas):
           if not alive[k]:
             continue
@@ -453,6 +548,14 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
                            "examples_per_s": float(w["count"][k]) / max(dt, 1e-9)}
           if task.kind == "text":
             last_train[k]["train_bpb"] = tasks.bits_per_byte(loss)
+          if warmup is not None:  # this replica's own LR, and its running error while it warms
+            end = int(warm["end_step"][k])
+            last_train[k]["lr"] = warmup.lr_used(step - 1, end)
+            if end < 0 or not end_logged[k]:
+              last_train[k]["warmup_error"] = float(warm["error"][k])
+            if end >= 0 and not end_logged[k]:
+              last_train[k]["warmup_end_step"] = end
+              end_logged[k] = True
           logs[k].write(step, last_train[k])
         if not any(alive):
           break
@@ -480,8 +583,12 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
     last_eval = [{"step": step, **r} for r in results]
   threshold = config.get("failure_error", None)
+  ends = warmup_ends(state) if warmup else []
   for k, summary in enumerate(summaries):
     summary["wall_s"] = wall
+    if warmup is not None:  # None: the run stopped while this replica was still warming up
+      summary["warmup_end_step"] = ends[k] if ends[k] >= 0 else None
+      summary["warmup_hit_cap"] = ends[k] == warmup.cap if ends[k] >= 0 else None
     if not alive[k]:
       continue
     summary["steps"] = step
@@ -506,6 +613,11 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     for d, summary in zip(run_dirs, summaries):
       write_json(os.path.join(d, "summary.json"), summary)
   return summaries, state
+
+
+def warmup_ends(state) -> list[int]:
+  """Each replica's first step after the warm-up rule's warm-up, -1 while it still warms up."""
+  return [int(e) for e in sharding.to_host(state["warmup"]["end_step"])]
 
 
 def replica(state, k: int):

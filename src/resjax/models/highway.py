@@ -13,11 +13,14 @@ Defaults of the ``highway`` model family (``config.model``), each one overridabl
 * ``shortcut.gate="conv"``, ``gate_kernel=3``: T from a 3x3 convolution, the receptive field of H;
 * ``shortcut.gate_bias`` unset: -1, -2, -3 for depth about 10, 20, 30 and beyond (the paper's
   rule of thumb for conv nets); ``shortcut.option="B"`` where the shape changes;
-* ``width_multiplier`` scales the stem and every stage width.
+* ``width_multiplier`` scales the stage widths; the stem keeps ``widths[0]`` channels.
 
-``HIGHWAY_110_2024`` is the 2024 re-run's Highway-110 (REFERENCE.md section 3): ResNet-110's 54
-post-activation basic units, the gate from a two-conv branch (conv-BN-ReLU-conv-BN) whose last BN
-bias starts at -6, option B, widths x0.875.
+``HIGHWAY_110_2024`` is the 2024 re-run's Highway-110, as in its code (flukeskywalker/
+highway-resnet-comparison, resnet.py): 54 basic units whose H is conv-BN-ReLU-conv-BN-ReLU and
+whose gated sum x + T (H - x) has no ReLU after it (lines 116-125: ``relu_before_add``); the gate
+from a two-conv branch (conv-BN-ReLU-conv-BN) whose last BN bias starts at -6 (lines 96-100);
+option B (line 89); stages at int(0.875 w) = 14/28/56 channels after a 16-channel stem
+(lines 131-139). 2,649,918 parameters on CIFAR-10, the count its log reports.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from flax import nnx
 from resjax.models import resnet
 
 HIGHWAY_110_2024 = dict(
-    name="highway", depth=110, unit="basic", placement="post", width_multiplier=0.875,
+    name="highway", depth=110, unit="basic", placement="relu_before_add", width_multiplier=0.875,
     shortcut=dict(name="highway", option="B", gate="two_conv", gate_kernel=3, gate_bias=-6.0))
 
 
@@ -56,6 +59,7 @@ def shortcut_config(model_cfg) -> ml_collections.ConfigDict:
 
 
 def widths(model_cfg) -> tuple[int, ...]:
+  """The stage widths, scaled by ``width_multiplier`` (the stem's stays ``widths[0]``)."""
   m = float(model_cfg.get("width_multiplier", 1.0))
   return tuple(int(round(w * m)) for w in model_cfg.get("widths", (16, 32, 64)))
 
@@ -66,7 +70,8 @@ def from_config(model_cfg, *, num_classes: int, in_channels: int,
       depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
       shortcut=shortcut_config(model_cfg), unit=model_cfg.get("unit", "single"),
       placement=model_cfg.get("placement", "relu_before_add"), widths=widths(model_cfg),
-      scan=model_cfg.get("scan", True), conv_impl=model_cfg.get("conv_impl", "auto"),
+      stem_width=model_cfg.get("widths", (16, 32, 64))[0], scan=model_cfg.get("scan", True),
+      conv_impl=model_cfg.get("conv_impl", "auto"),
       zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
 
 

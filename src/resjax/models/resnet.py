@@ -22,8 +22,21 @@ preact              BN-ReLU-conv ... BN-ReLU-conv, add        (e) full pre-activ
 A single-conv unit is the same list with one conv (post: conv-BN, add, ReLU; ...).
 
 Pre-activation nets follow ResNet-v2's details: the stem's conv is followed by BN-ReLU and the first
-unit skips its own pre-activation; a final BN-ReLU comes before pooling; a projecting shortcut takes
-the pre-activated input.
+unit skips its own pre-activation (and has no BN there); a final BN-ReLU comes before pooling; a
+projecting shortcut takes the pre-activated input.
+
+The CIFAR pre-activation bottleneck nets (ResNet-164, ResNet-1001) follow one source, the authors'
+released code for ResNet-1001 (KaimingHe/resnet-1k-layers, resnet-pre-act.lua): a unit that changes
+shape applies BN-ReLU once and feeds both paths from it (lines 64-66), strides its first 1x1 conv
+(line 70) and projects with a 1x1 conv alone, no BN (line 83). Its stem is a bare conv (line 114)
+and stage 1 opens with such a unit, so its BN-ReLU is the one resjax calls the stem's: the same
+function and parameters. Other bottleneck nets put the stride on the 3x3 conv (see ImageNetResNet).
+
+BatchNorm's running variance: flax averages the biased batch variance (over the N values per
+channel); Torch and Caffe, the papers' frameworks, average the unbiased one, N / (N - 1) times
+larger. Only evaluation uses the running variance, and N >= 8192 per channel in a CIFAR net at
+batch 128 (8x8 maps), so evaluation differs from theirs by a factor of at most 1 + 6e-5 on each BN's
+output scale; resjax keeps flax's.
 
 ``zero_init_residual``: each branch's last BN scale starts at 0 (for branches that end in a conv,
 bn_after_add and preact, that conv's kernel), so every unit starts as its shortcut alone. Then the
@@ -69,7 +82,8 @@ IMAGENET_DEPTHS = {
 
 
 def batch_norm(features: int, rngs: nnx.Rngs, *, zero_scale: bool = False) -> nnx.BatchNorm:
-  # Momentum 0.9 here is 0.1 in the Torch convention the papers used.
+  # Momentum 0.9 here is 0.1 in the Torch convention the papers used. The running variance
+  # averages the biased batch variance, not Torch's and Caffe's unbiased one (module docstring).
   scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
   return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, scale_init=scale_init, rngs=rngs)
 
@@ -116,11 +130,16 @@ def rms(a: jax.Array, axes=None) -> jax.Array:
 
 
 class Unit(nnx.Module):
-  """One residual unit: a conv stack F and a shortcut, with BN and ReLU where ``placement`` puts them."""
+  """One residual unit: a conv stack F and a shortcut, with BN and ReLU where ``placement`` puts them.
+
+  ``stride_first``: a bottleneck strides its first 1x1 conv instead of its 3x3 conv.
+  ``projection_norm=False``: a projecting shortcut is a 1x1 conv without BN. resnet-pre-act.lua
+  does both (module docstring); the defaults are torchvision's.
+  """
 
   def __init__(self, in_features: int, width: int, stride: int, *, kind: str, placement: str,
                shortcut, skip_preact: bool, conv_impl: str = "auto", zero_init: bool = False,
-               rngs: nnx.Rngs):
+               stride_first: bool = False, projection_norm: bool = True, rngs: nnx.Rngs):
     if placement not in PLACEMENTS:
       raise ConfigError(f"unknown placement {placement!r}: set config.model.placement to one of "
                         f"{', '.join(PLACEMENTS)}")
@@ -131,14 +150,18 @@ class Unit(nnx.Module):
       layers = [(3, width, stride)]
     elif kind == "basic":
       layers = [(3, width, stride), (3, width, 1)]
-    else:  # bottleneck; the stride sits on the 3x3 convolution
-      layers = [(1, width, 1), (3, width, stride), (1, width * BOTTLENECK_EXPANSION, 1)]
+    else:  # bottleneck, strided on its 1x1 or its 3x3 convolution
+      s1, s3 = (stride, 1) if stride_first else (1, stride)
+      layers = [(1, width, s1), (3, width, s3), (1, width * BOTTLENECK_EXPANSION, 1)]
     out_features = layers[-1][1]
     features = [in_features] + [f for _, f, _ in layers]
     self.convs = nnx.List([conv(features[i], f, k, s, rngs, impl=conv_impl)
                            for i, (k, f, s) in enumerate(layers)])
-    # Pre-activation BNs act on each conv's input, the others on its output.
+    # Pre-activation BNs act on each conv's input, the others on its output. A pre-act unit that
+    # skips its first pre-activation has no BN there.
     norm_features = features[:-1] if placement == "preact" else features[1:]
+    self.norm_offset = int(placement == "preact" and skip_preact)
+    norm_features = norm_features[self.norm_offset:]
     last = len(norm_features) - 1
     # zero_init: F's last BN scale is 0 where F ends in a BN (for relu_before_add, BN then ReLU).
     zero_bn = zero_init and placement not in ENDS_IN_CONV
@@ -148,10 +171,12 @@ class Unit(nnx.Module):
       kernel = self.convs[-1].kernel
       kernel.set_value(jnp.zeros_like(kernel[...]))
     self.shortcut = shortcuts.make_shortcut(shortcut, in_features, out_features, stride, rngs=rngs)
+    if not projection_norm and self.shortcut.projects:
+      self.shortcut.match.norm = None  # the projection is a 1x1 conv alone
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     p, last = self.placement, len(self.convs) - 1
-    bn = lambda i, h: self.norms[i](h, use_running_average=not train)
+    bn = lambda i, h: self.norms[i - self.norm_offset](h, use_running_average=not train)
     carried = x
     h = x
     for i, conv_i in enumerate(self.convs):
@@ -263,7 +288,7 @@ class ResNet(nnx.Module):
 
   def _build_stages(self, counts, widths, strides, in_features: int, *, unit: str, placement: str,
                     shortcut, scan: bool, conv_impl: str, zero_init_residual: bool,
-                    rngs: nnx.Rngs) -> int:
+                    rngs: nnx.Rngs, **unit_kw) -> int:
     shortcuts.check_name(shortcut.name)
     self.preact = placement in PREACT
     shortcut = with_conv_impl(shortcut, conv_impl)
@@ -272,7 +297,7 @@ class ResNet(nnx.Module):
       stage = Stage(n, features, width, stride, scan=scan,
                     skip_first_preact=self.preact and s == 0, kind=unit, placement=placement,
                     shortcut=shortcut, conv_impl=conv_impl, zero_init=zero_init_residual,
-                    rngs=rngs)
+                    rngs=rngs, **unit_kw)
       stages.append(stage)
       features = stage.out_features
     self.stages = nnx.List(stages)
@@ -311,19 +336,28 @@ class ResNet(nnx.Module):
 
 
 class CifarResNet(ResNet):
-  """A 3-stage CIFAR ResNet: conv3x3 stem, stages of n units at widths 16/32/64, pool, Dense."""
+  """A 3-stage CIFAR ResNet: conv3x3 stem, stages of n units at widths 16/32/64, pool, Dense.
+
+  ``stem_width``: the stem's channels, ``widths[0]`` unless given (the 2024 Highway-110 keeps 16
+  while its stages shrink). Pre-activation bottleneck nets are resnet-pre-act.lua's (module
+  docstring).
+  """
 
   def __init__(self, *, depth: int, num_classes: int, shortcut, in_channels: int = 3,
-               unit: str = "basic", placement: str = "post", widths=(16, 32, 64), scan: bool = True,
-               conv_impl: str = "auto", zero_init_residual: bool = False, rngs: nnx.Rngs):
+               unit: str = "basic", placement: str = "post", widths=(16, 32, 64),
+               stem_width: int | None = None, scan: bool = True, conv_impl: str = "auto",
+               zero_init_residual: bool = False, rngs: nnx.Rngs):
     n = units_per_stage(depth, unit)
     self.depth = depth
-    self.stem = conv(in_channels, widths[0], 3, 1, rngs, impl=conv_impl)
-    self.stem_norm = batch_norm(widths[0], rngs)
+    stem_width = widths[0] if stem_width is None else stem_width
+    self.stem = conv(in_channels, stem_width, 3, 1, rngs, impl=conv_impl)
+    self.stem_norm = batch_norm(stem_width, rngs)
+    resnet_1k = unit == "bottleneck" and placement == "preact"
     features = self._build_stages(
-        [n] * len(widths), widths, [1] + [2] * (len(widths) - 1), widths[0], unit=unit,
+        [n] * len(widths), widths, [1] + [2] * (len(widths) - 1), stem_width, unit=unit,
         placement=placement, shortcut=shortcut, scan=scan, conv_impl=conv_impl,
-        zero_init_residual=zero_init_residual, rngs=rngs)
+        zero_init_residual=zero_init_residual, rngs=rngs, stride_first=resnet_1k,
+        projection_norm=not resnet_1k)
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def stem_forward(self, x, *, train):
@@ -404,7 +438,8 @@ def cifar_from_config(model_cfg, *, num_classes: int, in_channels: int, rngs: nn
       depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
       shortcut=model_cfg.shortcut, unit=model_cfg.get("unit", "basic"),
       placement=model_cfg.get("placement", "post"),
-      widths=tuple(model_cfg.get("widths", (16, 32, 64))), scan=model_cfg.get("scan", True),
+      widths=tuple(model_cfg.get("widths", (16, 32, 64))),
+      stem_width=model_cfg.get("stem_width", None), scan=model_cfg.get("scan", True),
       conv_impl=model_cfg.get("conv_impl", "auto"),
       zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
 

@@ -18,7 +18,9 @@ none        x <- shortcut(x, F(x)), no LayerNorm anywhere         ReZero / SkipI
 their sum is one residual, ``x <- shortcut(x, attn(LN(x)) + mlp(LN(x)))`` for Pre-LN.
 
 Initialisation: weights N(0, 0.02), biases 0. With Pre-LN the residual output projections
-(attention out, MLP out) are scaled by 1/sqrt(N), N = residual additions (GPT-2). DeepNorm takes the
+(attention out, MLP out) are scaled by 1/sqrt(N), N = residual additions (GPT-2);
+``scaled_out_init`` True or False applies or drops that scaling whatever the norm, so that norm
+placement and initialisation can be varied one at a time. DeepNorm takes the
 paper's decoder-only alpha = (2 L)^(1/4) and scales the value, attention-out and MLP weights by
 beta = (8 L)^(-1/4), L = blocks; written in residual additions R = 2 L these are R^(1/4) and
 (4 R)^(-1/4), which is how parallel blocks (R = L) are treated.
@@ -116,7 +118,7 @@ def default_config() -> ml_collections.ConfigDict:
       "heads": 12, "mlp_ratio": 4, "positions": "learned", "tie_head": True, "norm": "pre",
       "parallel": False, "shortcut": {"name": "identity"}, "value_residual": {"name": "none"},
       "embed_shortcut": False, "embed_shortcut_init": (1.0, 0.0), "dropout": 0.0, "scan": True,
-      "dtype": "float32"})
+      "dtype": "float32", "scaled_out_init": None})
 
 
 def residual_additions(model_cfg) -> int:
@@ -269,7 +271,8 @@ class Transformer(nnx.Module):
                shortcut, mlp_ratio: int = 4, positions: str = "learned", tie_head: bool = True,
                norm: str = "pre", parallel: bool = False, value_residual=None,
                embed_shortcut: bool = False, embed_shortcut_init=(1.0, 0.0), dropout: float = 0.0,
-               scan: bool = True, dtype: str = "float32", rngs: nnx.Rngs):
+               scan: bool = True, dtype: str = "float32", scaled_out_init: bool | None = None,
+               rngs: nnx.Rngs):
     _check(vocab_size=vocab_size, context=context, width=width, depth=depth, heads=heads,
            mlp_ratio=mlp_ratio, positions=positions, norm=norm, dropout=dropout, dtype=dtype)
     shortcuts.check_name(shortcut.name)
@@ -280,9 +283,11 @@ class Transformer(nnx.Module):
 
     # Initial scales of the branch weights; see the module docstring.
     init = {"value": INIT_STD, "fc": INIT_STD, "out": INIT_STD}
-    if norm == "pre":
+    if scaled_out_init is None:
+      scaled_out_init = norm == "pre"
+    if scaled_out_init:
       init["out"] = INIT_STD / math.sqrt(additions)
-    elif norm == "deepnorm":
+    if norm == "deepnorm":
       beta = (4 * additions) ** -0.25
       init = {k: INIT_STD * beta for k in init}
       if shortcut.name not in ("identity", "deepnorm"):
@@ -452,7 +457,8 @@ def from_config(model_cfg, *, num_classes: int, in_channels: int, rngs: nnx.Rngs
       positions=get("positions"), tie_head=get("tie_head"), norm=get("norm"),
       parallel=get("parallel"), shortcut=get("shortcut"), value_residual=get("value_residual"),
       embed_shortcut=get("embed_shortcut"), embed_shortcut_init=tuple(get("embed_shortcut_init")),
-      dropout=float(get("dropout")), scan=get("scan"), dtype=get("dtype"), rngs=rngs)
+      dropout=float(get("dropout")), scan=get("scan"), dtype=get("dtype"),
+      scaled_out_init=get("scaled_out_init"), rngs=rngs)
 
 
 def repeats(model_cfg, k: int):
