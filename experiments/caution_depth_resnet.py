@@ -15,8 +15,8 @@ scale=paper: CIFAR-10, ResNet-v2's recipe (64k iterations at batch 128, LR 0.1 /
 48k, 400 warm-up iterations at 0.01), depths 20, 56, 110, 218, 5 seeds; about 1-2 GPU-hours per
 ResNet-110 run on a current GPU.
 
-scale=cpu: the same nets on the offline 8x8 digits, 230 iterations, 1 seed (as
-experiments/resnetv2_fig2.py at scale=cpu), depths 20, 56, 110 (5 minutes on 2 cores).
+scale=cpu: the same nets on the offline 8x8 digits with the shared recipe of
+resjax.configs.digits_cpu (230 iterations, 3 seeds side by side), depths 20, 56, 110.
 Paper values: identity at 110 layers 6.61, 1x1 conv 12.22 (ResNet-v2 Table 1).
 """
 

@@ -23,8 +23,9 @@ depth) use the same recipe at depths 20, 56, 110. Unlike the re-run, resjax subt
 mean (it: ImageNet mean/std), draws convs He-normal over fan-out (it: fan-in) and trains in float32
 (it: bf16 autocast).
 
-scale=cpu: on the offline 8x8 digits, 230 iterations, 1 seed: Highway-20 with 2015 units, and
-the 2024 re-run's Highway and ResNet shrunk from 110 to 56 layers (3 minutes on 2 cores).
+scale=cpu: on the offline 8x8 digits with the shared recipe of resjax.configs.digits_cpu (230
+iterations, 3 seeds): Highway-20 with 2015 units, and the 2024 re-run's Highway and ResNet shrunk
+from 110 to 56 layers.
 
 Paper (test error %): Highway-19 (2015) 7.54; Highway-110 (2024) 6.04; ResNet-110 (2024) 6.25.
 """

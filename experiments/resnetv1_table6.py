@@ -25,8 +25,8 @@ with depth; and the rule ends the warm-up as soon as the error allows. plain-110
 that each plain row differs from its residual row only in the shortcuts. Depths 20-56: no warm-up.
 
 scale=cpu: ResNet and plain nets at 20, 56 and 110 layers on the offline 8x8 digits, 230
-iterations each, 1 seed (5 minutes on 2 cores), every row with scale=cpu's fixed warm-up (38
-iterations at a tenth of the LR). ResNet-1202 runs only at scale=paper.
+iterations each, 3 seeds, every row with the shared recipe of resjax.configs.digits_cpu (its
+fixed warm-up included). ResNet-1202 runs only at scale=paper.
 
 Paper (test error %), single runs: ResNet-20 8.75, -32 7.51, -44 7.17, -56 6.97, -1202 7.93;
 ResNet-110 6.43 is the best of 5 runs, their mean 6.61 ± 0.16 (std). Ours are medians of 5 seeds,

@@ -14,8 +14,8 @@ scale=paper: CIFAR-10 and CIFAR-100 with ResNet-v2's recipe (resjax.configs.cifa
 The paper's "fail" threshold (20%) applies to CIFAR-10 only; CIFAR-100 rows compare numbers.
 
 scale=cpu: the CIFAR-10 rows of ResNet-110 with and without the 1-layer skip, shrunk to 56 layers
-(54 one-conv units, 27 two-conv units), on the offline 8x8 digits (230 iterations, 1 seed, 3
-minutes on 2 cores). ResNet-164, ResNet-1001 and the
+(54 one-conv units, 27 two-conv units), on the offline 8x8 digits with the shared recipe of
+resjax.configs.digits_cpu (230 iterations, 3 seeds). ResNet-164, ResNet-1001 and the
 CIFAR-100 rows run at scale=paper (digits have 10 classes; ResNet-164 at 230 iterations takes
 about 4 minutes per run on 2 cores, 1001 layers half an hour).
 
