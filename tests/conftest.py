@@ -94,31 +94,34 @@ def experiment_file():
 #   roundings of its partial sums: at worst (K - 1) u of the sum of the terms' magnitudes, but
 #   roundings of either sign are practically independent, so it errs by about sqrt(K) u (Higham,
 #   Accuracy and Stability of Numerical Algorithms, 2nd ed., sections 3.1 and 4.2). Two programs
-#   that are each that close to the exact sum differ by at most 2 sqrt(K) u = sqrt(K) eps; ULPS = 2
-#   of that leaves room for the tail of that spread over the many elements a test compares, and
-#   for the few-ulp differences of exp, tanh, log and rsqrt between vectorised and scalar code;
-# * a chain of `depth` such layers (each normalised or scaled to pass its input's relative error
-#   on with a gain about 1) adds up to `depth` times one layer's error.
+#   each that close to the exact sum differ by at most 2 sqrt(K) u = sqrt(K) eps; ULPS = 2 times
+#   that covers the tail of that spread over the many elements a test compares, and the few-ulp
+#   differences of exp, tanh, log and rsqrt between vectorised and scalar code;
+# * `depth` chained layers add up to `depth` times one layer's error. A layer is a weight layer (a
+#   dense layer, a convolution, an attention matmul) with the normalisation, activation and
+#   residual addition that ride with it, each passing its input's relative error on with a gain
+#   of about 1; `terms` is the longest sum among them (a matmul's inner size, a convolution's
+#   kh * kw * c_in, a BatchNorm's N * H * W). A training step's backward pass doubles `depth`.
 #
 # The error is relative to the magnitude of the terms summed, not to each result: a logit that is
 # a near-cancelling sum of O(1) terms errs by 1e-7 absolute, which can be 1e-5 of itself. So the
 # comparison is |actual - desired| <= f32_tol(...) * scale, scale = max |desired| unless a test
 # knows its terms' magnitude better. Where a computation amplifies errors (a cancelling variance,
-# cos of a large argument, a ratio of small numbers) a test multiplies in that gain and says why.
-# Anything wrong (a unit skipped, another order of BN and ReLU, a batch split the wrong way) moves
-# results by 1e-2 of their scale or more, far above these tolerances.
+# cos of a large argument) a test multiplies in that gain and says why. Anything wrong (a unit
+# skipped, BN and ReLU in another order, a batch split the wrong way) moves results by 1e-2 of
+# their scale or more, far above these tolerances.
 
 F32_EPS = 2.0 ** -23
 ULPS = 2
 
 
 def f32_tol(terms=1, depth=1, ulps=ULPS):
-  """Relative tolerance between two float32 programs: `depth` chained layers of `terms`-term sums."""
+  """Relative tolerance between float32 programs: `depth` chained layers of `terms`-term sums."""
   return ulps * F32_EPS * math.sqrt(terms) * depth
 
 
 def assert_f32_close(actual, desired, *, terms=1, depth=1, gain=1.0, scale=None, err_msg=''):
-  """|actual - desired| <= gain * f32_tol(terms, depth) * scale, scale = max |desired| by default."""
+  """|actual - desired| <= gain * f32_tol(terms, depth) * scale, scale = max |desired| by default"""
   desired = np.asarray(desired)
   if scale is None:
     scale = float(np.max(np.abs(desired), initial=0.0))

@@ -259,3 +259,22 @@ def test_write_report_appends_the_claims_section(tmp_path, kind):
   c.claims = []
   report.write_report(wd, c)
   assert '## Claims' not in open(md_path).read()
+
+
+def test_trains_is_the_mirror_of_fails():
+  # identity 10, 11, 12, 10; at cpu the line is k x identity per seed (k = 20 / 6.61).
+  k = 20 / 6.61
+  rows = [_row('identity', [10.0, 11.0, 12.0, 10.0]), _row('ok', [12.0, 15.0, 13.0, 11.0]),
+          _row('bad', [80.0, 85.0, 90.0, 70.0])]
+  declared = [claims.claim('ok trains', claims.trains('ok'), paper=True),
+              claims.claim('bad trains', claims.trains('bad'), paper=True)]
+  paper = {'identity': 6.61}
+  ok, bad = claims.evaluate(rows, _config(['identity', 'ok', 'bad'], declared, paper_errors=paper))
+  assert ok.verdict == 'holds' and ok.weakest.linear.what == '3.03 × identity - ok'
+  assert ok.weakest.mean == pytest.approx((k * 43 - 51) / 4)
+  assert (bad.verdict, bad.agree) == ('does not hold', False)
+  # At paper scale: below the absolute line, 20.
+  ok, bad = claims.evaluate(rows, _config(['identity', 'ok', 'bad'], declared, scale='paper',
+                                          paper_errors=paper))
+  assert ok.verdict == 'holds' and ok.weakest.mean == pytest.approx(20 - 51 / 4)
+  assert bad.verdict == 'does not hold'

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from conftest import assert_f32_close
 from resjax import configs, inspect_model, shortcuts, train
 from resjax.errors import ConfigError
 from resjax.models import highway, resnet
@@ -51,7 +52,7 @@ def test_highway_layer_against_a_hand_written_one():
   x = _normal((2, 6, 6, 4))
   t = jax.nn.sigmoid(_conv(x, w_t) - 2.0)
   expected = jax.nn.relu(_bn(_conv(x, w_h))) * t + x * (1 - t)
-  np.testing.assert_allclose(unit(x, train=True), expected, rtol=1e-4, atol=1e-4)
+  assert_f32_close(unit(x, train=True), expected, terms=2 * 6 * 6)  # a conv with BN, a gate
 
 
 def test_gate_on_a_shape_change_is_strided_and_x_is_projected():
@@ -61,7 +62,7 @@ def test_gate_on_a_shape_change_is_strided_and_x_is_projected():
   x, f = _normal((2, 6, 6, 4)), _normal((2, 3, 3, 8), 1)
   y = s(x, f, train=True)
   t = s.gate(x, train=True)
-  np.testing.assert_allclose(y, (1 - t) * s.carried(x, True) + t * f, rtol=1e-5, atol=1e-6)
+  assert_f32_close(y, (1 - t) * s.carried(x, True) + t * f, terms=2)
   with pytest.raises(ConfigError, match='exclusive_gate'):
     s(_normal((2, 5, 4)), _normal((2, 5, 8)), train=True)
   with pytest.raises(ConfigError, match='config.model.shortcut.gate'):
@@ -130,8 +131,8 @@ def test_highway_unit_of_the_2024_rerun_against_a_hand_written_one():
   h = jax.nn.relu(_bn(_conv(jax.nn.relu(_bn(_conv(x, w[0]))), w[1])))
   t = jax.nn.sigmoid(_bn(_conv(jax.nn.relu(_bn(_conv(x, w[2]))), w[3])) - 6.0)
   y = unit(x, train=True)
-  # float32 convolutions of 36 O(1) terms and BN agree to about 1e-6; 1e-4 leaves a wide margin.
-  np.testing.assert_allclose(y, x + t * (h - x), rtol=1e-4, atol=1e-4)
+  # 2 chained convs with BN in each path, the longest sum BN's 2*6*6 (conftest.f32_tol).
+  assert_f32_close(y, x + t * (h - x), terms=2 * 6 * 6, depth=2)
   assert float(y.min()) < 0
 
 

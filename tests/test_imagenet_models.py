@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close, f32_tol
+from conftest import assert_f32_close
 from resjax import inspect_model, train
 from resjax.errors import ConfigError
 from resjax.models import resnet
@@ -374,7 +374,7 @@ def test_zero_init_units_start_as_their_shortcut(kind, placement):
   if placement == 'bn_after_add':
     # BN of 0.5 x, 2*5*5 terms, by flax (var = E[x^2] - E[x]^2) and by _bn: for x = |N(0, 1)| the
     # variance cancels, amplifying rounding by E[x^2] / var = 1 / (1 - 2 / pi) < 3.
-    np.testing.assert_allclose(y, expected, rtol=0, atol=3 * f32_tol(2 * 5 * 5) * np.abs(y).max())
+    assert_f32_close(y, expected, terms=2 * 5 * 5, gain=3)
   else:
     # Bitwise: F is exactly 0 (0 * a finite value, + 0), 0.5 x is exact and x + 0 is x.
     np.testing.assert_array_equal(y, expected)

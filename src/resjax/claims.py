@@ -24,6 +24,8 @@ import numpy as np
 
 from resjax.errors import ConfigError
 
+KINDS = ('less', 'fails', 'trains')
+LINE_KINDS = ('fails', 'trains')  # the parts judged against the paper's fail line
 MIN_SEEDS = 3  # a claim is never decided on one or two seeds
 DIVERGED_ERROR = 100.0  # a diverged seed's error %: worse than any run that trained
 FINISHED = ('ok', 'failed')  # seed statuses with a final value; 'running' has none yet
@@ -48,6 +50,11 @@ def fails(run: str) -> dict:
   return {'kind': 'fails', 'run': run}
 
 
+def trains(run: str) -> dict:
+  """The part "run does not fail": the mirror of ``fails``, below the same line."""
+  return {'kind': 'trains', 'run': run}
+
+
 def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
   """A statement that holds when all its parts hold; ``paper``: whether the paper found it holds.
 
@@ -55,9 +62,9 @@ def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
   to_json_best_effort both handle them.
   """
   if not parts:
-    raise ConfigError(f'claim {text!r} has no parts: pass claims.less(...) or claims.fails(...)')
-  if not all(isinstance(p, dict) and p.get('kind') in ('less', 'fails') for p in parts):
-    raise ConfigError(f'claim {text!r}: each part must be claims.less(...) or claims.fails(...)')
+    raise ConfigError(f'claim {text!r} has no parts: pass claims.less, fails or trains (...)')
+  if not all(isinstance(p, dict) and p.get('kind') in KINDS for p in parts):
+    raise ConfigError(f'claim {text!r}: each part must be claims.less, fails or trains (...)')
   if not isinstance(paper, bool):
     raise ConfigError(f'claim {text!r}: paper= must be True or False (the paper\'s verdict)')
   return ml_collections.ConfigDict({'text': text, 'paper': paper,
@@ -65,7 +72,7 @@ def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
 
 
 def _part_rows(part) -> list[str]:
-  return [part['run']] if part['kind'] == 'fails' else [part['hi'], part['lo']]
+  return [part['hi'], part['lo']] if part['kind'] == 'less' else [part['run']]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,7 +122,7 @@ def check(config) -> None:
   uses_fails = False
   for c in config.get('claims', None) or ():
     for part in c['parts']:
-      uses_fails |= part['kind'] == 'fails'
+      uses_fails |= part['kind'] in LINE_KINDS
       for name in _part_rows(part):
         if name not in names:
           raise ConfigError(f'claim {c["text"]!r} names row {name!r}, which config.runs lacks: '
@@ -129,21 +136,24 @@ def check(config) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Linear:
-  """d_i = hi_i - (factor * lo_i + const) for each paired seed i; the part holds if mean d > 0."""
+  """d_i = sign * (hi_i - (factor * lo_i + const)) for each paired seed i; holds if mean d > 0."""
   hi: str
   lo: str | None
   factor: float
   const: float
   what: str  # d in words, e.g. 'scaling_0_1 - 3.03 × identity'
+  sign: float = 1.0  # -1: "below the line" (trains) rather than above it (fails)
 
 
 def _linear(part, rule: FailRule | None) -> Linear:
   if part['kind'] == 'less':
     return Linear(part['hi'], part['lo'], 1.0, 0.0, f'{part["hi"]} - {part["lo"]}')
   run = part['run']
+  line = f'{rule.line:g}' if rule.baseline is None else f'{rule.k:.2f} × {rule.baseline}'
+  sign, what = (1.0, f'{run} - {line}') if part['kind'] == 'fails' else (-1.0, f'{line} - {run}')
   if rule.baseline is None:
-    return Linear(run, None, 0.0, rule.line, f'{run} - {rule.line:g}')
-  return Linear(run, rule.baseline, rule.k, 0.0, f'{run} - {rule.k:.2f} × {rule.baseline}')
+    return Linear(run, None, 0.0, rule.line, what, sign)
+  return Linear(run, rule.baseline, rule.k, 0.0, what, sign)
 
 
 @dataclasses.dataclass
@@ -229,7 +239,7 @@ def evaluate_part(lin: Linear, rows_by_name: dict, metric: str) -> PartResult:
     n, s = bad[0]
     return PartResult(lin, 'undecided', n=len(seeds), note=f'{n} seed{s} diverged: {metric} has '
                       'no value to compare')
-  d = hi - (lin.factor * lo + lin.const)
+  d = lin.sign * (hi - (lin.factor * lo + lin.const))
   mean = float(np.mean(d)) if len(d) else None
   sd = float(np.std(d, ddof=1)) if len(d) > 1 else None
   if len(d) < MIN_SEEDS:
@@ -259,7 +269,7 @@ def evaluate(rows, config) -> list[ClaimResult]:
   alpha = config.get('claims_alpha', 0.05)
   rows_by_name = {r.name: r for r in rows}
   rule = None
-  if any(p['kind'] == 'fails' for c in declared for p in c['parts']):
+  if any(p['kind'] in LINE_KINDS for c in declared for p in c['parts']):
     rule = fail_rule(config)
   results = []
   for c in declared:
@@ -333,7 +343,7 @@ def render(results: list[ClaimResult], config) -> list[str]:
           f'Holm\'s correction runs over the {k} claim{"s" * (k != 1)} tested here at '
           f'alpha={alpha:g}, for hold and against separately. "undecided" means neither adjusted '
           'p is below alpha (too few seeds or too small an effect); it is not "does not hold".']
-  if any(p['kind'] == 'fails' for c in config.get('claims', None) or () for p in c['parts']):
+  if any(p['kind'] in LINE_KINDS for c in config.get('claims', None) or () for p in c['parts']):
     out += ['', fail_rule(config).note]
   decided = [r for r in results if r.agree is not None]
   out += ['', f'Agree with the paper: {sum(r.agree for r in decided)} of {len(decided)} decided '

@@ -32,9 +32,41 @@ _COORDINATOR = flags.DEFINE_string("coordinator", None, "host:port of process 0 
                                    "where the cluster is not detected, e.g. local processes).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "With --coordinator.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
+_COMPILE_CACHE = flags.DEFINE_bool(
+    "compile_cache", True, "Keep compiled XLA programs between runs in JAX_COMPILATION_CACHE_DIR, "
+    "else $XDG_CACHE_HOME/resjax/xla (~/.cache/resjax/xla): a rerun of a row skips its compile.")
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on purpose, rerun to resume
+
+
+def compile_cache_dir(enabled: bool, environ=os.environ) -> str | None:
+  """Where compiled programs persist: JAX_COMPILATION_CACHE_DIR, else the user cache folder."""
+  if not enabled:
+    return None
+  home = environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+  return environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(home, "resjax", "xla")
+
+
+def use_compile_cache(enabled: bool) -> None:
+  """Turns JAX's persistent compilation cache on (at compile_cache_dir) or off."""
+  import jax
+  path = compile_cache_dir(enabled)
+  if path is None:
+    jax.config.update("jax_enable_compilation_cache", False)
+    return
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    try:
+      os.makedirs(path, exist_ok=True)
+    except OSError as e:  # a read-only home: train without the cache rather than not at all
+      print(f"warning: compile cache off, cannot create {path} ({e.strerror}): set "
+            "JAX_COMPILATION_CACHE_DIR or pass --nocompile_cache", file=sys.stderr)
+      jax.config.update("jax_enable_compilation_cache", False)
+      return
+  jax.config.update("jax_compilation_cache_dir", path)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # Programs faster to compile than this are not worth a file (eager ops compile in ms).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def default_workdir(config) -> str:
@@ -62,7 +94,7 @@ def describe(config) -> list[dict]:
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import claims, fileio, inspect_model, report, tasks, train
+  from resjax import claims, fileio, inspect_model, provenance, report, tasks, train
   resolved = resolved_runs(config)
   # Check every run's config, the claims and the data before training any or writing anything,
   # so a typo in row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
@@ -73,7 +105,9 @@ def train_all(config, workdir: str) -> int:
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)
   if is_main:
-    train.write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+    train.write_json(os.path.join(workdir, "config.json"),
+                     {**json.loads(config.to_json_best_effort()),
+                      "provenance": provenance.gather()})
 
   arrays: dict[str, object] = {}
   seeds = [config.get("seed", 0) + k for k in range(config.get("num_seeds", 1))]
@@ -133,6 +167,7 @@ def main(argv) -> int:
     why = "no such file" if not os.path.exists(path) else "it failed to load"
     raise UserError(f"cannot read the experiment file {path} ({why}): check the --config path") \
         from None
+  use_compile_cache(_COMPILE_CACHE.value)
   if _MULTIHOST.value:
     import jax
     kw = {}

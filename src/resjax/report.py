@@ -36,6 +36,7 @@ class SeedResult:
   total_steps: int | None
   wall_s: float
   metrics: list[dict]
+  provenance: dict | None = None  # resjax.provenance's record, with the run's start and end
 
 
 @dataclasses.dataclass
@@ -139,7 +140,7 @@ def load_seed(run_dir: str, seed: int, metric: str = 'test_error') -> SeedResult
       diverged_step=(summary.get('failed_step') or steps) if diverged else None,
       reason=reason, steps=steps, total_steps=summary.get('total_steps'),
       wall_s=float(summary.get('wall_s') or _last(metrics, 'wall_s') or 0.0),
-      metrics=metrics)
+      metrics=metrics, provenance=summary.get('provenance'))
 
 
 def row_result(workdir: str, run, failure_error: float, metric: str = 'test_error') -> RowResult:
@@ -253,9 +254,12 @@ def render_markdown(rows: list[RowResult], config) -> str:
          f'batch: {config.get("batch_size", "?")} · metric: {metric} · '
          f'a row fails when its seed-median {metric} is above {thr:g}% or its loss diverged', '']
   if scale != 'paper':
+    judged = ("the claims below, judged against the baseline row; the absolute fail line "
+              "belongs to the paper's budget" if config.get('claims') else
+              'whether each row fails or not')
     out += [f"> Scale '{scale}' uses different data and training length than the paper, so the "
-            "error values are not comparable with the paper's. The comparable fact is whether "
-            'each row fails or not.', '']
+            f"error values are not comparable with the paper's. The comparable facts are {judged}.",
+            '']
   out += ['| Run | Paper error % | Ours error % | Ours status | Agree on fail? |',
           '|---|---|---|---|---|']
   for r in rows:
@@ -533,6 +537,70 @@ def plot_against_x(rows: list[RowResult], config, path) -> None:
   fig.savefig(path, format='png', dpi=100)
 
 
+# ------------------------------------------------------------------------------- provenance
+# The footer: how the runs in the table were made, from their summary.json (resjax.provenance).
+# A fact the runs disagree on (rows trained under two commits) is listed with its rows, never
+# reduced to one value.
+
+
+def _provenance_facts(p: dict) -> dict[str, str]:
+  commit, device = p.get('commit'), p.get('device') or {}
+  kind, platform = device.get('kind', '?'), device.get('platform', '?')
+  procs = p.get('process_count')
+  return {
+      'Commit': ('not a git checkout' if commit is None else
+                 f'`{commit}`' + (' (dirty)' if p.get('dirty') else '')),
+      'Versions': ', '.join(f'{k} {v}' for k, v in (p.get('versions') or {}).items()),
+      'Device': (f"{device.get('count', '?')} × {kind}"
+                 + (f' ({platform})' if platform != kind else '')
+                 + f", {procs} process{'es' if procs != 1 else ''}"),
+      'Command': f"`{p.get('command', '?')}`",
+  }
+
+
+def _where(runs: list[tuple[str, int]], recorded: dict[str, int]) -> str:
+  """'identity, gate' for whole rows, 'identity/seed1' for a row whose seeds disagree."""
+  per_row: dict[str, list[int]] = {}
+  for row, seed in runs:
+    per_row.setdefault(row, []).append(seed)
+  return ', '.join(row if len(seeds) == recorded[row] else
+                   ', '.join(f'{row}/seed{s}' for s in seeds) for row, seeds in per_row.items())
+
+
+def render_provenance(rows: list[RowResult], workdir: str) -> list[str]:
+  """The footer lines: commit, versions, device, command and time span of the seed runs."""
+  records = [((r.name, s.seed), s.provenance) for r in rows for s in r.seeds if s.provenance]
+  source = 'the seed runs\' summary.json'
+  if not records:  # nothing finished yet: the record of the process that wrote config.json
+    config_json = _read_json(os.path.join(workdir, 'config.json')) or {}
+    if not config_json.get('provenance'):
+      return []
+    records, source = [(('config.json', 0), config_json['provenance'])], 'config.json'
+  recorded: dict[str, int] = {}
+  for (row, _), _ in records:
+    recorded[row] = recorded.get(row, 0) + 1
+  out = ['## Provenance', '', f'From {source}.', '']
+  facts = [(where, _provenance_facts(p)) for where, p in records]
+  for field in facts[0][1]:
+    seen: dict[str, list[tuple[str, int]]] = {}
+    for where, f in facts:
+      seen.setdefault(f[field], []).append(where)
+    if len(seen) == 1:
+      out.append(f'- {field}: {next(iter(seen))}')
+    else:
+      out.append(f'- {field}: differs between runs:')
+      out += [f'  - {value}: {_where(where, recorded)}' for value, where in seen.items()]
+  starts = [p['started'] for _, p in records if p.get('started')]
+  ends = [p['finished'] for _, p in records if p.get('finished')]
+  if starts:
+    out.append(f'- Runs: {min(starts)} to {max(ends) if ends else "?"} (UTC)')
+  missing = sum(1 for r in rows for s in r.seeds if not s.provenance)
+  if missing and source != 'config.json':
+    out.append(f'- {missing} seed run{"s" if missing != 1 else ""} without a record (still '
+               'running, or written before resjax recorded provenance)')
+  return out + ['']
+
+
 def write_report(workdir: str, config) -> tuple[str, str]:
   """Writes WORKDIR/results.md and WORKDIR/figure.png; returns (md_path, png_path).
 
@@ -552,6 +620,9 @@ def write_report(workdir: str, config) -> tuple[str, str]:
   if config.get('claims', None):
     section = claims.render(claims.evaluate(rows, config), config)
     text = text.rstrip('\n') + '\n\n' + '\n'.join(section)
+  footer = render_provenance(rows, workdir)
+  if footer:
+    text = text.rstrip('\n') + '\n\n' + '\n'.join(footer)
   plot = plot_against_x if config.get('figure', 'curves') == 'against_x' else plot_figure
   _atomic_write(md_path, lambda f: f.write(text.encode('utf-8')))
   _atomic_write(png_path, lambda f: plot(rows, config, f))

@@ -28,7 +28,7 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from resjax import configs, fileio, models, sharding, shortcuts, tasks
+from resjax import configs, fileio, models, provenance, sharding, shortcuts, tasks
 from resjax.errors import CheckpointError, ConfigError
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
@@ -54,12 +54,30 @@ def stream_key(seed: int, stream: int) -> jax.Array:
 # Model and train state. Seeds trained side by side are replicas stacked on a leading axis.
 # ------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+  """What ``models.build`` is given besides the keys; equal (one compiled init) when the model
+  configs' contents are, so every seed of a row, and a rerun of it, reuses one program."""
+  model: Any = dataclasses.field(compare=False)
+  num_classes: int
+  in_channels: int
+  fingerprint: str = dataclasses.field(init=False)
+
+  def __post_init__(self):
+    object.__setattr__(self, "fingerprint", self.model.to_json_best_effort(sort_keys=True))
+
+
+@functools.partial(nnx.jit, static_argnums=0)
+def init_model(spec: ModelSpec, params_key: jax.Array, dropout_key: jax.Array) -> nnx.Module:
+  """The model at these keys, in one compiled program (eager init dispatches one per parameter).
+  The keys are traced, so seeds share the program."""
+  return models.build(spec.model, num_classes=spec.num_classes, in_channels=spec.in_channels,
+                      rngs=nnx.Rngs(params=params_key, dropout=dropout_key))
+
+
 def build_model(config, task, seed: int) -> nnx.Module:
-  """Initialises the model in one compiled program (eager init dispatches one per parameter)."""
-  build = lambda: models.build(config.model, num_classes=task.num_classes,
-                               in_channels=task.in_channels,
-                               rngs=nnx.Rngs(params=key(seed), dropout=stream_key(seed, 2)))
-  return nnx.jit(build)()
+  return init_model(ModelSpec(config.model, task.num_classes, task.in_channels), key(seed),
+                    stream_key(seed, 2))
 
 
 def split_model(model: nnx.Module):
@@ -503,7 +521,8 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   summaries = [{"run": name, "seed": s, "status": "running", "reason": None, "failed_step": None,
                 "steps": start, "total_steps": total, "final": {}, "wall_s": 0.0} for s in seeds]
   alive = [True] * replicas
-  t0 = time.time()
+  t0, started = time.time(), provenance.utc_now()
+  compile_s = None  # the step's compile time, alone: a persistent-cache hit makes it seconds less
   window = sharding.put_global(new_window(replicas), repl)
   bar = None
   if progress and is_main:
@@ -520,7 +539,12 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     while step < total:
       batch = jax.tree.map(lambda *b: np.stack(b),
                            *[task.train_batch(s, step, config.batch_size) for s in seeds])
-      state, window = step_fn(state, window, put(batch, batch_sh), aug_keys, arrays)
+      batch = put(batch, batch_sh)
+      if compile_s is None:  # the calls below reuse this executable
+        t_compile = time.time()
+        step_fn.lower(state, window, batch, aug_keys, arrays).compile()
+        compile_s = time.time() - t_compile
+      state, window = step_fn(state, window, batch, aug_keys, arrays)
       step += 1
       if bar is not None:
         bar.update(1)
@@ -584,8 +608,14 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     last_eval = [{"step": step, **r} for r in results]
   threshold = config.get("failure_error", None)
   ends = warmup_ends(state) if warmup else []
+  cache_dir = (jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache
+               else None)
   for k, summary in enumerate(summaries):
     summary["wall_s"] = wall
+    summary["compile_s"] = compile_s  # None when no step ran (resumed at the end)
+    summary["compile_cache"] = cache_dir
+    summary["provenance"] = {**provenance.gather(), "started": started,
+                             "finished": provenance.utc_now()}
     if warmup is not None:  # None: the run stopped while this replica was still warming up
       summary["warmup_end_step"] = ends[k] if ends[k] >= 0 else None
       summary["warmup_hit_cap"] = ends[k] == warmup.cap if ends[k] >= 0 else None
