@@ -119,7 +119,8 @@ def get_config(arg=None):
   depths = (2, 8, 32, 128, 256)
 
   if arg.scale in ("cpu", "test"):
-    c.data.update(name="stdlib", max_train_bytes=None, max_test_bytes=None, max_eval_windows=512)
+    c.data.update(name="stdlib", max_train_bytes=placeholder(int), max_test_bytes=placeholder(int),
+                  max_eval_windows=512)
     c.model.update(context=32, width=32, heads=2)
     c.batch_size = 32
     c.num_seeds = 3

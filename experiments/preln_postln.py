@@ -100,7 +100,8 @@ def get_config(arg=None):
   depths = (6, 24)
 
   if arg.scale in ("cpu", "test"):
-    c.data.update(name="stdlib", max_train_bytes=None, max_test_bytes=None, max_eval_windows=1024)
+    c.data.update(name="stdlib", max_train_bytes=placeholder(int), max_test_bytes=placeholder(int),
+                  max_eval_windows=1024)
     c.model.update(context=64, width=64, depth=2, heads=4)
     c.num_seeds = 3
     c.batch_size = 16

@@ -66,8 +66,10 @@ usage() {
   sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"
 }
 
+# One line whatever the values it quotes hold: a newline is shown as \n.
 die_usage() {
-  echo "gpu_slurm.sh: $*" >&2
+  local message="$*"
+  echo "gpu_slurm.sh: ${message//$'\n'/\\n}" >&2
   exit "$EXIT_USER_ERROR"
 }
 
@@ -149,6 +151,15 @@ done
 [[ -n $config ]] || die_usage "missing --config experiments/FILE.py[:args]"
 [[ -n $workdir ]] || die_usage "missing --workdir DIR (a directory every node can see)"
 [[ $workdir != *://* ]] || die_usage "--workdir must be a shared filesystem path here, not $workdir"
+# These go into #SBATCH lines as they are: a newline there would start a line of its own.
+[[ $workdir != *$'\n'* ]] || die_usage "--workdir must not contain a newline: $workdir"
+[[ -z $partition || $partition =~ ^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$ ]] \
+  || die_usage "bad --partition $partition: use a partition name (letters, digits, . _ -; a comma between several)"
+[[ -z $account || $account =~ ^[A-Za-z0-9_.-]+$ ]] \
+  || die_usage "bad --account $account: use an account name (letters, digits, . _ -)"
+[[ -z $time_limit || $time_limit =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ \
+   || $time_limit =~ ^(UNLIMITED|unlimited|INFINITE|infinite)$ ]] \
+  || die_usage "bad --time $time_limit: use MINUTES, HH:MM:SS or DAYS-HH:MM:SS, e.g. 12:00:00"
 for pair in "--nodes:$nodes" "--gpus-per-node:$gpus_per_node" "--grace:$grace"; do
   [[ ${pair#*:} =~ ^[1-9][0-9]*$ ]] \
     || die_usage "${pair%%:*} takes a positive whole number, not ${pair#*:}"
@@ -166,6 +177,7 @@ workdir=$(absolute "${workdir%/}")
 venv=$(absolute "${venv:-$REPO/.venv-cuda}")
 if [[ -z $job_name ]]; then
   job_name=resjax-$(basename "$workdir")
+  job_name=${job_name//[^A-Za-z0-9_.-]/-}  # a workdir may hold spaces and more; a job name not
 fi
 [[ $job_name =~ ^[A-Za-z0-9_.-]+$ ]] || die_usage "bad --job-name $job_name: use letters, digits, . _ -"
 num_tasks=$((nodes * gpus_per_node))

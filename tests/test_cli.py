@@ -1,6 +1,8 @@
 """Tests for `python -m resjax.main`: one-line user errors, --mode=describe, corrupt checkpoints."""
 
+import base64
 import concurrent.futures
+import importlib.util
 import json
 import os
 
@@ -20,10 +22,17 @@ def _lines(text):
 
 # -------------------------------------------------------------------------- user errors
 
-# name -> (arguments of --config, parts of the expected error line). EXPERIMENT and
-# EXPERIMENT_CIFAR stand for files the fixture writes, NOT_PREPARED for an empty data dir (also
-# TFDS_DATA_DIR in every case).
+# name -> (arguments of --config, parts of the expected error line[, options]). Every case stops
+# before compiling anything. Placeholders in both: EXPERIMENT, EXPERIMENT_CIFAR, EMPTY_FILE,
+# NO_GET_CONFIG and SYNTAX_ERROR stand for files the fixture writes, NOT_PREPARED for an empty data
+# dir (also TFDS_DATA_DIR in every case), WORKDIR for the case's workdir. Options: 'env' for the
+# case; 'workdir': 'FILE' (a file where the workdir goes), 'UNDER_FILE' (a path below such a file)
+# or a path used as it is (default: a path in the case's folder, which does not exist).
 NOT_PREPARED = '{EMPTY}'
+TWO_DEVICES = {'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+ONE_DEVICE = {'XLA_FLAGS': '--xla_force_host_platform_device_count=1'}
+TEXT = 'experiments/value_residual.py:scale=test'
+FIX_FILE = 'get_config(arg=None)'
 CASES = {
     # The rows of fig2 each set model.shortcut.name; total=0 stops a run that ignored the flag.
     'unknown_shortcut': ([f'{FIG2}:scale=test,run=identity', '--config.model.shortcut.name=nope',
@@ -43,14 +52,105 @@ CASES = {
     'not_prepared_data_dir_in_file': (['EXPERIMENT_CIFAR'],
                                       ['cifar10', 'resjax.data.prepare', NOT_PREPARED]),
     'missing_config_file': (['experiments/no_such_experiment.py:scale=test'],
-                            ['no_such_experiment.py']),
+                            ['no_such_experiment.py', 'check the --config path']),
+    # An unknown --config.KEY names the key and the nearest keys of its level.
+    'unknown_key': ([f'{FIG2}:scale=test', '--config.optim.warmup_shape=linear'],
+                    ['--config.optim.warmup_shape', "config.optim has no 'warmup_shape'",
+                     'warmup_lr', 'fix the spelling']),
+    'unknown_top_level_key': ([f'{FIG2}:scale=test', '--config.batchsize=64'],
+                              ["config has no 'batchsize'", 'batch_size']),
+    'unknown_parent_key': ([f'{FIG2}:scale=test', '--config.optimizer.lr=0.1'],
+                           ["config has no 'optimizer'", 'optim']),
+    'key_set_to_none': ([TEXT, '--config.failure_error=5'],
+                        ['--config.failure_error', 'value_residual.py', 'placeholder(int)']),
+    'override_of_the_wrong_type': ([f'{FIG2}:scale=test', '--config.batch_size=abc'],
+                                   ['--config.batch_size=abc', "'abc'"]),
+    'unknown_flag': ([f'{FIG2}:scale=test', '--wrkdir=elsewhere'], ["'wrkdir'", 'workdir']),
+    # Experiment files that cannot give a config.
+    'empty_experiment_file': (['EMPTY_FILE'], ['EMPTY_FILE', 'is empty', FIX_FILE]),
+    'no_get_config': (['NO_GET_CONFIG:scale=test'], ['NO_GET_CONFIG', 'no get_config', FIX_FILE]),
+    'syntax_error': (['SYNTAX_ERROR'], ['SYNTAX_ERROR line 2', 'never closed', 'fix that line']),
+    # The README's scale-out keys exist in every experiment, so a bad value is a config error.
+    'mesh_larger_than_the_devices': ([f'{FIG2}:scale=test,run=identity',
+                                      '--config.mesh=(("data", 2), ("fsdp", 1), ("model", 1))'],
+                                     ['config.mesh', 'asks for 2 devices but there are 1',
+                                      'set one to -1'], {'env': ONE_DEVICE}),
+    'sharding_rule_bad_regex': ([f'{FIG2}:scale=test,run=identity',
+                                 '--config.sharding_rules=(("[", "fsdp"),)'],
+                                ["regex '['", 'config.sharding_rules']),
+    'fsdp_min_size_negative': ([f'{FIG2}:scale=test', '--config.fsdp_min_size=-3'],
+                               ['config.fsdp_min_size=-3', '0 or more']),
+    'seeds_side_by_side_not_a_bool': ([f'{FIG2}:scale=test', '--config.seeds_side_by_side=maybe'],
+                                      ['--config.seeds_side_by_side=maybe', 'boolean']),
+    # Workdirs that cannot be written, found before any data is read.
+    'workdir_is_a_file': ([f'{FIG2}:scale=test'], ['WORKDIR is a file', 'pass a directory'],
+                          {'workdir': 'FILE'}),
+    'workdir_under_a_file': ([f'{FIG2}:scale=test'], ['is under the file', 'pass a directory'],
+                             {'workdir': 'UNDER_FILE'}),
+    'workdir_not_writable': ([f'{FIG2}:scale=test'],  # /sys takes no files, not even from root
+                             ['cannot write to the workdir /sys/', 'writable filesystem'],
+                             {'workdir': '/sys/resjax_test_workdir'}),
+    'workdir_in_proc': ([f'{FIG2}:scale=test'], ['under /proc', '--workdir on a disk'],
+                        {'workdir': '/proc/resjax_test_workdir'}),
+    # Non-positive intervals and eval batch: caught by the config check, not by a division mid-run.
+    'log_every_zero': ([f'{FIG2}:scale=test', '--config.log_every=0'],
+                       ['config.log_every=0', '1 or more']),
+    'eval_every_zero': ([f'{FIG2}:scale=test', '--config.eval_every=0'],
+                        ['config.eval_every=0', '1 or more']),
+    'checkpoint_every_negative': ([f'{FIG2}:scale=test', '--config.checkpoint_every=-5'],
+                                  ['config.checkpoint_every=-5', '1 or more']),
+    'eval_batch_size_zero': ([f'{FIG2}:scale=test', '--config.eval_batch_size=0'],
+                             ['config.eval_batch_size=0', '1 or more']),
+    # --mode=diagnose checks its workdir and config too.
+    'diagnose_workdir_is_a_file': ([f'{FIG2}:scale=test', '--mode=diagnose'],
+                                   ['WORKDIR is a file', 'pass a directory'], {'workdir': 'FILE'}),
+    'diagnose_batch_zero': ([f'{FIG2}:scale=test', '--mode=diagnose', '--config.batch_size=0'],
+                            ['config.batch_size=0', '1 or more']),
+    # The coordinator triple comes whole.
+    'coordinator_alone': ([f'{FIG2}:scale=test', '--multihost', '--coordinator=localhost:1234'],
+                          ['--coordinator without --num_processes and --process_id',
+                           'give all three']),
+    'processes_without_coordinator': ([f'{FIG2}:scale=test', '--multihost', '--num_processes=2',
+                                       '--process_id=0'],
+                                      ['without --coordinator', 'give all three']),
+    'coordinator_without_multihost': ([f'{FIG2}:scale=test', '--coordinator=localhost:1234',
+                                       '--num_processes=2', '--process_id=0'],
+                                      ['add --multihost']),
+    # Checked before config.json is written.
+    'batch_does_not_split_over_devices': ([f'{FIG2}:scale=test,run=identity',
+                                           '--config.batch_size=31'],
+                                          ['config.batch_size=31', '2 data-parallel devices',
+                                           'multiple of 2'], {'env': TWO_DEVICES}),
+    # scale picks a recipe in the file; overriding the label alone would mislabel the run.
+    'scale_override': ([f'{FIG2}:scale=test', '--config.scale=paper'],
+                       ['--config.scale', f'--config {FIG2}:scale=paper']),
+    # The text byte caps are None at test scale yet settable: a bad one reaches the data check.
+    'text_byte_cap_not_positive': ([TEXT, '--config.data.max_train_bytes=0'],
+                                   ['config.data.max_train_bytes=0', 'positive int']),
 }
+if importlib.util.find_spec('gcsfs') is None:  # with gcsfs this would go to the network
+  # EPATH_USE_TF=false: epath reaches gs:// through fsspec, as it does where TensorFlow is absent.
+  CASES['workdir_gs_without_gcsfs'] = ([f'{FIG2}:scale=test'], ['WORKDIR', 'pip install gcsfs'],
+                                       {'workdir': 'gs://resjax-test-no-such-bucket/run',
+                                        'env': {'EPATH_USE_TF': 'false'}})
 
+
+def _tree(directory):
+  """Every folder and file under `directory`, with the files' bytes."""
+  out = {}
+  for d, dirs, files in os.walk(directory):
+    for name in dirs:
+      out[os.path.relpath(os.path.join(d, name), directory) + '/'] = None
+    for name in files:
+      path = os.path.join(d, name)
+      with open(path, 'rb') as f:
+        out[os.path.relpath(path, directory)] = f.read()
+  return out
 
 
 @pytest.fixture(scope='module')
 def user_errors(cli, experiment_file, tmp_path_factory):
-  """Runs every case of CASES at once (each stops before training); returns name -> result."""
+  """Runs every case of CASES at once (each stops before compiling); returns name -> result."""
   root = tmp_path_factory.mktemp('user_errors')
   empty = root / 'empty_data_dir'
   empty.mkdir()
@@ -62,40 +162,92 @@ def user_errors(cli, experiment_file, tmp_path_factory):
           c.data.update(name='cifar10', data_dir={str(empty)!r})
           c.run = 'identity'
           """),
+      'EMPTY_FILE': root / 'empty_experiment.py',
+      'NO_GET_CONFIG': root / 'no_get_config.py',
+      'SYNTAX_ERROR': root / 'syntax_error.py',
   }
+  files['EMPTY_FILE'].write_text('\n')
+  files['NO_GET_CONFIG'].write_text('def get_confg(arg=None):\n  return None\n')
+  files['SYNTAX_ERROR'].write_text('def get_config(arg=None):\n  return dict(\n      a=(1, 2)\n')
+
+  def workdir_of(name):
+    case_dir = root / 'cases' / name
+    case_dir.mkdir(parents=True)
+    where = (CASES[name][2:] or [{}])[0].get('workdir')
+    if where in ('FILE', 'UNDER_FILE'):
+      (case_dir / 'work').write_text('a file, not a directory\n')
+      return case_dir, case_dir / 'work' / ('sub' if where == 'UNDER_FILE' else '')
+    return case_dir, where or case_dir / 'work'
+
+  def substitute(text, workdir):
+    text = text.replace(NOT_PREPARED, str(empty)).replace('WORKDIR', str(workdir).rstrip('/'))
+    for placeholder in sorted(files, key=len, reverse=True):  # EXPERIMENT_CIFAR before EXPERIMENT
+      text = text.replace(placeholder, str(files[placeholder]))
+    return text
 
   def run(name):
-    args, _ = CASES[name]
-    args = [str(files.get(a, a)).replace(NOT_PREPARED, str(empty)) for a in args]
-    workdir = root / name / 'work'
-    result = cli.run('--config', *args, '--workdir', workdir,
-                     env={'TFDS_DATA_DIR': str(empty)}, timeout=240)
-    return result, workdir
+    args, parts, *options = CASES[name]
+    case_dir, workdir = workdir_of(name)
+    before = _tree(case_dir)
+    env = {'TFDS_DATA_DIR': str(empty), **(options[0].get('env', {}) if options else {})}
+    result = cli.run('--config', *[substitute(a, workdir) for a in args], '--workdir', workdir,
+                     env=env, timeout=240)
+    return result, [substitute(p, workdir) for p in parts], (case_dir, before, workdir)
 
   with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
     results = dict(zip(CASES, pool.map(run, CASES)))
-  return results, str(empty)
+  return results
 
 
 @pytest.mark.parametrize('name', CASES)
 def test_user_error_is_one_clear_line_and_exit_2(user_errors, name):
-  results, empty = user_errors
-  result, _ = results[name]
+  result, parts, _ = user_errors[name]
   lines = _lines(result.stderr)
   assert result.returncode == 2, result.stderr
   assert 'Traceback' not in result.stderr
   assert len(lines) == 1, result.stderr
   assert lines[0].startswith('error: ')
-  for part in CASES[name][1]:
-    assert part.replace(NOT_PREPARED, empty) in lines[0], part
+  for part in parts:
+    assert part in lines[0], part
 
 
 @pytest.mark.parametrize('name', CASES)
 def test_user_error_writes_nothing_to_the_workdir(user_errors, name):
-  results, _ = user_errors
-  result, workdir = results[name]
+  result, _, (case_dir, before, workdir) = user_errors[name]
   assert result.returncode != 0
-  assert not workdir.exists() or os.listdir(workdir) == []
+  # No workdir created, no probe file left beside it, a workdir that is a file untouched.
+  assert _tree(case_dir) == before
+  if not str(workdir).startswith(str(case_dir)) and '://' not in str(workdir):
+    assert not os.path.exists(workdir)
+
+
+def test_scale_out_flags_reach_the_trainer(cli, tmp_path):
+  """The README's --config.mesh, .sharding_rules, .fsdp_min_size and .seeds_side_by_side are in no
+  experiment file; each works on fig2 all the same. Two CPU devices, two seeds, one step."""
+  workdir = tmp_path / 'work'
+  result = cli.run('--config', f'{FIG2}:scale=test,run=identity,seeds=2', '--workdir', workdir,
+                   '--config.schedule.total=1',
+                   '--config.mesh=(("data", -1), ("fsdp", 2), ("model", 1))',
+                   '--config.sharding_rules=(("stages/2/", "replicate"), (".*", "fsdp"))',
+                   '--config.fsdp_min_size=1000', '--config.seeds_side_by_side=False',
+                   env=TWO_DEVICES)
+  assert result.returncode == 0, result.stderr
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['mesh'] == [['data', -1], ['fsdp', 2], ['model', 1]]
+  assert config['sharding_rules'] == [['stages/2/', 'replicate'], ['.*', 'fsdp']]
+  assert (config['fsdp_min_size'], config['seeds_side_by_side']) == (1000, False)
+  # Seeds one after another: a checkpoint of each seed alone, not one of both.
+  ckpt = workdir / 'identity' / 'ckpt'
+  assert sorted(os.listdir(ckpt)) == ['seeds_0', 'seeds_1']
+  # The shardings orbax recorded (keys: base64 of the dotted tree path). A 3x3x16x16 kernel has
+  # 2,304 elements: split over fsdp only because fsdp_min_size=1000 (the default is 16,384); a
+  # 3x3x64x64 kernel (36,864) would be split by ".*" but the first rule replicates stage 3.
+  recorded = json.loads(next(ckpt.glob('seeds_0/*/default/_sharding')).read_text())
+  specs = {base64.b64decode(k).decode(): json.loads(v)['partition_spec']
+           for k, v in recorded.items()}
+  assert specs['params.weights.stages.0.first.convs.0.kernel.value'] == [None] * 4 + ['fsdp']
+  assert specs['params.weights.stages.2.rest.convs.0.kernel.value'] == [None]
+  assert specs['params.weights.stem.kernel.value'] == [None]  # 144 elements, under 1000
 
 
 # ---------------------------------------------------------------------- corrupt checkpoint

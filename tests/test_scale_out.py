@@ -139,14 +139,14 @@ def test_two_processes_train_to_the_parameters_of_one_process_with_two_devices(c
   # Only process 0 writes the report and the logs.
   assert 'wrote' in outs[0][0] and 'wrote' not in outs[1][0]
   two_run, one_run = tmp_path / 'two' / 'identity', tmp_path / 'one' / 'identity'
+  # Metrics and parameters bitwise, by construction: both run one SPMD program partitioned over 2
+  # devices, compiled for this CPU, with the same per-device shapes; the only sums across devices
+  # are all-reduces of 2 operands, a + b, which no order or transport changes.
   assert _metrics(two_run / 'seed0') == _metrics(one_run / 'seed0')
   a = _restore(two_run / 'ckpt' / 'seeds_0' / '6' / 'default')
   b = _restore(one_run / 'ckpt' / 'seeds_0' / '6' / 'default')
   la, lb = _leaves(a), _leaves(b)
   assert len(la) == len(lb) > 50
-  # Bitwise by construction: both run one SPMD program partitioned over 2 devices, compiled for
-  # this CPU, with the same per-device shapes; the only sums across devices are all-reduces of 2
-  # operands, a + b, which no order or transport changes.
   assert all(np.array_equal(x, y) for x, y in zip(la, lb))
 
 

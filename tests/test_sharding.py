@@ -57,6 +57,7 @@ def _small_config(depth=8):
   c.model.depth = depth  # 8: one unit per stage; 14 adds a scanned unit (passes, ~50% slower)
   c.model.widths = (8, 16, 32)
   c.model.conv_impl = 'xla'  # what GPUs and TPUs run; on CPU it also compiles faster than im2col
+  c.model.shortcut.option = 'B'  # projections: their kernels and BN statistics get sharded too
   c.batch_size = BATCH
   return c
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
+
+from resjax.errors import UserError
 
 
 def is_remote(path: str) -> bool:
@@ -23,6 +26,45 @@ def _epath(path: str):
 
 def absolute(path: str) -> str:
   return str(path) if is_remote(path) else os.path.abspath(path)
+
+
+def check_writable(workdir: str) -> None:
+  """Raises UserError unless files can be written in ``workdir``, leaving nothing behind: a probe
+  file is created and removed in the workdir, or locally in its nearest folder that exists (the
+  workdir itself is not created)."""
+  if is_remote(workdir):
+    probe = _epath(f"{workdir.rstrip('/')}/.resjax-probe-{uuid.uuid4().hex}")
+    try:
+      probe.write_bytes(b"")
+      probe.unlink()
+    except ImportError as e:  # epath reaches gs:// through fsspec, which needs gcsfs
+      fix = "pip install gcsfs" if workdir.startswith("gs://") else "install the package it names"
+      raise UserError(f"cannot reach the workdir {workdir} ({e}): {fix}, or pass a local "
+                      "--workdir") from None
+    except Exception as e:  # noqa: BLE001 - each store and backend raises its own types
+      why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      raise UserError(f"cannot write to the workdir {workdir} ({why}): check the bucket's name and "
+                      "that your credentials may write to it (gcloud auth application-default "
+                      "login), or pass a local --workdir") from None
+    return
+  real = os.path.realpath(workdir)
+  if real == "/proc" or real.startswith("/proc/"):
+    raise UserError(f"the workdir {workdir} is under /proc, the kernel's view of processes, which "
+                    "holds no files: pass a --workdir on a disk")
+  existing = real
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    where = "is a file" if existing == real else f"is under the file {existing}"
+    raise UserError(f"the workdir {workdir} {where}, not a directory: pass a directory (or a path "
+                    "to create) to --workdir")
+  try:
+    fd, probe = tempfile.mkstemp(dir=existing, prefix=".resjax-probe-")
+    os.close(fd)
+    os.unlink(probe)
+  except OSError as e:
+    raise UserError(f"cannot write to the workdir {workdir} ({e.strerror}: {existing}): pass a "
+                    "--workdir on a writable filesystem") from None
 
 
 def makedirs(path: str) -> None:

@@ -47,9 +47,19 @@ def abstract_model(config, model_cfg=None):
 def check(config) -> None:
   """Raises ConfigError for any value that cannot work, before anything is trained."""
   abstract_model(config)
-  for key in ("batch_size",):
-    if not (isinstance(config[key], int) and config[key] > 0):
-      raise ConfigError(f"config.{key}={config[key]!r} must be a positive integer")
+  # Intervals are in steps and the eval batch in examples; 0 would divide by zero mid-run.
+  for key in ("batch_size", "log_every", "eval_every", "checkpoint_every", "eval_batch_size"):
+    value = config.get(key, 1)  # the trainer has defaults for all but batch_size
+    if isinstance(value, bool) or not (isinstance(value, int) and value > 0):
+      raise ConfigError(f"config.{key}={value!r} must be a positive integer: set "
+                        f"--config.{key} to 1 or more")
+  min_size = config.get("fsdp_min_size", 1)
+  if isinstance(min_size, bool) or not (isinstance(min_size, int) and min_size >= 0):
+    raise ConfigError(f"config.fsdp_min_size={min_size!r} must be a whole number of elements: set "
+                      "--config.fsdp_min_size to 0 or more")
+  if not isinstance(config.get("seeds_side_by_side", True), bool):
+    raise ConfigError(f"config.seeds_side_by_side={config.seeds_side_by_side!r}: set it to True "
+                      "or False")
   s = config.schedule
   if not (s.total > 0):
     raise ConfigError(f"config.schedule.total={s.total} must be positive")
@@ -58,6 +68,16 @@ def check(config) -> None:
   train.make_optimizer(config, configs.schedule_steps(config, train_size=1 << 20))
   if config.num_seeds < 1:
     raise ConfigError(f"config.num_seeds={config.num_seeds} must be at least 1")
+
+
+def check_sharding(config, mesh) -> None:
+  """Raises ConfigError where ``config.sharding_rules`` cannot shard a parameter of the run's
+  model on ``mesh`` (a bad regex or rule, an axis the mesh lacks, a split that does not divide)."""
+  from resjax import sharding
+  _, params, _ = train.split_model(abstract_model(config))
+  sharding.state_specs({"params": params}, sharding.axis_sizes(mesh),
+                       config.get("sharding_rules", sharding.DEFAULT_RULES),
+                       fsdp_min_size=config.get("fsdp_min_size", sharding.FSDP_MIN_SIZE))
 
 
 def xla_forward_flops(model_cfg, example, num_classes: int, in_channels: int) -> float:

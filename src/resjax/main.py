@@ -11,15 +11,20 @@ parameter count and the forward FLOPs per example from XLA's cost analysis, and 
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import inspect
 import json
 import os
+import re
 import sys
 import time
 
+import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from resjax.errors import UserError
+from resjax.errors import ConfigError, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:args].", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, results.md and figure.png go "
@@ -38,6 +43,114 @@ _COMPILE_CACHE = flags.DEFINE_bool(
 
 EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on purpose, rerun to resume
+
+
+# ------------------------------------------------------------------------------------------------
+# The experiment file: --config FILE[:ARG] and its --config.KEY=VALUE overrides.
+# ------------------------------------------------------------------------------------------------
+
+def optional_keys() -> dict:
+  """Keys every experiment has whether or not its file sets them (the README's "Scale out"), with
+  resjax.sharding's defaults: added after get_config, so --config.mesh=... works on any file."""
+  from resjax import sharding
+  return {"mesh": sharding.DEFAULT_MESH, "sharding_rules": sharding.DEFAULT_RULES,
+          "fsdp_min_size": sharding.FSDP_MIN_SIZE, "seeds_side_by_side": True}
+
+
+def load_experiment(argument: str) -> ml_collections.ConfigDict:
+  """``get_config(ARG)`` of the file in ``FILE[:ARG]`` (``get_config()`` without a colon, as
+  ml_collections calls it), with ``optional_keys`` added. A file that cannot give a config is a
+  UserError naming the fix."""
+  path, colon, arg = argument.partition(":")
+  if not os.path.isfile(path):
+    why = "no such file" if not os.path.exists(path) else "not a file"
+    raise UserError(f"cannot read the experiment file {path} ({why}): check the --config path")
+  example = "as experiments/resnetv2_fig2.py does"
+  try:
+    with open(path, encoding="utf-8") as f:
+      empty = not f.read().strip()
+  except (OSError, UnicodeDecodeError) as e:
+    raise UserError(f"cannot read the experiment file {path} ({e}): check the --config path") \
+        from None
+  if empty:
+    raise UserError(f"the experiment file {path} is empty: define get_config(arg=None) in it, "
+                    f"returning the experiment's ConfigDict, {example}")
+  spec = importlib.util.spec_from_file_location("config_config", path)  # ml_collections' name
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+  except SyntaxError as e:  # IndentationError too; in the file or in one it imports
+    where = e.filename or path
+    raise UserError(f"syntax error in {where} line {e.lineno}: {e.msg}: fix that line") from None
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise UserError(f"the experiment file {path} defines no get_config: define "
+                    f"get_config(arg=None) returning the experiment's ConfigDict, {example}")
+  args = (arg,) if colon else ()
+  try:
+    inspect.signature(get_config).bind(*args)
+  except TypeError:
+    raise UserError(f"get_config in {path} takes no arg, yet --config passes one: write "
+                    f"get_config(arg=None), {example}" if args else
+                    f"get_config in {path} needs an arg: pass --config {path}:ARGS, or give it a "
+                    "default (arg=None)") from None
+  try:
+    config = get_config(*args)
+  except (TypeError, ValueError) as e:
+    # absl would make these a one-line flag error, hiding the file's own traceback.
+    raise RuntimeError(f"get_config in {path} raised {type(e).__name__}") from e
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UserError(f"get_config in {path} returned {type(config).__name__}, not a ConfigDict: "
+                    "return the experiment's ConfigDict")
+  for key, value in optional_keys().items():
+    if key not in config:
+      config[key] = value
+  return config
+
+
+def config_overrides(argv: list[str]) -> list[str]:
+  """The KEYs of --config.KEY[=VALUE] (and --noconfig.KEY) in ``argv``, as ml_collections reads
+  them."""
+  argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile
+  return [m.group(1) for m in (re.match(r"-{1,2}(?:no)?config\.([^=]*)", a) for a in argv) if m]
+
+
+def check_override(config: ml_collections.ConfigDict, key: str, path: str) -> None:
+  """Raises ConfigError unless ``--config.KEY`` can set a field of ``config`` (from file ``path``)."""
+  if key == "scale":
+    raise ConfigError("--config.scale would relabel this experiment without changing its recipe: "
+                      f"scale is the experiment file's arg, set it there (--config {path}:scale=paper)")
+  node, parts = config, key.split(".")
+  for depth, part in enumerate(parts):
+    if not isinstance(node, ml_collections.ConfigDict):
+      return  # an index into a tuple: ml_collections checks it
+    if part not in node:
+      level = ".".join(["config", *parts[:depth]])
+      near = difflib.get_close_matches(part, sorted(node.keys()), n=3, cutoff=0.0)
+      raise ConfigError(f"unknown config key --config.{key}: {level} has no {part!r}; its nearest "
+                        f"keys are {', '.join(near)} (fix the spelling, or add the key to the "
+                        "experiment file)")
+    if depth == len(parts) - 1 and node.get_type(part) is type(None):
+      raise ConfigError(f"--config.{key} cannot be set: {path} sets it to None, which has no "
+                        "type; declare it there as placeholder(int) (or float, str)")
+    node = node[part]
+
+
+class ExperimentFileParser(flags.ArgumentParser):
+  """Parses --config: ``load_experiment``, then checks every --config.KEY of the command line
+  against the config before ml_collections applies them (it would raise a bare AttributeError)."""
+
+  def parse(self, argument):
+    config = load_experiment(argument)
+    for key in config_overrides(sys.argv):
+      check_override(config, key, argument.partition(":")[0])
+    return config
+
+  def flag_type(self):
+    return "config object"
+
+
+flags.FLAGS["config"].parser = ExperimentFileParser()
 
 
 def compile_cache_dir(enabled: bool, environ=os.environ) -> str | None:
@@ -91,17 +204,48 @@ def describe(config) -> list[dict]:
   return [{"run": run.name, **inspect_model.describe(rc)} for run, rc in resolved_runs(config)]
 
 
+def check_multihost_flags() -> None:
+  """--coordinator, --num_processes and --process_id come all three, with --multihost, or not."""
+  named = {"--coordinator": _COORDINATOR.value, "--num_processes": _NUM_PROCESSES.value,
+           "--process_id": _PROCESS_ID.value}
+  given = [name for name, value in named.items() if value is not None]
+  if not given:
+    return
+  if len(given) < len(named):
+    missing = [name for name in named if name not in given]
+    raise UserError(f"{' and '.join(given)} without {' and '.join(missing)}: give all three of "
+                    "--coordinator HOST:PORT --num_processes N --process_id I, or none where the "
+                    "cluster is detected (TPU pod slices, SLURM)")
+  if not _MULTIHOST.value:
+    raise UserError("--coordinator, --num_processes and --process_id only apply with --multihost: "
+                    "add --multihost")
+  n, i = _NUM_PROCESSES.value, _PROCESS_ID.value
+  if n < 1 or not 0 <= i < n:
+    raise UserError(f"--process_id={i} with --num_processes={n}: use N >= 1 and 0 <= I < N")
+
+
+def check_runs(config, resolved, *, training: bool) -> None:
+  """Checks every run's config (to train: also its mesh, batch split and parameter shardings,
+  and the claims) before any runs or anything is written, so a typo in row 9 does not cost rows
+  1-8 and a failed start leaves no workdir behind."""
+  from resjax import claims, inspect_model, sharding
+  for _, rc in resolved:
+    inspect_model.check(rc)
+    if training:
+      mesh = sharding.make_mesh(rc.get("mesh", sharding.DEFAULT_MESH))
+      sharding.check_batch_size(rc.batch_size, mesh)
+      inspect_model.check_sharding(rc, mesh)
+  if training:
+    claims.check(config)
+
+
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import claims, fileio, inspect_model, provenance, report, tasks, train
+  from resjax import fileio, provenance, report, tasks, train
   resolved = resolved_runs(config)
-  # Check every run's config, the claims and the data before training any or writing anything,
-  # so a typo in row 9 does not cost rows 1-8 and a failed start leaves no workdir behind.
-  for _, rc in resolved:
-    inspect_model.check(rc)
-  claims.check(config)
-  task_of = tasks.load_all(rc for _, rc in resolved)
+  check_runs(config, resolved, training=True)
+  task_of = tasks.load_all(rc for _, rc in resolved)  # the data: a dataset not prepared stops here
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)
   if is_main:
@@ -122,7 +266,7 @@ def train_all(config, workdir: str) -> int:
       print(f"[{i}/{len(resolved)}] {run.name}: already done, skipped")
       continue
     # Seeds train side by side; with config.seeds_side_by_side=False, one after another.
-    groups = [todo] if config.get("seeds_side_by_side", True) else [[s] for s in todo]
+    groups = [todo] if config.seeds_side_by_side else [[s] for s in todo]
     key = tasks.task_key(rc)
     if key not in arrays:
       arrays[key] = task_of[key].device_arrays()
@@ -157,16 +301,15 @@ def main(argv) -> int:
     logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise UserError(f"unexpected arguments {argv[1:]}: options are --config, --workdir, --mode")
-  config = _CONFIG.value
+  config = _CONFIG.value  # loaded and its overrides checked by ExperimentFileParser
   if config is None:
     raise UserError("no experiment given: pass --config experiments/FILE.py[:args]")
-  try:
-    config.get("experiment")  # a file that could not be read raises on first access
-  except OSError:
-    path = flags.FLAGS["config"].config_filename.split(":")[0]
-    why = "no such file" if not os.path.exists(path) else "it failed to load"
-    raise UserError(f"cannot read the experiment file {path} ({why}): check the --config path") \
-        from None
+  check_multihost_flags()
+  workdir = None
+  if _MODE.value != "describe":  # describe writes nothing
+    from resjax import fileio
+    workdir = _WORKDIR.value or default_workdir(config)
+    fileio.check_writable(workdir)
   use_compile_cache(_COMPILE_CACHE.value)
   if _MULTIHOST.value:
     import jax
@@ -178,22 +321,31 @@ def main(argv) -> int:
   if _MODE.value == "describe":
     print(json.dumps(describe(config), indent=1))
     return 0
-  workdir = _WORKDIR.value or default_workdir(config)
   if _MODE.value == "diagnose":
     from resjax import diagnose
-    json_path, png_path = diagnose.run_all(config, resolved_runs(config), workdir)
+    resolved = resolved_runs(config)
+    check_runs(config, resolved, training=False)
+    json_path, png_path = diagnose.run_all(config, resolved, workdir)
     print(f"wrote {json_path} and {png_path}")
     return 0
   return train_all(config, workdir)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad flag (unknown, or a value of the wrong type) a UserError."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    raise UserError(f"{e} (see --helpfull)") from None
+
+
 def run() -> None:
   try:
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    print(f"error: {'; '.join(lines)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
-
 
 
 if __name__ == "__main__":
