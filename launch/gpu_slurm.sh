@@ -154,7 +154,8 @@ done
 # These go into #SBATCH lines as they are: a newline there would start a line of its own.
 [[ $workdir != *$'\n'* ]] || die_usage "--workdir must not contain a newline: $workdir"
 [[ -z $partition || $partition =~ ^[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*$ ]] \
-  || die_usage "bad --partition $partition: use a partition name (letters, digits, . _ -; a comma between several)"
+  || die_usage "bad --partition $partition: use a partition name (letters, digits, . _ -;" \
+       "a comma between several)"
 [[ -z $account || $account =~ ^[A-Za-z0-9_.-]+$ ]] \
   || die_usage "bad --account $account: use an account name (letters, digits, . _ -)"
 [[ -z $time_limit || $time_limit =~ ^([0-9]+-)?[0-9]+(:[0-9]+){0,2}$ \

@@ -43,6 +43,7 @@ CASES = {
                          ['depth 111', '6n+2', '110']),
     'unknown_arg': ([f'{FIG2}:scale=cpu,colour=red'], ["'colour'", 'scale', 'run', 'seeds']),
     'unknown_scale': ([f'{FIG2}:scale=huge'], ["'huge'", 'paper, cpu, test']),
+    'arg_of_the_wrong_type': ([f'{FIG2}:scale=test,seeds=abc'], ["seeds='abc'", 'seeds=3']),
     'unknown_run': ([f'{FIG2}:scale=test,run=nope'], ["'nope'", ', '.join(FIG2_ROWS)]),
     'not_prepared_data_dir_flag': ([f'{FIG2}:scale=test,run=identity', '--config.data.name=cifar10',
                                     f'--config.data.data_dir={NOT_PREPARED}'],
@@ -221,6 +222,18 @@ def test_user_error_writes_nothing_to_the_workdir(user_errors, name):
     assert not os.path.exists(workdir)
 
 
+@pytest.mark.parametrize('experiment', ['value_residual', 'preln_postln', 'caution_depth'])
+def test_text_byte_caps_can_be_set_from_the_command_line_at_every_scale(experiment):
+  # None at cpu and test scale, yet typed: ml_collections parses an int override for them.
+  from resjax import main
+  path = os.path.join(os.path.dirname(__file__), '..', 'experiments', f'{experiment}.py')
+  for scale in ('paper', 'cpu', 'test'):
+    config = main.load_experiment(f'{path}:scale={scale}')
+    for cap in ('max_train_bytes', 'max_test_bytes'):
+      main.check_override(config, f'data.{cap}', path)
+      assert config.data.get_type(cap) is int, (scale, cap)
+
+
 def test_scale_out_flags_reach_the_trainer(cli, tmp_path):
   """The README's --config.mesh, .sharding_rules, .fsdp_min_size and .seeds_side_by_side are in no
   experiment file; each works on fig2 all the same. Two CPU devices, two seeds, one step."""
@@ -322,15 +335,14 @@ def test_describe_prints_every_row_and_trains_nothing(describe_run):
   assert not (root / 'work').exists()
   by_name = {r['run']: r for r in rows}
   identity = by_name['identity']
-  # ResNet-14: 3 stages of 2 units at widths 16, 32, 64. Option B projects (1x1 conv + BN) only
-  # where the shape changes: the first unit of stages 2 and 3. conv1x1 projects on the other 4.
-  unprojected = [16, 16, 32, 64]
-  projections = sum(c * c + 2 * c for c in unprojected)
+  # ResNet-14: 3 stages of 2 units at widths 16, 32, 64. Option A (fig2's, as ResNet-v1 §4.2)
+  # has no shortcut parameters; conv1x1 projects (1x1 conv + BN) on every one of the 6 units.
+  units = [(16, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
+  projections = sum(i * o + 2 * o for i, o in units)
   assert by_name['conv1x1']['params'] - identity['params'] == projections
   assert by_name['conv1x1']['forward_flops_per_example'] > identity['forward_flops_per_example']
   # Constant scaling and dropout add no parameters; a gate is a 1x1 conv with bias on every unit.
   for name in ('scaling_0_1', 'scaling_0.5_1', 'scaling_0.5_0.5', 'dropout_0.5'):
     assert by_name[name]['params'] == identity['params'], name
-  gates = [(16, 16), (16, 16), (16, 32), (32, 32), (32, 64), (64, 64)]
   for name in ('exclusive_gate_bg-5', 'exclusive_gate_bg-6', 'shortcut_gate_bg0'):
-    assert by_name[name]['params'] - identity['params'] == sum(i * o + o for i, o in gates), name
+    assert by_name[name]['params'] - identity['params'] == sum(i * o + o for i, o in units), name

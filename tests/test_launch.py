@@ -305,6 +305,19 @@ def test_slurm_defaults_leave_partition_account_and_time_to_the_cluster():
   assert f'--output={REPO}/runs/rel/slurm-%j.out' in options  # relative paths made absolute
 
 
+def test_slurm_accepts_slurm_forms_and_names_the_job_after_a_sanitised_workdir():
+  _, script = slurm_dry('--config', CONFIG, '--workdir', "/shared/my runs/fig2;it's$HOME",
+                        '--partition', 'gpu,gpu-long', '--account', 'my_lab.x',
+                        '--time', '2-12:00:00')
+  options = sbatch_options(script)
+  assert {'--partition=gpu,gpu-long', '--account=my_lab.x', '--time=2-12:00:00'} <= set(options)
+  # The job name goes into an #SBATCH line unquoted: every unsafe character becomes '-'.
+  assert '--job-name=resjax-fig2-it-s-HOME' in options
+  for time_limit in ('30', '45:00', '1-0', 'UNLIMITED'):
+    _, script = slurm_dry('--config', CONFIG, '--workdir', 'w', '--time', time_limit)
+    assert f'--time={time_limit}' in sbatch_options(script)
+
+
 @pytest.fixture
 def fake_slurm(tmp_path):
   """Runs the job script as sbatch would, with srun and scontrol stand-ins that record their argv."""
@@ -357,6 +370,17 @@ def test_slurm_job_does_not_requeue_success_errors_or_past_the_limit(fake_slurm,
     (TPU, [*TPU_ARGS, '--config.batch_size', '64'], '--config.batch_size=VALUE'),
     (SLURM, ['--config', CONFIG, '--workdir', 'w', '--nodes', 'two'], '--nodes takes'),
     (SLURM, ['--config', CONFIG, '--workdir', 'w', '--gpus'], 'unknown option --gpus'),
+    # Values written into #SBATCH lines: a newline would add a line of the job's own choosing.
+    (SLURM, ['--config', CONFIG, '--workdir', 'w', '--partition', 'gpu\n#SBATCH --account=other'],
+     'bad --partition gpu\\n#SBATCH --account=other: use a partition name'),
+    (SLURM, ['--config', CONFIG, '--workdir', 'w', '--account', 'lab; rm -rf ~'],
+     'bad --account lab; rm -rf ~: use an account name'),
+    (SLURM, ['--config', CONFIG, '--workdir', 'w', '--time', '12:00:00\nscancel 1'],
+     'bad --time 12:00:00\\nscancel 1: use MINUTES, HH:MM:SS or DAYS-HH:MM:SS'),
+    (SLURM, ['--config', CONFIG, '--workdir', 'w', '--time', 'tomorrow'], 'bad --time tomorrow'),
+    (SLURM, ['--config', CONFIG, '--workdir', 'w\n#SBATCH --x'],
+     '--workdir must not contain a newline'),
+    (SLURM, ['--config', CONFIG, '--workdir', 'w', '--job-name', 'a\nb'], 'bad --job-name a\\nb'),
 ])
 def test_bad_or_missing_flags_are_one_line_and_exit_2(script, args, message):
   proc = launch(script, '--dry-run', *args)

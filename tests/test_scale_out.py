@@ -121,7 +121,8 @@ def _metrics(run_dir):
 
 
 def test_two_processes_train_to_the_parameters_of_one_process_with_two_devices(cli, tmp_path):
-  args = ['--config', 'experiments/resnetv2_fig2.py:scale=test,run=identity', *SMALL]
+  args = ['--config', 'experiments/resnetv2_fig2.py:scale=test,run=identity', *SMALL,
+          '--config.schedule.total=6']  # the checkpoint below is step 6's
   env = {**cli.env, 'JAX_PLATFORMS': 'cpu'}
   port = _free_port()
   procs = []

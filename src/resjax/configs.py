@@ -43,6 +43,13 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
       raise ConfigError(f"unknown config arg {key!r}: the args of this file are "
                         f"{', '.join(sorted(defaults))} (e.g. :scale=cpu)")
     out[key] = _typed(value.strip()) if sep else True
+    default = defaults[key]
+    if isinstance(default, bool) and not isinstance(out[key], bool):
+      raise ConfigError(f"config arg {key}={out[key]!r} is not True or False: write {key}=True, "
+                        f"{key}=False, or {key} alone for True")
+    if (isinstance(default, int) and not isinstance(default, bool)
+        and (isinstance(out[key], bool) or not isinstance(out[key], int))):
+      raise ConfigError(f"config arg {key}={out[key]!r} is not a whole number: write e.g. {key}=3")
   if "scale" in out and out["scale"] not in SCALES:
     raise ConfigError(f"unknown scale {out['scale']!r}: use one of {', '.join(SCALES)}")
   return ml_collections.ConfigDict(out)

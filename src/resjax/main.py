@@ -116,10 +116,12 @@ def config_overrides(argv: list[str]) -> list[str]:
 
 
 def check_override(config: ml_collections.ConfigDict, key: str, path: str) -> None:
-  """Raises ConfigError unless ``--config.KEY`` can set a field of ``config`` (from file ``path``)."""
+  """Raises ConfigError unless ``--config.KEY`` can set a field of ``config`` (read from the
+  experiment file ``path``)."""
   if key == "scale":
     raise ConfigError("--config.scale would relabel this experiment without changing its recipe: "
-                      f"scale is the experiment file's arg, set it there (--config {path}:scale=paper)")
+                      "scale is the experiment file's arg, set it there "
+                      f"(--config {path}:scale=paper)")
   node, parts = config, key.split(".")
   for depth, part in enumerate(parts):
     if not isinstance(node, ml_collections.ConfigDict):
