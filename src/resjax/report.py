@@ -575,7 +575,13 @@ def render_provenance(rows: list[RowResult], workdir: str) -> list[str]:
     config_json = _read_json(os.path.join(workdir, 'config.json')) or {}
     if not config_json.get('provenance'):
       return []
-    records, source = [(('config.json', 0), config_json['provenance'])], 'config.json'
+    records = [(('config.json', 0), config_json['provenance'])]
+    finished = any(s.status != 'running' for r in rows for s in r.seeds)
+    # config.json is rewritten by every command on the workdir, a resume that trains nothing
+    # included: it says who last ran here, not what trained rows recorded before provenance.
+    source = ('config.json, the last command run on this workdir; the seed runs carry no record '
+              '(written before resjax recorded provenance), so what trained them is not known'
+              if finished else 'config.json (no seed run has finished yet)')
   recorded: dict[str, int] = {}
   for (row, _), _ in records:
     recorded[row] = recorded.get(row, 0) + 1
@@ -592,10 +598,12 @@ def render_provenance(rows: list[RowResult], workdir: str) -> list[str]:
       out += [f'  - {value}: {_where(where, recorded)}' for value, where in seen.items()]
   starts = [p['started'] for _, p in records if p.get('started')]
   ends = [p['finished'] for _, p in records if p.get('finished')]
-  if starts:
+  if starts and records[0][0][0] == 'config.json':
+    out.append(f'- Started: {starts[0]} (UTC)')
+  elif starts:
     out.append(f'- Runs: {min(starts)} to {max(ends) if ends else "?"} (UTC)')
   missing = sum(1 for r in rows for s in r.seeds if not s.provenance)
-  if missing and source != 'config.json':
+  if missing and records[0][0][0] != 'config.json':
     out.append(f'- {missing} seed run{"s" if missing != 1 else ""} without a record (still '
                'running, or written before resjax recorded provenance)')
   return out + ['']
