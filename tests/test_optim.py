@@ -172,9 +172,11 @@ def test_table6_warms_up_only_from_110_layers_until_80_percent_error_at_scale_pa
                    'resnet110': rule, 'plain110': rule, 'resnet1202': rule}
   (r110,) = [r for r in config.runs if r.name == 'resnet110']
   assert r110.paper_error == 6.61 and '6.43' in r110.label  # the mean of 5, and their best
-  # scale=cpu keeps its fixed warm-up on every row.
-  _, cpu = schedules('cpu')
-  assert set(cpu.values()) == {(38, None, 0.005)}
+  # scale=cpu keeps the shared proxy recipe's fixed warm-up (a sixth of the run) on every row.
+  config, cpu = schedules('cpu')
+  proxy = ml_collections.ConfigDict({'data': {}, 'optim': {}, 'schedule': {}})
+  configs.digits_cpu(proxy)
+  assert set(cpu.values()) == {(config.schedule.total // 6, None, proxy.optim.warmup_lr)}
 
 
 def test_under_the_rule_the_optimizer_runs_the_schedule_after_the_warm_up():
