@@ -14,10 +14,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -329,10 +329,21 @@ def checkpoint_dir(group_dir: str, seeds: list[int]) -> str:
   return os.path.join(group_dir, "ckpt", "seeds_" + "_".join(str(s) for s in seeds))
 
 
+# A checkpoint holds two items: "default", the stacked train state (orbax arrays), and "train",
+# what the loop needs besides it to go on as if never stopped (JSON): the open log window's sums,
+# each replica's last logged train metrics and failure, and the wall time spent so far.
+STATE_ITEM, LOOP_ITEM = "default", "train"
+
+
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      fileio.absolute(directory),
+      fileio.absolute(directory), item_names=(STATE_ITEM, LOOP_ITEM),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                               LOOP_ITEM: ocp.args.JsonSave(loop)}))
 
 
 @contextlib.contextmanager
@@ -347,50 +358,131 @@ def quiet_logs():
     logging.set_verbosity(level)
 
 
-def restore(manager: ocp.CheckpointManager, state):
-  """Restores the newest checkpoint into ``state``'s structure, or returns ``state`` if there is none."""
-  with quiet_logs():  # orbax logs its own parse errors; resjax reports them in one line below
-    step = manager.latest_step()
-  if step is None:
-    return state
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract) -> tuple[Any, dict]:
+  items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+  # Checkpoints written before the loop item existed hold the state alone.
+  has_loop = fileio.exists(os.path.join(fileio.absolute(manager.directory), str(step), LOOP_ITEM))
+  if has_loop:
+    items[LOOP_ITEM] = ocp.args.JsonRestore()
+  with quiet_logs():  # orbax logs its own errors; resjax reports them in one line
+    out = manager.restore(step, args=ocp.args.Composite(**items))
+  return out[STATE_ITEM], (out[LOOP_ITEM] if has_loop else {})
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a checkpoint step that does not restore to DIR.broken/STEP (kept for inspection)."""
+  directory = fileio.absolute(str(manager.directory)).rstrip("/")
+  aside = f"{directory}.broken/{step}"
+  n = 1
+  while fileio.exists(aside):
+    aside, n = f"{directory}.broken/{step}.{n}", n + 1
+  if jax.process_index() == 0:
+    fileio.move(f"{directory}/{step}", aside)
+  return aside
+
+
+def restore(manager: ocp.CheckpointManager, state) -> tuple[Any, dict]:
+  """The newest checkpoint that restores into ``state``'s structure, and its loop item; ``state``
+  and {} if there is none.
+
+  A newer step that fails while an older one restores is broken (the older proves the structure
+  right): it is moved aside, said in one line, and the run resumes from the older. When no step
+  restores, nothing is moved (a changed config, not a broken file, is then the likely cause).
+  """
+  with quiet_logs():
+    steps = sorted(manager.all_steps(), reverse=True)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    with quiet_logs():
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # orbax raises many types for unreadable or mismatched files
+  broken = []
+  for step in steps:
+    try:
+      restored, loop = _restore_step(manager, step, abstract)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+      broken.append((step, type(e).__name__))
+      continue
+    if broken:
+      _sync("resjax-restored")  # every process has read before process 0 moves
+      for bad, why in broken:
+        aside = _set_aside(manager, bad)
+        print(f"warning: checkpoint step {bad} cannot be restored ({why}): resuming from step "
+              f"{step}, the broken step is kept in {aside}", file=sys.stderr, flush=True)
+      _sync("resjax-set-aside")
+      manager.reload()
+    return restored, loop
+  if broken:
     manager.close()  # stop orbax's background threads before the process exits
-    where = os.path.join(manager.directory, str(step))
+    step, why = broken[0]
+    where = os.path.join(str(manager.directory), str(step))
+    older = f" nor any of the {len(steps) - 1} older steps" if len(steps) > 1 else ""
     raise CheckpointError(
-        f"checkpoint {where} cannot be restored ({type(e).__name__}): delete {manager.directory} "
-        "to restart this run from scratch, or use another --workdir") from None
+        f"checkpoint {where} cannot be restored ({why}){older}: delete {manager.directory} "
+        "to restart this run from scratch, or use another --workdir")
+  return state, {}
 
 
 # ------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM (what a cloud VM gets before it goes) asks the loop to save and stop.
+# Stopping early: SIGTERM (what a cloud VM gets before it goes) and SIGINT (Ctrl-C) ask the loop
+# to save at the next step boundary and stop. One process acts on its own flag; several agree on
+# the step through orbax's reached_preemption (JAX's preemption service, which catches SIGTERM
+# itself), so no host enters the collective save while another runs the next step.
 # ------------------------------------------------------------------------------------------------
 
 class Preemption:
   requested = False
+  signal: str | None = None  # the name of the signal this process got, if any
 
 
 @contextlib.contextmanager
-def sigterm_saves():
-  previous = signal.getsignal(signal.SIGTERM)
-  Preemption.requested = False
+def stop_signals_save(processes: int = 1):
+  """Within: SIGTERM and SIGINT request a save and stop (Preemption); a second SIGINT stops now.
 
-  def handler(signum, frame):
+  With several processes SIGTERM is left to JAX's preemption service, and SIGINT is passed on to
+  it as SIGTERM.
+  """
+  Preemption.requested, Preemption.signal = False, None
+
+  def on_sigterm(signum, frame):
     del signum, frame
-    Preemption.requested = True
+    Preemption.requested, Preemption.signal = True, "SIGTERM"
 
+  def on_sigint(signum, frame):
+    del signum, frame
+    if Preemption.signal == "SIGINT":
+      raise KeyboardInterrupt  # a second Ctrl-C: stop without waiting for the save
+    Preemption.signal = "SIGINT"
+    if processes > 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      Preemption.requested = True
+
+  handlers = {signal.SIGINT: on_sigint}
+  if processes == 1:
+    handlers[signal.SIGTERM] = on_sigterm
+  previous = {}
   try:
-    signal.signal(signal.SIGTERM, handler)
+    for signum, handler in handlers.items():
+      previous[signum] = signal.signal(signum, handler)
   except ValueError:  # not the main thread: leave signals alone
-    previous = None
+    pass
   try:
     yield
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def stop_requested(manager: ocp.CheckpointManager, step: int, processes: int) -> bool:
+  """Whether to save and stop after ``step``: this process's flag, or with several processes the
+  step they all agreed on. Called at every step (the preemption service needs each one)."""
+  if processes > 1:
+    return manager.reached_preemption(step)
+  return Preemption.requested
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +491,7 @@ def sigterm_saves():
 
 def write_json(path: str, obj: Any) -> None:
   """Atomic: a crash leaves the old file or the new one, never half of one."""
-  fileio.write_atomic(path, (json.dumps(obj, indent=1, default=float) + "\n").encode())
+  fileio.write_atomic(path, (fileio.dumps(obj, indent=1) + "\n").encode())
 
 
 class MetricsLog:
@@ -420,7 +512,7 @@ class MetricsLog:
       return
     # Counts (a step) stay ints; everything else is a float (numpy scalars included).
     values = {k: v if type(v) is int else float(v) for k, v in values.items()}
-    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self.jsonl.write(fileio.dumps({"step": step, **values}) + "\n")
     if self.tb is not None:
       for k, v in values.items():
         self.tb.add_scalar(k, v, step)
@@ -504,10 +596,10 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
                     in_shardings=(state_sh, eval_sh, eval_sh, repl), out_shardings=repl)
   eval_put = lambda x: put(x, eval_sh)
 
-  # Resume.
+  # Resume: the state, and the loop's own record (the open window, the last train metrics).
   with quiet_logs():
     manager = checkpoint_manager(checkpoint_dir(group_dir, seeds))
-  state = restore(manager, state)
+  state, loop = restore(manager, state)
   start = int(state["step"][0])
   logs = [MetricsLog(d, is_main) for d in run_dirs]
   log_every, eval_every = config.get("log_every", 100), config.get("eval_every", 1000)
@@ -520,23 +612,31 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   name = os.path.basename(os.path.normpath(group_dir))
   summaries = [{"run": name, "seed": s, "status": "running", "reason": None, "failed_step": None,
                 "steps": start, "total_steps": total, "final": {}, "wall_s": 0.0} for s in seeds]
-  alive = [True] * replicas
-  t0, started = time.time(), provenance.utc_now()
+  for summary, failure in zip(summaries, loop.get("failures", [None] * replicas)):
+    if failure is not None:  # a replica that diverged before the checkpoint stays failed
+      summary.update(status="failed", **failure)
+  alive = [summary["status"] == "running" for summary in summaries]
+  # Wall time is summed over every session of the run, up to each one's last checkpoint.
+  t0, wall_before, started = time.time(), loop.get("wall_s", 0.0), provenance.utc_now()
   compile_s = None  # the step's compile time, alone: a persistent-cache hit makes it seconds less
-  window = sharding.put_global(new_window(replicas), repl)
+  window = loop_window(loop, replicas)
+  window = sharding.put_global(window, repl)
   bar = None
   if progress and is_main:
     from tqdm import tqdm
     bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True,
                disable=None, leave=False)
-  last_train: list[dict] = [{} for _ in seeds]
+  last_train: list[dict] = loop.get("last_train", [{} for _ in seeds])
   last_eval: list[dict] = [{} for _ in seeds]
   # The warm-up rule's end step goes into metrics.jsonl once, on the first line after it.
   end_logged = [int(e) >= 0 for e in warmup_ends(state)] if warmup else []
   step = start
-  t_window = time.time()
-  with sigterm_saves():
-    while step < total:
+  # The open window's time before this session, and when this session's part of it began.
+  window_s, t_window = loop.get("window_s", 0.0), time.time()
+  processes = jax.process_count()
+  stop = False
+  with stop_signals_save(processes):
+    while step < total and not stop:
       batch = jax.tree.map(lambda *b: np.stack(b),
                            *[task.train_batch(s, step, config.batch_size) for s in seeds])
       batch = put(batch, batch_sh)
@@ -549,11 +649,13 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
       if bar is not None:
         bar.update(1)
       at_end = step == total
-      if step % log_every == 0 or at_end or Preemption.requested:
+      stop = stop_requested(manager, step, processes)
+      if step % log_every == 0 or at_end or stop:
         w = sharding.to_host(window)
-        window = sharding.put_global(new_window(replicas), repl)
-        dt = time.time() - t_window
-        t_window = time.time()
+        dt = window_s + time.time() - t_window
+        if step % log_every == 0:  # a window closes only here: a stop or the end logs it open
+          window = sharding.put_global(new_window(replicas), repl)
+          window_s, t_window = 0.0, time.time()
         if warmup is not None:
           warm = sharding.to_host(state["warmup"])
         for k in range(replicas):
@@ -593,15 +695,19 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
           if alive[k]:
             last_eval[k] = {"step": step, **results[k]}
             logs[k].write(step, results[k])
-      if step % ckpt_every == 0 or at_end or Preemption.requested:
-        manager.save(step, args=ocp.args.StandardSave(state))
-      if Preemption.requested:
-        break
+      if step % ckpt_every == 0 or at_end or stop:
+        save(manager, step, state, {
+            "wall_s": wall_before + time.time() - t0,
+            "window": {k: v.tolist() for k, v in sharding.to_host(window).items()},
+            "window_s": window_s + time.time() - t_window,
+            "last_train": last_train,
+            "failures": [None if alive[k] else {f: summaries[k][f] for f in FAILURE_FIELDS}
+                         for k in range(replicas)]})
   manager.wait_until_finished()
   if bar is not None:
     bar.close()
 
-  wall = time.time() - t0
+  wall = wall_before + time.time() - t0
   resumed_at_end = any(alive[k] and last_eval[k].get("step") != step for k in range(replicas))
   if step == total and resumed_at_end:  # resumed from a checkpoint of the final step
     results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
@@ -624,7 +730,7 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     summary["steps"] = step
     if step < total:
       summary["status"] = "preempted"
-      summary["reason"] = f"stopped by SIGTERM at step {step}; rerun the same command to resume"
+      summary["reason"] = f"stopped by {stopped_by(processes)} at step {step}; rerun the same command to resume"
       continue
     final = {k2: v for k2, v in last_eval[k].items() if k2 != "step"}
     keys = ("train_loss", "train_error") + (("train_bpb",) if task.kind == "text" else ())
@@ -645,6 +751,24 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   return summaries, state
 
 
+FAILURE_FIELDS = ("reason", "failed_step", "steps")
+
+
+def loop_window(loop: dict, replicas: int) -> dict:
+  """The open log window of a checkpoint's loop item (exactly its float32 sums), else a new one."""
+  if "window" not in loop:
+    return new_window(replicas)
+  fresh = new_window(replicas)
+  return {k: np.asarray(loop["window"][k], fresh[k].dtype) for k in fresh}
+
+
+def stopped_by(processes: int) -> str:
+  """What stopped a run early, for its summary's reason."""
+  if processes > 1:
+    return f"a preemption notice (SIGTERM or SIGINT to any of the {processes} processes)"
+  return Preemption.signal or "SIGTERM"
+
+
 def warmup_ends(state) -> list[int]:
   """Each replica's first step after the warm-up rule's warm-up, -1 while it still warms up."""
   return [int(e) for e in sharding.to_host(state["warmup"]["end_step"])]
@@ -657,7 +781,7 @@ def replica(state, k: int):
 
 def read_summary(run_dir: str) -> dict | None:
   try:
-    return json.loads(fileio.read_text(os.path.join(run_dir, "summary.json")))
+    return fileio.loads(fileio.read_text(os.path.join(run_dir, "summary.json")))
   except (OSError, ValueError):
     return None
 
