@@ -5,7 +5,9 @@
 * two local processes (jax.distributed on CPU, one device each) end with bitwise the parameters
   and metrics of one process with two devices;
 * on 8 fake devices (data=2, fsdp=4), a run stopped and resumed ends bitwise equal to one never
-  stopped.
+  stopped;
+* SIGTERM (or Ctrl-C) to one of two processes stops both at one step, which both save, and the rerun
+  ends bitwise equal to a run never stopped.
 All train fig2's ResNet at scale=test, shrunk to depth 8 and widths 8/16/32.
 """
 
@@ -278,3 +280,51 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
   assert all(np.array_equal(x, y) for x, y in zip(la, lb))
   last = lambda run: [m for m in _metrics(run) if m['step'] == stopped + 2]
   assert last(workdir / 'identity' / 'seed0') == last(tmp_path / 'one' / 'identity' / 'seed0')
+
+
+CTRL_C_SCRIPT = r'''
+import os, sys, time
+import jax
+import orbax.checkpoint as ocp
+process, port, ready = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2,
+                           process_id=process)
+from resjax import train
+
+class Manager:  # the one call of a CheckpointManager that train.stop_requested makes
+  reached_preemption = staticmethod(ocp.multihost.reached_preemption)
+
+step = 0
+with train.stop_signals_save(2):
+  open(ready + str(process), "w").close()
+  while step < 100000:
+    step += 1
+    time.sleep(0.01 * (1 + process))  # the hosts run at different speeds
+    if train.stop_requested(Manager(), step, 2):
+      break
+print(step, train.Preemption.signal)
+'''
+
+
+def test_ctrl_c_on_one_of_two_processes_stops_both_at_one_step(tmp_path):
+  """SIGINT is no signal JAX's preemption service hears: train passes it on as SIGTERM."""
+  import time
+  port, ready = str(_free_port()), str(tmp_path / 'ready')
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
+  procs = [subprocess.Popen([sys.executable, '-c', CTRL_C_SCRIPT, str(i), port, ready],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True) for i in range(2)]
+  try:
+    deadline = time.time() + 120
+    while not all(os.path.exists(ready + str(i)) for i in range(2)):
+      assert time.time() < deadline and all(p.poll() is None for p in procs)
+      time.sleep(0.1)
+    time.sleep(1)
+    procs[0].send_signal(signal.SIGINT)
+    outs = [p.communicate(timeout=120) for p in procs]
+  finally:
+    _finish(procs, 1)
+  assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+  (step0, signal0), (step1, signal1) = [out.split() for out, _ in outs]
+  assert step0 == step1 and int(step0) < 100000  # both stopped, at the one step they agreed on
+  assert (signal0, signal1) == ('SIGINT', 'None')
