@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from jax.experimental.compilation_cache import compilation_cache
 
-from resjax import configs, tasks, train
+from resjax import configs, fileio, tasks, train
 
 FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_fig2.py'
 
@@ -34,7 +34,7 @@ def _fig2_row(arg, name):
 
 def _read_jsonl(path):
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    return [fileio.loads(line) for line in f if line.strip()]
 
 
 def _read_json(path):
@@ -276,6 +276,7 @@ def test_sigterm_saves_exits_143_and_the_rerun_resumes(cli, tmp_path):
   assert code == 143, stderr
   assert 'Traceback' not in stderr
   assert 'rerun the same command to resume' in stderr
+  assert not (workdir / '.resjax.lock').exists()  # released on the way out
   summary = _read_json(run_dir / 'summary.json')
   assert summary['status'] == 'preempted'
   stopped = summary['steps']

@@ -8,8 +8,14 @@ object at once, which gives the same guarantee.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import math
 import os
+import socket
+import sys
 import tempfile
+import time
 import uuid
 
 from resjax.errors import UserError
@@ -88,6 +94,16 @@ def listdir(path: str) -> list[str]:
   return os.listdir(path)
 
 
+def move(src: str, dst: str) -> None:
+  """Renames a file or folder (its new parent folder is made)."""
+  if is_remote(src):
+    _epath(dst).parent.mkdir(parents=True, exist_ok=True)
+    _epath(src).rename(_epath(dst))
+  else:
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    os.replace(src, dst)
+
+
 def read_text(path: str) -> str:
   """The file's text; OSError (FileNotFoundError) when it is absent, as open() raises."""
   if is_remote(path):
@@ -119,26 +135,140 @@ def write_atomic(path: str, data: bytes) -> None:
     raise
 
 
+# Strict JSON has no NaN or infinity: resjax writes them as these strings, and reads them back.
+NONFINITE = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _strict(obj):
+  if isinstance(obj, float) and not math.isfinite(obj):
+    return "NaN" if math.isnan(obj) else ("Infinity" if obj > 0 else "-Infinity")
+  if isinstance(obj, dict):
+    return {k: _strict(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_strict(v) for v in obj]
+  return obj
+
+
+def dumps(obj, **kw) -> str:
+  """Strict JSON (a non-finite float becomes "NaN", "Infinity" or "-Infinity"); numpy scalars
+  become floats."""
+  obj = json.loads(json.dumps(obj, default=float))  # numpy scalars -> floats, tuples -> lists
+  return json.dumps(_strict(obj), allow_nan=False, **kw)
+
+
+def loads(text: str):
+  """``dumps``'s inverse: the strings of NONFINITE become floats again (bare NaN is read too)."""
+  def hook(d):
+    return {k: NONFINITE.get(v, v) if isinstance(v, str) else v for k, v in d.items()}
+  return json.loads(text, object_hook=hook)
+
+
 class AppendLog:
   """A text file written line by line: appended locally, rewritten whole on object stores
-  (which cannot append; metric logs are small)."""
+  (which cannot append; metric logs are small). A last line torn by a crash is ended first, so
+  the next line is whole and a reader drops only the torn one."""
 
   def __init__(self, path: str):
     self.path = path
     self.remote = is_remote(path)
     if self.remote:
       self.lines = read_text(path) if exists(path) else ""
+      if self.lines and not self.lines.endswith("\n"):
+        self.lines += "\n"
     else:
-      self.file = open(path, "a")
+      self.file = open(path, "a+b")
+      if self.file.tell() > 0:
+        self.file.seek(-1, os.SEEK_END)
+        if self.file.read(1) != b"\n":
+          self.file.write(b"\n")
 
   def write(self, line: str) -> None:
     if self.remote:
       self.lines += line
       _epath(self.path).write_text(self.lines)
     else:
-      self.file.write(line)
+      self.file.write(line.encode())
       self.file.flush()
 
   def close(self) -> None:
     if not self.remote:
       self.file.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# The workdir lock: one run at a time on a workdir.
+# ------------------------------------------------------------------------------------------------
+
+LOCK_NAME = ".resjax.lock"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's live process
+    return True
+  return True
+
+
+def _take(path: str) -> dict | None:
+  """Creates the lock file with this process's record; None if it is there already."""
+  record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time(),
+            "command": " ".join(sys.argv)}
+  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".resjax.lock.")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(json.dumps(record) + "\n")
+    os.link(tmp, path)  # atomic, and fails if the lock exists: never a half-written lock
+  except FileExistsError:
+    return None
+  finally:
+    os.unlink(tmp)
+  return record
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str):
+  """Holds WORKDIR/.resjax.lock while a run trains in ``workdir`` (made if absent), released on
+  any exit that runs Python's cleanup (an exception, SystemExit from a signal handler).
+
+  A lock held by a live process is a UserError naming it, and nothing is written. A lock left by
+  a process that is gone from this host (kill -9, a crash) is taken over with a one-line notice.
+  Object stores have no exclusive create: a remote workdir is not locked.
+  """
+  if is_remote(workdir):
+    yield
+    return
+  makedirs(workdir)
+  path = os.path.join(workdir, LOCK_NAME)
+  record = _take(path)
+  if record is None:
+    try:
+      with open(path) as f:
+        other = json.loads(f.read())
+      pid, host = int(other["pid"]), str(other["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+      raise UserError(f"the workdir {workdir} holds an unreadable lock {path}: if no run uses "
+                      "this workdir, delete that file") from None
+    if host != socket.gethostname() or _alive(pid):
+      raise UserError(f"the workdir {workdir} is in use by process {pid} on {host} "
+                      f"({other.get('command', '?')}): wait for it or stop it, or pass another "
+                      f"--workdir (if that process is gone, delete {path})")
+    os.unlink(path)
+    record = _take(path)
+    if record is None:
+      raise UserError(f"the workdir {workdir} was taken by another run just now: pass another "
+                      "--workdir, or wait for it")
+    print(f"notice: took over the lock of process {pid} on {host}, which is gone "
+          f"(it stopped without releasing {path})", file=sys.stderr, flush=True)
+  try:
+    yield
+  finally:
+    try:
+      with open(path) as f:
+        mine = json.loads(f.read()).get("pid") == record["pid"]
+    except (OSError, ValueError):
+      mine = False
+    if mine:
+      os.unlink(path)

@@ -11,12 +11,14 @@ parameter count and the forward FLOPs per example from XLA's cost analysis, and 
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import inspect
 import json
 import os
 import re
+import signal
 import sys
 import time
 
@@ -42,7 +44,10 @@ _COMPILE_CACHE = flags.DEFINE_bool(
     "else $XDG_CACHE_HOME/resjax/xla (~/.cache/resjax/xla): a rerun of a row skips its compile.")
 
 EXIT_USER_ERROR = 2
-EXIT_PREEMPTED = 143  # 128 + SIGTERM: stopped early on purpose, rerun to resume
+# Stopped early on purpose, with a checkpoint saved: rerun the same command to resume. The code is
+# the shell's 128 + the signal's number: 143 for SIGTERM (a preempted VM), 130 for SIGINT (Ctrl-C).
+EXIT_PREEMPTED = 128 + signal.SIGTERM
+EXIT_INTERRUPTED = 128 + signal.SIGINT
 
 
 # ------------------------------------------------------------------------------------------------
@@ -244,10 +249,54 @@ def check_runs(config, resolved, *, training: bool) -> None:
 def train_all(config, workdir: str) -> int:
   import jax
 
-  from resjax import fileio, provenance, report, tasks, train
+  from resjax import fileio, tasks
   resolved = resolved_runs(config)
   check_runs(config, resolved, training=True)
   task_of = tasks.load_all(rc for _, rc in resolved)  # the data: a dataset not prepared stops here
+  with contextlib.ExitStack() as stack:
+    refused = None
+    if jax.process_index() == 0:
+      try:
+        stack.enter_context(fileio.workdir_lock(workdir))
+      except UserError as e:
+        refused = e
+    if jax.process_count() > 1:  # every process stops when process 0 could not lock the workdir
+      import numpy as np
+      from jax.experimental import multihost_utils
+      if multihost_utils.broadcast_one_to_all(np.int32(refused is not None)):
+        raise refused or UserError(f"the workdir {workdir} is in use: see process 0's line")
+    elif refused is not None:
+      raise refused
+    with sigterm_exits():
+      return train_rows(config, workdir, resolved, task_of)
+
+
+@contextlib.contextmanager
+def sigterm_exits():
+  """Outside the training loop (which saves first), SIGTERM exits at once with EXIT_PREEMPTED,
+  through Python's cleanup, so the workdir lock is released. One process only: with several,
+  SIGTERM belongs to JAX's preemption service."""
+  import jax
+  if jax.process_count() > 1:
+    yield
+    return
+
+  def handler(signum, frame):
+    del signum, frame
+    sys.exit(EXIT_PREEMPTED)
+
+  previous = signal.signal(signal.SIGTERM, handler)
+  try:
+    yield
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+
+
+def train_rows(config, workdir: str, resolved, task_of) -> int:
+  """Trains every row of ``resolved`` in ``workdir`` (locked), then writes the report."""
+  import jax
+
+  from resjax import fileio, provenance, report, tasks, train
   is_main = jax.process_index() == 0
   fileio.makedirs(workdir)
   if is_main:
@@ -283,7 +332,8 @@ def train_all(config, workdir: str) -> int:
               f"{what} ({summary['wall_s']:.0f} s)", flush=True)
       if is_main:
         report.write_report(workdir, config)
-      if any(s["status"] == "preempted" for s in summaries):
+      # A signal after the last step still stops the sweep: the row is saved and done.
+      if any(s["status"] == "preempted" for s in summaries) or train.Preemption.requested:
         preempted = True
         break
     if preempted:
@@ -293,7 +343,7 @@ def train_all(config, workdir: str) -> int:
     print(f"\n{fileio.read_text(md)}\nwrote {md} and {png} ({time.time() - t_all:.0f} s)")
   if preempted:
     print("preempted: checkpoint saved; rerun the same command to resume", file=sys.stderr)
-    return EXIT_PREEMPTED
+    return EXIT_INTERRUPTED if train.Preemption.signal == "SIGINT" else EXIT_PREEMPTED
   return 0
 
 
@@ -348,6 +398,10 @@ def run() -> None:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     print(f"error: {'; '.join(lines)}", file=sys.stderr)
     sys.exit(EXIT_USER_ERROR)
+  except KeyboardInterrupt:  # Ctrl-C outside the training loop, or twice inside it
+    print("interrupted: stopped before a checkpoint could be saved; rerun the same command to "
+          "resume from the last one", file=sys.stderr)
+    sys.exit(EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

@@ -6,7 +6,6 @@ missing means "not run yet"; nothing here raises on a partial workdir.
 
 import dataclasses
 import io
-import json
 import math
 import os
 import re
@@ -81,7 +80,7 @@ class RowResult:
 
 def _read_json(path):
   try:
-    return json.loads(fileio.read_text(path))
+    return fileio.loads(fileio.read_text(path))
   except (OSError, ValueError):
     return None  # absent, or caught mid-write by a live trainer
 
@@ -101,9 +100,9 @@ def load_run(run_dir: str) -> tuple[dict | None, list[dict]]:
     text = ''
   for line in text.splitlines():
     try:
-      rec = json.loads(line)
+      rec = fileio.loads(line)
     except ValueError:
-      continue  # a torn last line from a crash
+      continue  # a line torn by a crash (the trainer ends it before appending the next)
     if isinstance(rec, dict) and isinstance(rec.get('step'), (int, float)):
       by_step.setdefault(int(rec['step']), {}).update(rec)
   return (summary if isinstance(summary, dict) else None), [by_step[k] for k in sorted(by_step)]

@@ -1,6 +1,7 @@
 """The trainer: one run (a table row at one seed), from config to ``summary.json``.
 
-Read top to bottom: model and state, optimizer, the jitted steps, checkpoints, the loop.
+Read top to bottom: model and state, optimizer, the jitted steps, checkpoints, stopping early,
+the run directory's files, then the trainer in three parts: setup_train_loop, train_loop, finalize.
 
 The run directory holds ``metrics.jsonl`` (one JSON object per logged step, the source of truth),
 ``tb/`` (TensorBoard events), ``ckpt/`` (orbax checkpoints, the resume point) and ``summary.json``.
@@ -14,10 +15,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any
 
@@ -118,7 +119,8 @@ def init_state(config, task, seeds: list[int], tx, warmup: WarmupRule | None = N
 # ------------------------------------------------------------------------------------------------
 
 def learning_rate(optim, steps: dict) -> optax.Schedule:
-  """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay.
+  """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay,
+  joined from optax's schedules.
 
   Under the warm-up rule (``steps["warmup_until_error"]``) each replica decides in the step when
   its warm-up ends (``WarmupRule``); this is then the schedule after the warm-up: step decays at
@@ -126,32 +128,39 @@ def learning_rate(optim, steps: dict) -> optax.Schedule:
   """
   warmup, total = steps["warmup"], steps["total"]
   decay = optim.get("decay", "step")
-  if decay == "step":
-    main = optax.piecewise_constant_schedule(
-        optim.lr, {b: optim.get("decay_factor", 0.1) for b in steps["boundaries"]})
-  elif decay in ("cosine", "linear"):
-    floor = optim.get("final_lr_fraction", 0.0)
-
-    def main(s):
-      t = jnp.clip((s - warmup) / max(total - warmup, 1), 0.0, 1.0)
-      shape = 0.5 * (1 + jnp.cos(jnp.pi * t)) if decay == "cosine" else 1.0 - t
-      return optim.lr * (floor + (1 - floor) * shape)
+  span = max(total - warmup, 1)  # the cosine and linear decays run from the warm-up's end
+  floor = optim.get("final_lr_fraction", 0.0)
+  if decay == "step":  # boundaries in absolute steps, whatever the warm-up
+    factor = optim.get("decay_factor", 0.1)
+    main = optax.piecewise_constant_schedule(optim.lr, {b: factor for b in steps["boundaries"]})
+  elif decay == "cosine":
+    main = optax.join_schedules([optax.constant_schedule(optim.lr),
+                                 optax.cosine_decay_schedule(optim.lr, span, alpha=floor,
+                                                             exponent=1)],
+                                [warmup])
+  elif decay == "linear":
+    main = optax.join_schedules([optax.constant_schedule(optim.lr),
+                                 optax.linear_schedule(optim.lr, optim.lr * floor, span)],
+                                [warmup])
   elif decay == "constant":
     main = optax.constant_schedule(optim.lr)
   else:
     raise ConfigError(f"unknown LR decay {decay!r}: set config.optim.decay to step, cosine, "
                       "linear or constant")
+  shape = optim.get("warmup_shape", "constant")
   if steps.get("warmup_until_error") is not None:
-    if optim.get("warmup_shape", "constant") != "constant":
+    if shape != "constant":
       raise ConfigError("config.schedule.warmup_until_error holds a constant warm-up LR: set "
                         "config.optim.warmup_shape to constant or drop warmup_until_error")
     return main
   if not warmup:
     return main
-  if optim.get("warmup_shape", "constant") == "linear":
-    return lambda s: jnp.where(s < warmup, optim.lr * (s + 1) / warmup, main(s))
-  warm_lr = optim.get("warmup_lr", optim.lr)
-  return lambda s: jnp.where(s < warmup, warm_lr, main(s))
+  if shape == "linear":  # lr (s + 1) / warmup at step s: the peak at step warmup - 1
+    warm = optax.linear_schedule(optim.lr / warmup, optim.lr, warmup - 1)
+  else:
+    warm = optax.constant_schedule(optim.get("warmup_lr", optim.lr))
+  # join_schedules counts each part from its boundary; `main` counts from 0, as `steps` does.
+  return optax.join_schedules([warm, lambda s: main(s + warmup)], [warmup])
 
 
 # ResNet-v1 (He et al. 2015, 4.2) warms the 110-layer net up at 0.01 "until the training error is
@@ -329,10 +338,21 @@ def checkpoint_dir(group_dir: str, seeds: list[int]) -> str:
   return os.path.join(group_dir, "ckpt", "seeds_" + "_".join(str(s) for s in seeds))
 
 
+# A checkpoint holds two items: "default", the stacked train state (orbax arrays), and "train",
+# what the loop needs besides it to go on as if never stopped (JSON): the open log window's sums,
+# each replica's last logged train metrics and failure, and the wall time spent so far.
+STATE_ITEM, LOOP_ITEM = "default", "train"
+
+
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      fileio.absolute(directory),
+      fileio.absolute(directory), item_names=(STATE_ITEM, LOOP_ITEM),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+
+
+def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
+  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
+                                               LOOP_ITEM: ocp.args.JsonSave(loop)}))
 
 
 @contextlib.contextmanager
@@ -347,50 +367,131 @@ def quiet_logs():
     logging.set_verbosity(level)
 
 
-def restore(manager: ocp.CheckpointManager, state):
-  """Restores the newest checkpoint into ``state``'s structure, or returns ``state`` if there is none."""
-  with quiet_logs():  # orbax logs its own parse errors; resjax reports them in one line below
-    step = manager.latest_step()
-  if step is None:
-    return state
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract) -> tuple[Any, dict]:
+  items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
+  # Checkpoints written before the loop item existed hold the state alone.
+  has_loop = fileio.exists(os.path.join(fileio.absolute(manager.directory), str(step), LOOP_ITEM))
+  if has_loop:
+    items[LOOP_ITEM] = ocp.args.JsonRestore()
+  with quiet_logs():  # orbax logs its own errors; resjax reports them in one line
+    out = manager.restore(step, args=ocp.args.Composite(**items))
+  return out[STATE_ITEM], (out[LOOP_ITEM] if has_loop else {})
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing with one)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
+  """Moves a checkpoint step that does not restore to DIR.broken/STEP (kept for inspection)."""
+  directory = fileio.absolute(str(manager.directory)).rstrip("/")
+  aside = f"{directory}.broken/{step}"
+  n = 1
+  while fileio.exists(aside):
+    aside, n = f"{directory}.broken/{step}.{n}", n + 1
+  if jax.process_index() == 0:
+    fileio.move(f"{directory}/{step}", aside)
+  return aside
+
+
+def restore(manager: ocp.CheckpointManager, state) -> tuple[Any, dict]:
+  """The newest checkpoint that restores into ``state``'s structure, and its loop item; ``state``
+  and {} if there is none.
+
+  A newer step that fails while an older one restores is broken (the older proves the structure
+  right): it is moved aside, said in one line, and the run resumes from the older. When no step
+  restores, nothing is moved (a changed config, not a broken file, is then the likely cause).
+  """
+  with quiet_logs():
+    steps = sorted(manager.all_steps(), reverse=True)
   abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-  try:
-    with quiet_logs():
-      return manager.restore(step, args=ocp.args.StandardRestore(abstract))
-  except Exception as e:  # orbax raises many types for unreadable or mismatched files
+  broken = []
+  for step in steps:
+    try:
+      restored, loop = _restore_step(manager, step, abstract)
+    except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
+      broken.append((step, type(e).__name__))
+      continue
+    if broken:
+      _sync("resjax-restored")  # every process has read before process 0 moves
+      for bad, why in broken:
+        aside = _set_aside(manager, bad)
+        print(f"warning: checkpoint step {bad} cannot be restored ({why}): resuming from step "
+              f"{step}, the broken step is kept in {aside}", file=sys.stderr, flush=True)
+      _sync("resjax-set-aside")
+      manager.reload()
+    return restored, loop
+  if broken:
     manager.close()  # stop orbax's background threads before the process exits
-    where = os.path.join(manager.directory, str(step))
+    step, why = broken[0]
+    where = os.path.join(str(manager.directory), str(step))
+    older = f" nor any of the {len(steps) - 1} older steps" if len(steps) > 1 else ""
     raise CheckpointError(
-        f"checkpoint {where} cannot be restored ({type(e).__name__}): delete {manager.directory} "
-        "to restart this run from scratch, or use another --workdir") from None
+        f"checkpoint {where} cannot be restored ({why}){older}: delete {manager.directory} "
+        "to restart this run from scratch, or use another --workdir")
+  return state, {}
 
 
 # ------------------------------------------------------------------------------------------------
-# Preemption: SIGTERM (what a cloud VM gets before it goes) asks the loop to save and stop.
+# Stopping early: SIGTERM (what a cloud VM gets before it goes) and SIGINT (Ctrl-C) ask the loop
+# to save at the next step boundary and stop. One process acts on its own flag; several agree on
+# the step through orbax's reached_preemption (JAX's preemption service, which catches SIGTERM
+# itself), so no host enters the collective save while another runs the next step.
 # ------------------------------------------------------------------------------------------------
 
 class Preemption:
   requested = False
+  signal: str | None = None  # the name of the signal this process got, if any
 
 
 @contextlib.contextmanager
-def sigterm_saves():
-  previous = signal.getsignal(signal.SIGTERM)
-  Preemption.requested = False
+def stop_signals_save(processes: int = 1):
+  """Within: SIGTERM and SIGINT request a save and stop (Preemption); a second SIGINT stops now.
 
-  def handler(signum, frame):
+  With several processes SIGTERM is left to JAX's preemption service, and SIGINT is passed on to
+  it as SIGTERM.
+  """
+  Preemption.requested, Preemption.signal = False, None
+
+  def on_sigterm(signum, frame):
     del signum, frame
-    Preemption.requested = True
+    Preemption.requested, Preemption.signal = True, "SIGTERM"
 
+  def on_sigint(signum, frame):
+    del signum, frame
+    if Preemption.signal == "SIGINT":
+      raise KeyboardInterrupt  # a second Ctrl-C: stop without waiting for the save
+    Preemption.signal = "SIGINT"
+    if processes > 1:
+      os.kill(os.getpid(), signal.SIGTERM)
+    else:
+      Preemption.requested = True
+
+  handlers = {signal.SIGINT: on_sigint}
+  if processes == 1:
+    handlers[signal.SIGTERM] = on_sigterm
+  previous = {}
   try:
-    signal.signal(signal.SIGTERM, handler)
+    for signum, handler in handlers.items():
+      previous[signum] = signal.signal(signum, handler)
   except ValueError:  # not the main thread: leave signals alone
-    previous = None
+    pass
   try:
     yield
   finally:
-    if previous is not None:
-      signal.signal(signal.SIGTERM, previous)
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+def stop_requested(manager: ocp.CheckpointManager, step: int, processes: int) -> bool:
+  """Whether to save and stop after ``step``: this process's flag, or with several processes the
+  step they all agreed on. Called at every step (the preemption service needs each one)."""
+  if processes > 1:
+    return manager.reached_preemption(step)
+  return Preemption.requested
 
 
 # ------------------------------------------------------------------------------------------------
@@ -399,7 +500,7 @@ def sigterm_saves():
 
 def write_json(path: str, obj: Any) -> None:
   """Atomic: a crash leaves the old file or the new one, never half of one."""
-  fileio.write_atomic(path, (json.dumps(obj, indent=1, default=float) + "\n").encode())
+  fileio.write_atomic(path, (fileio.dumps(obj, indent=1) + "\n").encode())
 
 
 class MetricsLog:
@@ -420,7 +521,7 @@ class MetricsLog:
       return
     # Counts (a step) stay ints; everything else is a float (numpy scalars included).
     values = {k: v if type(v) is int else float(v) for k, v in values.items()}
-    self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+    self.jsonl.write(fileio.dumps({"step": step, **values}) + "\n")
     if self.tb is not None:
       for k, v in values.items():
         self.tb.add_scalar(k, v, step)
@@ -433,7 +534,7 @@ class MetricsLog:
 
 
 # ------------------------------------------------------------------------------------------------
-# The loop: one row of a table, all its seeds side by side as replicas of one program.
+# Evaluation, and the trainer in three parts: setup_train_loop, train_loop, finalize.
 # ------------------------------------------------------------------------------------------------
 
 def evaluate(eval_fn, state, arrays, task, batch_size: int, put=lambda x: x) -> list[dict]:
@@ -459,14 +560,91 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   checkpointed in ``group_dir/ckpt/seeds_{seeds}``: a rerun with the same seeds resumes from it,
   other seeds start afresh. Returns the per-seed summaries and the final stacked state.
   """
+  run, state, record = setup_train_loop(config, group_dir, seeds, task, arrays, progress)
+  state = train_loop(run, state, record)
+  return finalize(run, state, record), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Setup: mesh, data, state, shardings, compiled steps, the checkpoint to resume from.
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Run:
+  """What the loop runs with, fixed for the run: the task, its compiled steps and intervals."""
+  config: Any
+  task: Any
+  name: str
+  seeds: list[int]
+  run_dirs: list[str]
+  total: int
+  lr_at: optax.Schedule
+  warmup: WarmupRule | None
+  step_fn: Any
+  eval_fn: Any
+  arrays: dict
+  aug_keys: jax.Array
+  put_batch: Any  # host batch -> global batch
+  put_eval: Any
+  put_window: Any
+  manager: ocp.CheckpointManager
+  logs: list[MetricsLog]
+  log_every: int
+  eval_every: int
+  ckpt_every: int
+  eval_batch: int
+  processes: int
+  is_main: bool
+
+  @property
+  def replicas(self) -> int:
+    return len(self.seeds)
+
+
+@dataclasses.dataclass
+class Record:
+  """What the loop keeps between steps besides the train state, and what a checkpoint holds of it
+  (``loop_item``): a stopped run goes on as if never stopped, its summary and wall time whole."""
+  step: int
+  window: Any  # device sums of the open log window
+  window_s: float  # its time before this session
+  t_window: float  # when this session's part of it began
+  summaries: list[dict]
+  alive: list[bool]
+  last_train: list[dict]
+  last_eval: list[dict]
+  end_logged: list[bool]  # the warm-up rule's end step is logged once
+  wall_before: float  # the run's wall time up to the checkpoint resumed from
+  t0: float
+  started: str
+  compile_s: float | None = None  # the step's compile alone: a persistent-cache hit is faster
+  bar: Any = None
+
+  def wall(self) -> float:
+    return self.wall_before + time.time() - self.t0
+
+  def loop_item(self) -> dict:
+    return {"wall_s": self.wall(),
+            "window": {k: v.tolist() for k, v in sharding.to_host(self.window).items()},
+            "window_s": self.window_s + time.time() - self.t_window,
+            "last_train": self.last_train,
+            "failures": [None if alive else {f: summary[f] for f in FAILURE_FIELDS}
+                         for alive, summary in zip(self.alive, self.summaries)]}
+
+
+FAILURE_FIELDS = ("reason", "failed_step", "steps")
+
+
+def setup_train_loop(config, group_dir: str, seeds: list[int], task, arrays: dict | None,
+                     progress: bool) -> tuple[Run, Any, Record]:
+  """The run, its train state (resumed from the newest checkpoint if there is one) and the loop's
+  record."""
   seeds = list(seeds)
   replicas = len(seeds)
-  is_main = jax.process_index() == 0
   run_dirs = [os.path.join(group_dir, f"seed{s}") for s in seeds]
   for d in run_dirs:
     fileio.makedirs(d)
   steps = configs.schedule_steps(config, task.train_size)
-  total = steps["total"]
   if not task.sequence and config.batch_size > task.train_size:
     raise ConfigError(f"batch_size {config.batch_size} exceeds the {task.train_size} "
                       "training examples: lower config.batch_size")
@@ -484,7 +662,6 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
 
   # Model, optimizer, state: parameters replicated or FSDP-sharded by config.sharding_rules.
   tx = make_optimizer(config, steps)
-  lr_at = learning_rate(config.optim, steps)
   warmup = warmup_rule(config.optim, steps)
   graphdef, state = init_state(config, task, seeds, tx, warmup)
   state_sh = sharding.state_shardings(
@@ -493,7 +670,6 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   state = sharding.put_global(state, state_sh)
 
   # Steps, vmapped over replicas; the data arrays are shared. The state is donated.
-  aug_keys = sharding.put_global(jnp.stack([stream_key(s, 1) for s in seeds]), repl)
   step_fn = jax.jit(jax.vmap(functools.partial(train_step, graphdef, tx, task, mesh=mesh,
                                                warmup=warmup),
                              in_axes=(0, 0, 0, 0, None)),
@@ -502,133 +678,183 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   eval_fn = jax.jit(jax.vmap(functools.partial(eval_step, graphdef, task),
                              in_axes=(0, None, None, None)),
                     in_shardings=(state_sh, eval_sh, eval_sh, repl), out_shardings=repl)
-  eval_put = lambda x: put(x, eval_sh)
 
-  # Resume.
+  # Resume: the state, and the loop's own record (the open window, the last train metrics).
   with quiet_logs():
     manager = checkpoint_manager(checkpoint_dir(group_dir, seeds))
-  state = restore(manager, state)
+  state, loop = restore(manager, state)
   start = int(state["step"][0])
-  logs = [MetricsLog(d, is_main) for d in run_dirs]
-  log_every, eval_every = config.get("log_every", 100), config.get("eval_every", 1000)
-  ckpt_every = config.get("checkpoint_every", 1000)
+
   eval_batch = config.get("eval_batch_size", 500)
   if not task.sequence:
     eval_batch = min(eval_batch, task.test_size)
   n = sharding.data_parallel_size(mesh)
-  eval_batch = -(-eval_batch // n) * n  # padded rows are masked out by `valid`
-  name = os.path.basename(os.path.normpath(group_dir))
-  summaries = [{"run": name, "seed": s, "status": "running", "reason": None, "failed_step": None,
-                "steps": start, "total_steps": total, "final": {}, "wall_s": 0.0} for s in seeds]
-  alive = [True] * replicas
-  t0, started = time.time(), provenance.utc_now()
-  compile_s = None  # the step's compile time, alone: a persistent-cache hit makes it seconds less
-  window = sharding.put_global(new_window(replicas), repl)
-  bar = None
+  is_main = jax.process_index() == 0
+  run = Run(
+      config=config, task=task, name=os.path.basename(os.path.normpath(group_dir)), seeds=seeds,
+      run_dirs=run_dirs, total=steps["total"], lr_at=learning_rate(config.optim, steps),
+      warmup=warmup, step_fn=step_fn, eval_fn=eval_fn, arrays=arrays,
+      aug_keys=sharding.put_global(jnp.stack([stream_key(s, 1) for s in seeds]), repl),
+      put_batch=lambda x: put(x, batch_sh), put_eval=lambda x: put(x, eval_sh),
+      put_window=lambda x: sharding.put_global(x, repl), manager=manager,
+      logs=[MetricsLog(d, is_main) for d in run_dirs],
+      log_every=config.get("log_every", 100), eval_every=config.get("eval_every", 1000),
+      ckpt_every=config.get("checkpoint_every", 1000),
+      eval_batch=-(-eval_batch // n) * n,  # padded rows are masked out by `valid`
+      processes=jax.process_count(), is_main=is_main)
+
+  summaries = [{"run": run.name, "seed": s, "status": "running", "reason": None,
+                "failed_step": None, "steps": start, "total_steps": run.total, "final": {},
+                "wall_s": 0.0} for s in seeds]
+  for summary, failure in zip(summaries, loop.get("failures", [None] * replicas)):
+    if failure is not None:  # a replica that diverged before the checkpoint stays failed
+      summary.update(status="failed", **failure)
+  record = Record(
+      step=start, window=run.put_window(loop_window(loop, replicas)),
+      window_s=loop.get("window_s", 0.0), t_window=time.time(), summaries=summaries,
+      alive=[summary["status"] == "running" for summary in summaries],
+      last_train=loop.get("last_train", [{} for _ in seeds]), last_eval=[{} for _ in seeds],
+      end_logged=[e >= 0 for e in warmup_ends(state)] if warmup else [],
+      wall_before=loop.get("wall_s", 0.0), t0=time.time(), started=provenance.utc_now())
   if progress and is_main:
     from tqdm import tqdm
-    bar = tqdm(total=total, initial=start, desc=name, unit="step", dynamic_ncols=True,
-               disable=None, leave=False)
-  last_train: list[dict] = [{} for _ in seeds]
-  last_eval: list[dict] = [{} for _ in seeds]
-  # The warm-up rule's end step goes into metrics.jsonl once, on the first line after it.
-  end_logged = [int(e) >= 0 for e in warmup_ends(state)] if warmup else []
-  step = start
-  t_window = time.time()
-  with sigterm_saves():
-    while step < total:
-      batch = jax.tree.map(lambda *b: np.stack(b),
-                           *[task.train_batch(s, step, config.batch_size) for s in seeds])
-      batch = put(batch, batch_sh)
-      if compile_s is None:  # the calls below reuse this executable
-        t_compile = time.time()
-        step_fn.lower(state, window, batch, aug_keys, arrays).compile()
-        compile_s = time.time() - t_compile
-      state, window = step_fn(state, window, batch, aug_keys, arrays)
-      step += 1
-      if bar is not None:
-        bar.update(1)
-      at_end = step == total
-      if step % log_every == 0 or at_end or Preemption.requested:
-        w = sharding.to_host(window)
-        window = sharding.put_global(new_window(replicas), repl)
-        dt = time.time() - t_window
-        t_window = time.time()
-        if warmup is not None:
-          warm = sharding.to_host(state["warmup"])
-        for k in range(replicas):
-          if not alive[k]:
-            continue
-          if w["first_bad_step"][k] >= 0:
-            bad = int(w["first_bad_step"][k])
-            summaries[k].update(status="failed", failed_step=bad, steps=step,
-                                reason=f"loss is not finite (nan/inf) at step {bad}")
-            logs[k].write(step, {"train_loss": float("nan")})
-            alive[k] = False
-            continue
-          loss = float(w["loss"][k] / w["count"][k])
-          last_train[k] = {"train_loss": loss, "train_error": 100.0 * float(w["errors"][k] / w["count"][k]),
-                           "lr": float(lr_at(step - 1)),
-                           "examples_per_s": float(w["count"][k]) / max(dt, 1e-9)}
-          if task.kind == "text":
-            last_train[k]["train_bpb"] = tasks.bits_per_byte(loss)
-          if warmup is not None:  # this replica's own LR, and its running error while it warms
-            end = int(warm["end_step"][k])
-            last_train[k]["lr"] = warmup.lr_used(step - 1, end)
-            if end < 0 or not end_logged[k]:
-              last_train[k]["warmup_error"] = float(warm["error"][k])
-            if end >= 0 and not end_logged[k]:
-              last_train[k]["warmup_end_step"] = end
-              end_logged[k] = True
-          logs[k].write(step, last_train[k])
-        if not any(alive):
-          break
-        if bar is not None:
-          k = alive.index(True)
-          bar.set_postfix(loss=f"{last_train[k]['train_loss']:.3f}",
-                          err=f"{last_train[k]['train_error']:.1f}%")
-      if step % eval_every == 0 or at_end:
-        results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
-        for k in range(replicas):
-          if alive[k]:
-            last_eval[k] = {"step": step, **results[k]}
-            logs[k].write(step, results[k])
-      if step % ckpt_every == 0 or at_end or Preemption.requested:
-        manager.save(step, args=ocp.args.StandardSave(state))
-      if Preemption.requested:
-        break
-  manager.wait_until_finished()
-  if bar is not None:
-    bar.close()
+    record.bar = tqdm(total=run.total, initial=start, desc=run.name, unit="step",
+                      dynamic_ncols=True, disable=None, leave=False)
+  return run, state, record
 
-  wall = time.time() - t0
-  resumed_at_end = any(alive[k] and last_eval[k].get("step") != step for k in range(replicas))
-  if step == total and resumed_at_end:  # resumed from a checkpoint of the final step
-    results = evaluate(eval_fn, state, arrays, task, eval_batch, eval_put)
+
+def loop_window(loop: dict, replicas: int) -> dict:
+  """The open log window of a checkpoint's loop item (exactly its float32 sums), else a new one."""
+  fresh = new_window(replicas)
+  if "window" not in loop:
+    return fresh
+  return {k: np.asarray(loop["window"][k], fresh[k].dtype) for k in fresh}
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop: step, log, evaluate, checkpoint; stop early on a signal or when every replica failed.
+# ------------------------------------------------------------------------------------------------
+
+def train_loop(run: Run, state, record: Record):
+  """Trains from ``record.step`` to the run's total; returns the final state."""
+  with stop_signals_save(run.processes):
+    while record.step < run.total:
+      seeds_batches = [run.task.train_batch(s, record.step, run.config.batch_size)
+                       for s in run.seeds]
+      batch = run.put_batch(jax.tree.map(lambda *b: np.stack(b), *seeds_batches))
+      args = (batch, run.aug_keys, run.arrays)
+      if record.compile_s is None:  # the calls below reuse this executable
+        t_compile = time.time()
+        run.step_fn.lower(state, record.window, *args).compile()
+        record.compile_s = time.time() - t_compile
+      state, record.window = run.step_fn(state, record.window, *args)
+      record.step += 1
+      step = record.step
+      if record.bar is not None:
+        record.bar.update(1)
+      at_end = step == run.total
+      stop = stop_requested(run.manager, step, run.processes)  # every process, every step
+      if step % run.log_every == 0 or at_end or stop:
+        log_train(run, state, record)
+        if not any(record.alive):
+          break
+      if step % run.eval_every == 0 or at_end:
+        results = evaluate(run.eval_fn, state, run.arrays, run.task, run.eval_batch,
+                           run.put_eval)
+        for k in range(run.replicas):
+          if record.alive[k]:
+            record.last_eval[k] = {"step": step, **results[k]}
+            run.logs[k].write(step, results[k])
+      if step % run.ckpt_every == 0 or at_end or stop:
+        save(run.manager, step, state, record.loop_item())
+      if stop:
+        break
+  run.manager.wait_until_finished()
+  if record.bar is not None:
+    record.bar.close()
+  return state
+
+
+def log_train(run: Run, state, record: Record) -> None:
+  """Writes each live replica's train metrics over the open window, or its failure. The window
+  closes only at a multiple of log_every: the end of the run or a stop logs it open, and a
+  checkpoint then carries it, so a resumed run logs what an unstopped one does."""
+  step = record.step
+  w = sharding.to_host(record.window)
+  dt = record.window_s + time.time() - record.t_window
+  if step % run.log_every == 0:
+    record.window = run.put_window(new_window(run.replicas))
+    record.window_s, record.t_window = 0.0, time.time()
+  warm = sharding.to_host(state["warmup"]) if run.warmup is not None else None
+  for k in range(run.replicas):
+    if not record.alive[k]:
+      continue
+    if w["first_bad_step"][k] >= 0:
+      bad = int(w["first_bad_step"][k])
+      record.summaries[k].update(status="failed", failed_step=bad, steps=step,
+                                 reason=f"loss is not finite (nan/inf) at step {bad}")
+      run.logs[k].write(step, {"train_loss": float("nan")})
+      record.alive[k] = False
+      continue
+    loss = float(w["loss"][k] / w["count"][k])
+    m = {"train_loss": loss, "train_error": 100.0 * float(w["errors"][k] / w["count"][k]),
+         "lr": float(run.lr_at(step - 1)), "examples_per_s": float(w["count"][k]) / max(dt, 1e-9)}
+    if run.task.kind == "text":
+      m["train_bpb"] = tasks.bits_per_byte(loss)
+    if warm is not None:  # this replica's own LR, and its running error while it warms up
+      end = int(warm["end_step"][k])
+      m["lr"] = run.warmup.lr_used(step - 1, end)
+      if end < 0 or not record.end_logged[k]:
+        m["warmup_error"] = float(warm["error"][k])
+      if end >= 0 and not record.end_logged[k]:
+        m["warmup_end_step"] = end
+        record.end_logged[k] = True
+    record.last_train[k] = m
+    run.logs[k].write(step, m)
+  if record.bar is not None and any(record.alive):
+    m = record.last_train[record.alive.index(True)]
+    record.bar.set_postfix(loss=f"{m['train_loss']:.3f}", err=f"{m['train_error']:.1f}%")
+
+
+# ------------------------------------------------------------------------------------------------
+# Finalize: each seed's summary.json.
+# ------------------------------------------------------------------------------------------------
+
+def finalize(run: Run, state, record: Record) -> list[dict]:
+  """Each replica's summary: ok, failed (diverged, or above the failure threshold) or preempted,
+  with its final numbers, wall time (summed over sessions) and provenance."""
+  step = record.step
+  last_eval = record.last_eval
+  if step == run.total and any(alive and e.get("step") != step
+                               for alive, e in zip(record.alive, last_eval)):
+    # Resumed from a checkpoint of the final step: its evaluation was not kept.
+    results = evaluate(run.eval_fn, state, run.arrays, run.task, run.eval_batch, run.put_eval)
     last_eval = [{"step": step, **r} for r in results]
-  threshold = config.get("failure_error", None)
-  ends = warmup_ends(state) if warmup else []
+  threshold = run.config.get("failure_error", None)
+  ends = warmup_ends(state) if run.warmup else []
   cache_dir = (jax.config.jax_compilation_cache_dir if jax.config.jax_enable_compilation_cache
                else None)
-  for k, summary in enumerate(summaries):
+  wall = record.wall()
+  for k, summary in enumerate(record.summaries):
     summary["wall_s"] = wall
-    summary["compile_s"] = compile_s  # None when no step ran (resumed at the end)
+    summary["compile_s"] = record.compile_s  # None when no step ran (resumed at the end)
     summary["compile_cache"] = cache_dir
-    summary["provenance"] = {**provenance.gather(), "started": started,
+    summary["provenance"] = {**provenance.gather(), "started": record.started,
                              "finished": provenance.utc_now()}
-    if warmup is not None:  # None: the run stopped while this replica was still warming up
+    if run.warmup is not None:  # None: the run stopped while this replica was still warming up
       summary["warmup_end_step"] = ends[k] if ends[k] >= 0 else None
-      summary["warmup_hit_cap"] = ends[k] == warmup.cap if ends[k] >= 0 else None
-    if not alive[k]:
+      summary["warmup_hit_cap"] = ends[k] == run.warmup.cap if ends[k] >= 0 else None
+    if not record.alive[k]:
       continue
     summary["steps"] = step
-    if step < total:
+    if step < run.total:
       summary["status"] = "preempted"
-      summary["reason"] = f"stopped by SIGTERM at step {step}; rerun the same command to resume"
+      summary["reason"] = (f"stopped by {stopped_by(run.processes)} at step {step}; rerun the "
+                           "same command to resume")
       continue
-    final = {k2: v for k2, v in last_eval[k].items() if k2 != "step"}
-    keys = ("train_loss", "train_error") + (("train_bpb",) if task.kind == "text" else ())
-    summary["final"] = {**{k2: last_train[k].get(k2) for k2 in keys}, **final}
+    final = {key: v for key, v in last_eval[k].items() if key != "step"}
+    keys = ("train_loss", "train_error") + (("train_bpb",) if run.task.kind == "text" else ())
+    summary["final"] = {**{key: record.last_train[k].get(key) for key in keys}, **final}
     if not math.isfinite(final["test_loss"]):
       summary.update(status="failed", failed_step=step,
                      reason=f"test loss is not finite at step {step}")
@@ -637,12 +863,19 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
                                               f"{threshold:g}% failure threshold"))
     else:
       summary["status"] = "ok"
-  for log in logs:
+  for log in run.logs:
     log.close()
-  if is_main:
-    for d, summary in zip(run_dirs, summaries):
+  if run.is_main:
+    for d, summary in zip(run.run_dirs, record.summaries):
       write_json(os.path.join(d, "summary.json"), summary)
-  return summaries, state
+  return record.summaries
+
+
+def stopped_by(processes: int) -> str:
+  """What stopped a run early, for its summary's reason."""
+  if processes > 1:
+    return f"a preemption notice (SIGTERM or SIGINT to any of the {processes} processes)"
+  return Preemption.signal or "SIGTERM"
 
 
 def warmup_ends(state) -> list[int]:
@@ -657,7 +890,7 @@ def replica(state, k: int):
 
 def read_summary(run_dir: str) -> dict | None:
   try:
-    return json.loads(fileio.read_text(os.path.join(run_dir, "summary.json")))
+    return fileio.loads(fileio.read_text(os.path.join(run_dir, "summary.json")))
   except (OSError, ValueError):
     return None
 
