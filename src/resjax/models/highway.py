@@ -72,7 +72,8 @@ def from_config(model_cfg, *, num_classes: int, in_channels: int,
       placement=model_cfg.get("placement", "relu_before_add"), widths=widths(model_cfg),
       stem_width=model_cfg.get("widths", (16, 32, 64))[0], scan=model_cfg.get("scan", True),
       conv_impl=model_cfg.get("conv_impl", "auto"),
-      zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
+      zero_init_residual=model_cfg.get("zero_init_residual", False),
+      remat=model_cfg.get("remat", "none"), rngs=rngs)
 
 
 def repeats(model_cfg, k: int):

@@ -145,3 +145,59 @@ def set_compute_dtype(model: nnx.Module, dtype) -> None:
   for _, module in nnx.iter_graph(model):
     if isinstance(module, (Conv2D, nnx.Linear, nnx.BatchNorm)):
       module.dtype = dtype
+
+
+def rms(a: jax.Array, axes=None) -> jax.Array:
+  """Root mean square over ``axes`` (all by default), scaled by the peak first: in float32 the
+  squares of values below about 1e-19 would flush to zero, and a gradient that halves at each of
+  a hundred units goes far below that."""
+  a = a.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(a), axis=axes, keepdims=True)
+  safe = jnp.where(peak > 0, peak, 1.0)
+  return jnp.squeeze(peak, axis=axes) * jnp.sqrt(jnp.mean(jnp.square(a / safe), axis=axes))
+
+
+# ------------------------------------------------------------------------------------------------
+# Identical units under one scan, optionally rematerialised.
+# ------------------------------------------------------------------------------------------------
+
+# config.model.remat -> the jax.checkpoint policy of the scanned unit (what its backward may keep
+# from the forward pass; everything else is recomputed). "none": no checkpoint, keep everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ConfigError(f"unknown remat {remat!r}: set config.model.remat to one of "
+                      f"{', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+def scan_units(units: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
+  """Runs ``body(unit, carry, x) -> (carry, y)`` over the units stacked on axis 0 of ``units``.
+
+  The units are split into a graph and stacked state, ``jax.lax.scan`` merges one unit per step,
+  and what changed in them besides parameters (BatchNorm statistics, RNG counters) is written back
+  to ``units``. ``xs`` (scanned inputs, or None) and the returned ``ys`` have the units on axis 0.
+  ``remat`` names a ``REMAT_POLICIES`` entry for the scanned step.
+  """
+  policy = REMAT_POLICIES[check_remat(remat)]
+  graphdef, stacked = nnx.split(units)
+
+  def step(h, scanned):
+    unit_state, x = scanned
+    unit = nnx.merge(graphdef, unit_state, copy=True)
+    h, y = body(unit, h, x)
+    return h, (nnx.state(unit, nnx.Not(nnx.Param)), y)  # parameters come back unchanged
+
+  if remat != "none":
+    # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+  carry, (updated, ys) = jax.lax.scan(step, carry, (stacked, xs))
+  nnx.update(units, updated)
+  return carry, ys
