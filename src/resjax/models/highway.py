@@ -30,6 +30,7 @@ import copy
 import ml_collections
 from flax import nnx
 
+from resjax import shortcuts
 from resjax.models import resnet
 
 HIGHWAY_110_2024 = dict(
@@ -45,8 +46,7 @@ def default_gate_bias(depth: int) -> float:
 def shortcut_config(model_cfg) -> ml_collections.ConfigDict:
   """The model's shortcut settings as a ``highway`` shortcut config, defaults filled in."""
   given = model_cfg.get("shortcut", None)
-  sc = ml_collections.ConfigDict(
-      dict(name="highway", option="B", gate="conv", gate_kernel=3, gate_bias=None))
+  sc = ml_collections.ConfigDict(shortcuts.fields("highway"))
   if given is not None:
     for key in ("option", "gate", "gate_kernel", "gate_bias"):
       if key in given:
