@@ -159,3 +159,12 @@ def test_a_key_the_form_does_not_have_is_one_error_naming_its_keys(overrides, fi
   with pytest.raises(ConfigError, match='override') as e:
     configs.run_config(config, run)
   assert fix in str(e.value) and '\n' not in str(e.value)
+
+
+def test_the_command_line_sets_a_shortcut_key_no_base_config_declares(cli):
+  """fig2's base config names identity alone; the flag's value wins over the row's -6."""
+  result = cli.run('--config', 'experiments/resnetv2_fig2.py:scale=test,run=exclusive_gate_bg-6',
+                   '--config.model.shortcut.gate_bias=-2.5', '--mode=describe')
+  assert result.returncode == 0, result.stderr
+  (row,) = json.loads(result.stdout)
+  assert row['model']['shortcut'] == {'name': 'exclusive_gate', 'option': 'A', 'gate_bias': -2.5}
