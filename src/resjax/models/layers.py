@@ -178,26 +178,42 @@ def check_remat(remat: str) -> str:
   return remat
 
 
-def scan_units(units: nnx.Module, body, carry, xs=None, *, remat: str = "none"):
-  """Runs ``body(unit, carry, x) -> (carry, y)`` over the units stacked on axis 0 of ``units``.
+def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none"):
+  """Runs ``apply(unit, h) -> h`` through identical units: under ``jax.lax.scan`` over the units
+  stacked on axis 0 of ``units`` (``scan``), else a Python loop over a list of them.
 
-  The units are split into a graph and stacked state, ``jax.lax.scan`` merges one unit per step,
-  and what changed in them besides parameters (BatchNorm statistics, RNG counters) is written back
-  to ``units``. ``xs`` (scanned inputs, or None) and the returned ``ys`` have the units on axis 0.
-  ``remat`` names a ``REMAT_POLICIES`` entry for the scanned step.
+  With ``probes`` (one per unit, on axis 0) each unit's input gets its probe added, and the RMS of
+  every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
+  the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
+  and ``remat`` names the ``REMAT_POLICIES`` entry of the scanned step.
   """
   policy = REMAT_POLICIES[check_remat(remat)]
+
+  def probed(unit, h, probe):
+    r = None
+    if probe is not None:
+      h = h + probe
+      r = rms(h)
+    return apply(unit, h), r
+
+  if not scan:
+    norms = []
+    for i, unit in enumerate(units):
+      x, r = probed(unit, x, None if probes is None else probes[i])
+      norms.append(r)
+    return x, (jnp.stack(norms) if probes is not None and norms else None)
+
   graphdef, stacked = nnx.split(units)
 
   def step(h, scanned):
-    unit_state, x = scanned
+    unit_state, probe = scanned
     unit = nnx.merge(graphdef, unit_state, copy=True)
-    h, y = body(unit, h, x)
-    return h, (nnx.state(unit, nnx.Not(nnx.Param)), y)  # parameters come back unchanged
+    h, r = probed(unit, h, probe)
+    return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)  # parameters come back unchanged
 
   if remat != "none":
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-  carry, (updated, ys) = jax.lax.scan(step, carry, (stacked, xs))
+  x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
   nnx.update(units, updated)
-  return carry, ys
+  return x, norms

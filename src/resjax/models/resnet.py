@@ -243,26 +243,10 @@ class Stage(nnx.Module):
       input_rms.append(rms(x)[None])
     x = self.first(x, train=train)
     rest_probes = probes[1] if probes is not None and self.n > 1 else None
-    if not self.scan:
-      rest_rms = []
-      for i, unit in enumerate(self.rest):
-        if rest_probes is not None:
-          x = x + rest_probes[i]
-          rest_rms.append(rms(x))
-        x = unit(x, train=train)
-      if rest_rms:
-        input_rms.append(jnp.stack(rest_rms))
-    else:
-      def body(unit, h, probe):
-        r = None
-        if probe is not None:
-          h = h + probe
-          r = rms(h)
-        return unit(h, train=train), r
-
-      x, rest_rms = layers.scan_units(self.rest, body, x, rest_probes, remat=self.remat)
-      if rest_rms is not None:
-        input_rms.append(rest_rms)
+    x, rest_rms = layers.run_units(self.rest, lambda unit, h: unit(h, train=train), x,
+                                   rest_probes, scan=self.scan, remat=self.remat)
+    if rest_rms is not None:
+      input_rms.append(rest_rms)
     return x if probes is None else (x, input_rms)
 
 

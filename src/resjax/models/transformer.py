@@ -374,24 +374,9 @@ class Transformer(nnx.Module):
   def run_rest(self, x: Array, *, x0: Array, v_first: Array, probe: Array | None = None,
                train: bool) -> tuple[Array, Array | None]:
     """Blocks 2..L on the stream x; with a probe, also each block's input RMS."""
-    if not self.scan:
-      norms = []
-      for i, block in enumerate(self.rest):
-        if probe is not None:
-          x = x + probe[i]
-          norms.append(rms(x))
-        x, _ = block(x, x0=x0, v_first=v_first, train=train)
-      return x, (jnp.stack(norms) if probe is not None else None)
-
-    def body(block, h, block_probe):
-      norm = None
-      if block_probe is not None:
-        h = h + block_probe
-        norm = rms(h)
-      h, _ = block(h, x0=x0, v_first=v_first, train=train)
-      return h, norm
-
-    return layers.scan_units(self.rest, body, x, probe, remat=self.remat)
+    return layers.run_units(
+        self.rest, lambda block, h: block(h, x0=x0, v_first=v_first, train=train)[0], x, probe,
+        scan=self.scan, remat=self.remat)
 
   def __call__(self, tokens: Array, *, train: bool, probes: list[Array] | None = None):
     x0 = self.embed(tokens, train=train)
