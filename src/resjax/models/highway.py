@@ -66,14 +66,15 @@ def widths(model_cfg) -> tuple[int, ...]:
 
 def from_config(model_cfg, *, num_classes: int, in_channels: int,
                 rngs: nnx.Rngs) -> resnet.CifarResNet:
-  return resnet.CifarResNet(
-      depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
-      shortcut=shortcut_config(model_cfg), unit=model_cfg.get("unit", "single"),
-      placement=model_cfg.get("placement", "relu_before_add"), widths=widths(model_cfg),
-      stem_width=model_cfg.get("widths", (16, 32, 64))[0], scan=model_cfg.get("scan", True),
-      conv_impl=model_cfg.get("conv_impl", "auto"),
-      zero_init_residual=model_cfg.get("zero_init_residual", False),
-      remat=model_cfg.get("remat", "none"), rngs=rngs)
+  """The CIFAR ResNet of ``model_cfg`` with the highway family's defaults filled in."""
+  cfg = copy.deepcopy(model_cfg)
+  with cfg.unlocked(), cfg.ignore_type():
+    cfg.shortcut = shortcut_config(model_cfg)
+    cfg.unit = model_cfg.get("unit", "single")
+    cfg.placement = model_cfg.get("placement", "relu_before_add")
+    cfg.stem_width = model_cfg.get("widths", (16, 32, 64))[0]
+    cfg.widths = widths(model_cfg)
+  return resnet.cifar_from_config(cfg, num_classes=num_classes, in_channels=in_channels, rngs=rngs)
 
 
 def repeats(model_cfg, k: int):
