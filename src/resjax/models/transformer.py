@@ -100,7 +100,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from resjax import shortcuts
+from resjax import configs, shortcuts
 from resjax.errors import ConfigError
 from resjax.models import layers
 from resjax.models.layers import rms
@@ -116,18 +116,9 @@ ROTARY_BASE = 10000.0
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """GPT-2 small (124M with a 50257-token vocabulary): Pre-LN, learned positions, tied head."""
-  return ml_collections.ConfigDict({
-      "name": "transformer", "vocab_size": None, "context": 1024, "width": 768, "depth": 12,
-      "heads": 12, "mlp_ratio": 4, "positions": "learned", "tie_head": True, "norm": "pre",
-      "parallel": False, "shortcut": {"name": "identity"}, "value_residual": {"name": "none"},
-      "embed_shortcut": False, "embed_shortcut_init": (1.0, 0.0), "dropout": 0.0, "scan": True,
-      "dtype": "float32", "scaled_out_init": None, "remat": "none"})
-
-
-def residual_additions(model_cfg) -> int:
-  """Residual additions on the stream: 2 per block, 1 per parallel block (ResNets: 1 per unit)."""
-  return model_cfg.depth * (1 if model_cfg.get("parallel", False) else 2)
+  """GPT-2 small (124M with a 50257-token vocabulary): Pre-LN, learned positions, tied head; the
+  model of ``resjax.configs.lm_recipe``."""
+  return configs.lm_recipe().model
 
 
 def _config_dict(cfg) -> ml_collections.ConfigDict:
@@ -279,7 +270,8 @@ class Transformer(nnx.Module):
     self.context, self.width, self.depth, self.norm = context, width, depth, norm
     compute = DTYPES[dtype]
     self.compute_dtype = None if compute == jnp.float32 else compute
-    additions = depth * (1 if parallel else 2)
+    # Residual additions on the stream: 2 per block, 1 per parallel block (ResNets: 1 per unit).
+    self.residual_additions = additions = depth * (1 if parallel else 2)
 
     # Initial scales of the branch weights; see the module docstring.
     init = {"value": INIT_STD, "fc": INIT_STD, "out": INIT_STD}
