@@ -29,9 +29,6 @@ scale=cpu: width 32 (2 heads), context 32, 1, 4 and 16 blocks (2, 8, 32 addition
 standard-library byte corpus, 200 steps, 3 seeds side by side.
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
 from resjax import claims, configs
 from resjax.configs import row
 
@@ -39,12 +36,11 @@ REFERENCE = "identity"
 
 
 def variants():
-  m = "model__"
   return {
       "identity": {},
-      "value residual": {m + "value_residual__name": "lambda"},
-      "stacked lambda": {m + "shortcut__name": "lambda"},
-      "dense shortcut": {m + "shortcut__name": "conv1x1"},
+      "value residual": {"model.value_residual.name": "lambda"},
+      "stacked lambda": {"model.shortcut.name": "lambda"},
+      "dense shortcut": {"model.shortcut.name": "conv1x1"},
   }
 
 
@@ -56,7 +52,7 @@ def rows(depths, names):
     for depth in depths:
       blocks = f"{depth} block" + "s" * (depth != 1)
       out.append(row(f"{name.replace(' ', '_')}_d{depth}", f"{name}, {blocks}",
-                     series=name, x=2 * depth, model__depth=depth, **overrides))
+                     {"model.depth": depth, **overrides}, series=name, x=2 * depth))
   return out
 
 
@@ -81,62 +77,36 @@ def paper_claims(depths, names):
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0, variants="all")
-  c = ml_collections.ConfigDict()
+  # Shortcuts keep their default option B, which projects only where the shape changes, which on
+  # tokens is never: the identity, value-residual and lambda rows carry x as it is; the dense
+  # row's conv1x1 is option C itself.
+  c = configs.lm_recipe(context=256, width=512, depth=2, heads=8)
   c.experiment = "Caution at depth: residual variants against identity, Transformer LM"
   c.paper = ("He et al. 2016 (arXiv 1603.05027) Table 1 / Eq. 8, carried to learnable residual "
              "scalars and the value residual")
   c.scale = arg.scale
   c.run = arg.run
-  c.seed = 0
   c.num_seeds = 2
-  c.metric = "test_loss"
-  c.report = "compare"
   c.figure = "against_x"
   c.reference_series = REFERENCE
   c.x_label = "residual additions"
-  c.failure_error = None
-
-  c.data = ml_collections.ConfigDict(dict(
-      name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
-      max_test_bytes=20_000_000, max_eval_windows=2048))
-  c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=placeholder(int), context=256, width=512, depth=2, heads=8,
-      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
-      # Option B projects only where the shape changes, which on tokens is never: the identity,
-      # value-residual and lambda rows carry x as it is; the dense row's conv1x1 is option C itself.
-      shortcut=dict(name="identity", option="B"), value_residual=dict(name="none"),
-      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32"))
   c.batch_size = 64
-  c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=10_000, warmup=500,
-                                              boundaries=()))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-      decay="cosine", warmup_shape="linear", final_lr_fraction=0.1, scalar_lr=0.01))
-  c.log_every = 100
-  c.eval_every = 2000
-  c.checkpoint_every = 2000
-  c.eval_batch_size = 64
+  c.schedule.update(total=10_000, warmup=500)
+  c.optim.update(lr=1e-3, scalar_lr=0.01)
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
   depths = (2, 8, 32, 128, 256)
-
   if arg.scale in ("cpu", "test"):
-    c.data.update(name="stdlib", max_train_bytes=placeholder(int), max_test_bytes=placeholder(int),
-                  max_eval_windows=512)
+    configs.lm_cpu(c, eval_windows=512)
     c.model.update(context=32, width=32, heads=2)
     c.batch_size = 32
-    c.num_seeds = 3
-    c.optim.update(lr=3e-3)
     c.schedule.update(total=200, warmup=20)
     c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
-    c.eval_batch_size = 256
     depths = (1, 4, 16)
   if arg.scale == "test":
-    c.num_seeds = 2
-    c.data.max_eval_windows = 32
+    configs.lm_test(c, eval_windows=32)
     c.model.update(context=8, width=16)
-    c.batch_size = 8
     c.schedule.update(total=3, warmup=1)
     c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 3
-    c.eval_batch_size = 32
     depths = (1, 2)
   if arg.seeds:
     c.num_seeds = arg.seeds

@@ -31,8 +31,9 @@ def rows(depths):
   for name, label in (("identity", "identity"), ("conv1x1", "1x1 conv shortcut")):
     for depth in depths:
       out.append(row(f"{name}_{depth}", f"{label}, ResNet-{depth}",
+                     {"model.depth": depth, "model.shortcut.name": name},
                      paper_error=PAPER_110[name] if depth == 110 else None, series=label,
-                     x=(depth - 2) // 2, model__depth=depth, model__shortcut__name=name))
+                     x=(depth - 2) // 2))
   return out
 
 

@@ -35,26 +35,27 @@ from resjax.configs import row
 
 
 def rows(depths, deep, paper_scale):
-  m, sc = "model__", "model__shortcut__"
   # The re-run's warm-up for ResNet-110 alone: LR 0.1 x 0.1 through the first epoch.
-  warmup = dict(schedule__warmup=1, optim__warmup_lr=0.01) if paper_scale else {}
+  warmup = {"schedule.warmup": 1, "optim.warmup_lr": 0.01} if paper_scale else {}
   out = []
   for depth in depths:
-    out.append(row(f"highway{depth}", f"Highway-{depth} (2015 units, conv gate)",
-                   paper_error=7.54 if depth == 19 else None, series="highway (2015)", x=depth,
-                   **{m + "name": "highway", m + "depth": depth, m + "unit": "single",
-                      m + "placement": "relu_before_add", sc + "name": "highway",
-                      sc + "option": "B", sc + "gate": "conv", sc + "gate_bias": None}))
+    out.append(row(f"highway{depth}", f"Highway-{depth} (2015 units, conv gate)", {
+        "model.name": "highway", "model.depth": depth, "model.unit": "single",
+        "model.placement": "relu_before_add", "model.shortcut.name": "highway",
+        "model.shortcut.option": "B", "model.shortcut.gate": "conv",
+        "model.shortcut.gate_bias": None,
+    }, paper_error=7.54 if depth == 19 else None, series="highway (2015)", x=depth))
   out += [
-      row("highway110_2024", f"Highway-{deep} (2024 re-run: two-conv gate, b=-6, x0.875)",
-          paper_error=6.04 if deep == 110 else None,
-          **{m + "name": "highway", m + "depth": deep, m + "unit": "basic",
-             m + "placement": "relu_before_add", m + "width_multiplier": 0.875,
-             sc + "name": "highway", sc + "option": "B", sc + "gate": "two_conv",
-             sc + "gate_bias": -6.0}),
-      row("resnet110", f"ResNet-{deep} (2024 re-run's baseline)",
-          paper_error=6.25 if deep == 110 else None,
-          **{m + "depth": deep, sc + "name": "identity", sc + "option": "A"}, **warmup),
+      row("highway110_2024", f"Highway-{deep} (2024 re-run: two-conv gate, b=-6, x0.875)", {
+          "model.name": "highway", "model.depth": deep, "model.unit": "basic",
+          "model.placement": "relu_before_add", "model.width_multiplier": 0.875,
+          "model.shortcut.name": "highway", "model.shortcut.option": "B",
+          "model.shortcut.gate": "two_conv", "model.shortcut.gate_bias": -6.0,
+      }, paper_error=6.04 if deep == 110 else None),
+      row("resnet110", f"ResNet-{deep} (2024 re-run's baseline)", {
+          "model.depth": deep, "model.shortcut.name": "identity", "model.shortcut.option": "A",
+          **warmup,
+      }, paper_error=6.25 if deep == 110 else None),
   ]
   return out
 
@@ -62,8 +63,6 @@ def rows(depths, deep, paper_scale):
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
   c = configs.cifar_resnet_recipe()
-  with c.model.ignore_type():
-    c.model.shortcut.update(gate="conv", gate_kernel=3)
   c.model.width_multiplier = 1.0
   c.experiment = "Highway networks vs ResNets at depth (2015 units and the 2024 Highway-110)"
   c.paper = ("Srivastava et al. 2015, arXiv 1507.06228; Srivastava 2024, Weighted skip "

@@ -23,9 +23,6 @@ scale=cpu: 2 and 6 blocks of width 64 on the Python standard-library byte corpus
 batch 16, AdamW at LR 3e-3, 150 steps (30 warm-up), 3 seeds side by side.
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
 from resjax import claims, configs
 from resjax.configs import row
 
@@ -65,59 +62,31 @@ def paper_claims(depths):
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
-  c = ml_collections.ConfigDict()
+  c = configs.lm_recipe(context=512, width=512, depth=6, heads=8)
   c.experiment = "Post-LN vs Pre-LN, with and without warm-up, at two depths"
   c.paper = "Xiong et al. 2020, On Layer Normalization in the Transformer Architecture, arXiv 2002.04745"
   c.scale = arg.scale
   c.run = arg.run
-  c.seed = 0
-  c.num_seeds = 3
-  c.metric = "test_loss"
-  c.report = "compare"
   c.figure = "against_x"
   c.reference_series = "Post-LN + warm-up"
   c.x_label = "residual additions (2 per block)"
-  c.failure_error = None
-
-  c.data = ml_collections.ConfigDict(dict(
-      name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
-      max_test_bytes=20_000_000, max_eval_windows=2048))
-  c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=placeholder(int), context=512, width=512, depth=6, heads=8,
-      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
-      shortcut=dict(name="identity"), value_residual=dict(name="none"),
-      embed_shortcut=False, dropout=0.0, scan=True, dtype="float32", scaled_out_init=None))
   c.batch_size = 64
-  c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=20_000, warmup=4_000,
-                                              boundaries=()))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-3, b1=0.9, b2=0.98, eps=1e-8, weight_decay=0.01, clip_norm=0.0,
-      decay="linear", warmup_shape="linear", final_lr_fraction=0.0, scalar_lr=0.0))
-  c.log_every = 100
-  c.eval_every = 2000
-  c.checkpoint_every = 2000
-  c.eval_batch_size = 64
+  c.schedule.update(total=20_000, warmup=4_000)
+  c.optim.update(lr=1e-3, b2=0.98, weight_decay=0.01, clip_norm=0.0, decay="linear",
+                 final_lr_fraction=0.0, scalar_lr=0.0)
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
   depths = (6, 24)
-
   if arg.scale in ("cpu", "test"):
-    c.data.update(name="stdlib", max_train_bytes=placeholder(int), max_test_bytes=placeholder(int),
-                  max_eval_windows=1024)
+    configs.lm_cpu(c)
     c.model.update(context=64, width=64, depth=2, heads=4)
-    c.num_seeds = 3
     c.batch_size = 16
-    c.optim.lr = 3e-3
     c.schedule.update(total=150, warmup=30)
     c.log_every, c.eval_every, c.checkpoint_every = 25, 75, 75
-    c.eval_batch_size = 256
     depths = (2, 6)
   if arg.scale == "test":
-    c.data.max_eval_windows = 64
+    configs.lm_test(c)
     c.model.update(context=16, width=16, heads=2)
-    c.num_seeds = 2
-    c.batch_size = 8
     c.schedule.update(total=4, warmup=2)
-    c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
-    c.eval_batch_size = 32
     depths = (1, 2)
   if arg.seeds:
     c.num_seeds = arg.seeds

@@ -34,14 +34,15 @@ from resjax.configs import row
 
 
 def rows():
-  sc = "model__shortcut__"
+  plain = lambda depth: {"model.depth": depth, "model.shortcut.name": "none"}
+  option = lambda depth, o: {"model.depth": depth, "model.shortcut.option": o}
   return [
-      row("plain18", "plain-18 (Table 2)", paper=27.94, model__depth=18, **{sc + "name": "none"}),
-      row("resnet18_A", "ResNet-18, A (Table 2)", paper=27.88, model__depth=18, **{sc + "option": "A"}),
-      row("plain34", "plain-34 (Tables 2, 3)", paper=28.54, model__depth=34, **{sc + "name": "none"}),
-      row("resnet34_A", "ResNet-34, A", paper=25.03, model__depth=34, **{sc + "option": "A"}),
-      row("resnet34_B", "ResNet-34, B", paper=24.52, model__depth=34, **{sc + "option": "B"}),
-      row("resnet34_C", "ResNet-34, C", paper=24.19, model__depth=34, **{sc + "option": "C"}),
+      row("plain18", "plain-18 (Table 2)", plain(18), paper=27.94),
+      row("resnet18_A", "ResNet-18, A (Table 2)", option(18, "A"), paper=27.88),
+      row("plain34", "plain-34 (Tables 2, 3)", plain(34), paper=28.54),
+      row("resnet34_A", "ResNet-34, A", option(34, "A"), paper=25.03),
+      row("resnet34_B", "ResNet-34, B", option(34, "B"), paper=24.52),
+      row("resnet34_C", "ResNet-34, C", option(34, "C"), paper=24.19),
   ]
 
 
@@ -76,7 +77,7 @@ def get_config(arg=None):
       num_workers=placeholder(int), pad=0, flip=False))
   c.model = ml_collections.ConfigDict(dict(
       name="imagenet_resnet", depth=34, placement="post", widths=(64, 128, 256, 512),
-      stem_width=64, scan=True, conv_impl="auto", zero_init_residual=False,
+      stem_width=64, scan=True, remat="none", conv_impl="auto", zero_init_residual=False,
       shortcut=dict(name="identity", option="A")))
   c.batch_size = 256
   c.schedule = ml_collections.ConfigDict(dict(unit="epochs", total=90, boundaries=(30, 60),

@@ -50,22 +50,23 @@ def warmup(depth, paper_scale):
   if not paper_scale:
     return {}
   if depth >= 110:
-    return dict(schedule__warmup=WARMUP_CAP, schedule__warmup_until_error=80.0)
-  return dict(schedule__warmup=0)
+    return {"schedule.warmup": WARMUP_CAP, "schedule.warmup_until_error": 80.0}
+  return {"schedule.warmup": 0}
 
 
 def rows(depths, paper_scale=False):
   out = []
   for depth in depths:
     out.append(row(f"resnet{depth}", LABELS.get(depth, f"ResNet-{depth}"),
-                   paper_error=PAPER.get(depth), series="residual", x=depth, model__depth=depth,
-                   **warmup(depth, paper_scale)))
+                   {"model.depth": depth, **warmup(depth, paper_scale)},
+                   paper_error=PAPER.get(depth), series="residual", x=depth))
   for depth in depths:
     if depth == 1202:
       continue  # the paper trained no plain-1202
-    out.append(row(f"plain{depth}", f"plain-{depth}", paper_failed=depth == 110,
-                   series="plain", x=depth, model__depth=depth, model__shortcut__name="none",
-                   **warmup(depth, paper_scale)))
+    out.append(row(f"plain{depth}", f"plain-{depth}",
+                   {"model.depth": depth, "model.shortcut.name": "none",
+                    **warmup(depth, paper_scale)},
+                   paper_failed=depth == 110, series="plain", x=depth))
   return out
 
 
@@ -89,7 +90,7 @@ def paper_claims(depths):
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
-  c = configs.cifar_resnet_recipe(shortcut=dict(name="identity", option="A"))
+  c = configs.cifar_resnet_recipe()
   c.experiment = "ResNet-v1 Table 6 / Figure 6: plain vs residual CIFAR-10 nets at depth"
   c.paper = "He et al. 2015, Deep Residual Learning for Image Recognition, arXiv 1512.03385"
   c.scale = arg.scale

@@ -30,23 +30,21 @@ The paper's rows (test error %, median of 5; "fail" = above 20%):
 from resjax import claims, configs
 from resjax.configs import row
 
-SHORTCUT = "model.shortcut."
-
 
 def gate(name: str, bias: float) -> dict:
-  return {SHORTCUT + "name": name, SHORTCUT + "gate_bias": float(bias)}
+  return {"model.shortcut.name": name, "model.shortcut.gate_bias": float(bias)}
 
 
 def scaling(scale: float, branch_scale: float) -> dict:
-  return {SHORTCUT + "name": "scaling", SHORTCUT + "scale": scale,
-          SHORTCUT + "branch_scale": branch_scale}
+  return {"model.shortcut.name": "scaling", "model.shortcut.scale": scale,
+          "model.shortcut.branch_scale": branch_scale}
 
 
 def rows(gate_sweep: bool = False):
   failing_biases = range(0, 6) if gate_sweep else (5,)
   label = "(c) exclusive gating, b_g={}" + ("" if gate_sweep else " (paper: 0 to -5 fail)")
   return [
-      row("identity", "(a) original", {SHORTCUT + "name": "identity"}, paper_error=6.61),
+      row("identity", "(a) original", {"model.shortcut.name": "identity"}, paper_error=6.61),
       row("scaling_0_1", "(b) constant scaling 0 / 1 (plain net)", scaling(0.0, 1.0),
           paper_failed=True),
       row("scaling_0.5_1", "(b) constant scaling 0.5 / 1", scaling(0.5, 1.0), paper_failed=True),
@@ -62,9 +60,10 @@ def rows(gate_sweep: bool = False):
           paper_error=12.86),
       row("shortcut_gate_bg-6", "(d) shortcut-only gating, b_g=-6", gate("shortcut_gate", -6),
           paper_error=6.91),
-      row("conv1x1", "(e) 1x1 conv shortcut", {SHORTCUT + "name": "conv1x1"}, paper_error=12.22),
+      row("conv1x1", "(e) 1x1 conv shortcut", {"model.shortcut.name": "conv1x1"}, paper_error=12.22),
       row("dropout_0.5", "(f) dropout shortcut 0.5",
-          {SHORTCUT + "name": "dropout", SHORTCUT + "dropout_rate": 0.5}, paper_failed=True),
+          {"model.shortcut.name": "dropout", "model.shortcut.dropout_rate": 0.5},
+          paper_failed=True),
   ]
 
 

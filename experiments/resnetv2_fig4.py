@@ -39,9 +39,10 @@ def rows(nets):
     shrunk = "" if depth == paper_depth else f" (paper: ResNet-{paper_depth})"
     for (placement, label), paper in zip(PLACEMENTS, PAPER[paper_depth]):
       # Option A for the basic-unit net (ResNet-v1 §4.2), projections (B) for the bottleneck net.
-      out.append(row(f"{placement}_{depth}", f"{label}, ResNet-{depth}{shrunk}", paper_error=paper,
-                     model__depth=depth, model__unit=unit, model__placement=placement,
-                     model__shortcut__option="A" if unit == "basic" else "B"))
+      out.append(row(f"{placement}_{depth}", f"{label}, ResNet-{depth}{shrunk}",
+                     {"model.depth": depth, "model.unit": unit, "model.placement": placement,
+                      "model.shortcut.option": "A" if unit == "basic" else "B"},
+                     paper_error=paper))
   return out
 
 

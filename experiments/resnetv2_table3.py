@@ -48,14 +48,15 @@ def rows(entries, depth_of=None):
       depth = depth_of[net]
     for i, (placement, unit_label) in enumerate((("post", "original"), ("preact", "pre-act"))):
       paper = PAPER[(data, net)][i]
-      out.append(row(f"{data}_{net}_{placement}", f"{data}: {label}, {unit_label}",
-                     paper_error=paper if data == "cifar10" else None, paper=paper, data__name=data,
-                     # ResNet-v2's "fail" (above 20%) is a CIFAR-10 notion.
-                     **({} if data == "cifar10" else {"failure_error": None}),
-                     model__depth=depth, model__unit=unit, model__placement=placement,
-                     # Option A for the 110-layer nets as ResNet-v1 built them (§4.2);
-                     # projections (B) for the bottleneck nets, as ResNet-v2 used.
-                     model__shortcut__option="B" if unit == "bottleneck" else "A"))
+      out.append(row(f"{data}_{net}_{placement}", f"{data}: {label}, {unit_label}", {
+          "data.name": data,
+          # ResNet-v2's "fail" (above 20%) is a CIFAR-10 notion.
+          **({} if data == "cifar10" else {"failure_error": None}),
+          "model.depth": depth, "model.unit": unit, "model.placement": placement,
+          # Option A for the 110-layer nets as ResNet-v1 built them (§4.2); projections (B) for
+          # the bottleneck nets, as ResNet-v2 used.
+          "model.shortcut.option": "B" if unit == "bottleneck" else "A",
+      }, paper_error=paper if data == "cifar10" else None, paper=paper))
   return out
 
 

@@ -33,9 +33,6 @@ split by file), context 64, batch 16, 3 seeds side by side per row, 200 steps. E
 differences of a few thousandths of a nat; the paired test over seeds says whether they are real.
 """
 
-import ml_collections
-from ml_collections.config_dict import placeholder
-
 from resjax import claims, configs
 from resjax.configs import row
 
@@ -43,17 +40,17 @@ PAPER = "modded-nanogpt record 2024-11-06 (value residual of ResFormer, arXiv 24
 
 
 def rows():
-  vr, m = "model__value_residual__", "model__"
-  fixed = {vr + "name": "scaling", vr + "scale": 0.5, vr + "branch_scale": 0.5}
-  mix = {vr + "name": "mix"}
+  fixed = {"model.value_residual.name": "scaling", "model.value_residual.scale": 0.5,
+           "model.value_residual.branch_scale": 0.5}
+  mix = {"model.value_residual.name": "mix"}
   return [
       row("baseline", "baseline (GPT-2, Pre-LN)", paper=3.3274),
-      row("fixed_vr", "+ value residual, fixed 0.5 / 0.5", paper=3.3151, **fixed),
-      row("learnable_vr", "+ learnable lambda per layer (init 0.5)", paper=3.3065, **mix),
-      row("embed_shortcut", "+ embedding shortcut a x + b x0 (init 1, 0)", paper=3.2972,
-          **mix, **{m + "embed_shortcut": True}),
+      row("fixed_vr", "+ value residual, fixed 0.5 / 0.5", fixed, paper=3.3151),
+      row("learnable_vr", "+ learnable lambda per layer (init 0.5)", mix, paper=3.3065),
+      row("embed_shortcut", "+ embedding shortcut a x + b x0 (init 1, 0)",
+          {**mix, "model.embed_shortcut": True}, paper=3.2972),
       row("two_lambdas", "two learnable lambdas (init 0.5 / 0.5) + embedding shortcut",
-          **{vr + "name": "lambda", m + "embed_shortcut": True}),
+          {"model.value_residual.name": "lambda", "model.embed_shortcut": True}),
   ]
 
 
@@ -68,57 +65,22 @@ def paper_claims():
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
-  c = ml_collections.ConfigDict()
+  c = configs.lm_recipe()
   c.experiment = "Value residual: modded-nanogpt's ablation chain"
   c.paper = PAPER
   c.scale = arg.scale
   c.run = arg.run
-  c.seed = 0
-  c.num_seeds = 3
-  c.metric = "test_loss"
-  c.report = "compare"
   c.baseline = "baseline"
-  c.failure_error = None
-
-  c.data = ml_collections.ConfigDict(dict(
-      name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
-      max_test_bytes=20_000_000, max_eval_windows=2048))
-  c.model = ml_collections.ConfigDict(dict(
-      name="transformer", vocab_size=placeholder(int), context=1024, width=768, depth=12, heads=12,
-      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
-      shortcut=dict(name="identity"),
-      value_residual=dict(name="none", scale=1.0, branch_scale=1.0),
-      embed_shortcut=False, embed_shortcut_init=(1.0, 0.0), dropout=0.0, scan=True,
-      dtype="float32"))
-  c.batch_size = 512
-  c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=3200, warmup=200,
-                                              boundaries=()))
-  c.optim = ml_collections.ConfigDict(dict(
-      name="adamw", lr=6e-4, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, clip_norm=1.0,
-      decay="cosine", warmup_shape="linear", final_lr_fraction=0.1, scalar_lr=0.02))
-  c.log_every = 50
-  c.eval_every = 400
-  c.checkpoint_every = 400
-  c.eval_batch_size = 64
-
   if arg.scale in ("cpu", "test"):
-    c.data.update(name="stdlib", max_train_bytes=placeholder(int), max_test_bytes=placeholder(int),
-                  max_eval_windows=1024)
+    configs.lm_cpu(c)
     c.model.update(context=64, width=64, depth=4, heads=4)
-    c.num_seeds = 3
     c.batch_size = 16
-    c.optim.update(lr=3e-3, scalar_lr=0.02, weight_decay=0.1)
     c.schedule.update(total=200, warmup=20)
     c.log_every, c.eval_every, c.checkpoint_every = 20, 40, 100
-    c.eval_batch_size = 256
   if arg.scale == "test":
-    c.data.max_eval_windows = 64
+    configs.lm_test(c)
     c.model.update(context=16, width=16, depth=2, heads=2)
-    c.num_seeds = 2
-    c.batch_size = 8
     c.schedule.update(total=4, warmup=1)
-    c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
-    c.eval_batch_size = 32
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows()

@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from resjax import claims, configs, inspect_model, train
+from resjax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FILES = sorted((REPO / 'experiments').glob('*.py'))
@@ -123,3 +124,47 @@ def test_fig2_paper_rows_are_resnet110_with_option_a_shortcuts():
   rc = configs.run_config(config, run)
   assert rc.model.shortcut.option == 'A'
   assert train.count_params(inspect_model.abstract_model(rc)) == 1_727_962
+
+
+# ------------------------------------------------------------------------ rows' shortcut keys
+
+
+def _fig2_test_with_row(overrides):
+  config = _load(REPO / 'experiments' / 'resnetv2_fig2.py', 'scale=test')
+  return config, configs.row('probe', 'probe', overrides)
+
+
+def test_a_row_may_set_any_key_of_its_shortcut_form_in_any_order():
+  """The base config declares no gate_bias; the exclusive gate does, and the row names the form
+  after setting its key."""
+  config, run = _fig2_test_with_row({'model.shortcut.gate_bias': -3.0,
+                                     'model.shortcut.name': 'exclusive_gate'})
+  assert 'gate_bias' not in config.model.shortcut
+  rc = configs.run_config(config, run)
+  assert rc.model.shortcut.name == 'exclusive_gate' and rc.model.shortcut.gate_bias == -3.0
+  model = inspect_model.abstract_model(rc)
+  bias = model.stages[1].first.shortcut.gate.proj.bias
+  assert bias.shape == (32,)  # stage 2's first unit: 16 -> 32 channels
+
+
+@pytest.mark.parametrize('overrides, fix', [
+    ({'model.shortcut.gate_bias': -3.0}, "of the 'identity' shortcut: use one of name, option"),
+    ({'model.shortcut.name': 'exclusive_gate', 'model.shortcut.gate_bais': -3.0},
+     'use one of gate_bias, name, option'),
+    ({'model.value_residual.scale': 0.5}, 'names no config field'),  # no value stream in a ResNet
+    ({'model.dpeth': 20}, 'names no config field'),
+])
+def test_a_key_the_form_does_not_have_is_one_error_naming_its_keys(overrides, fix):
+  config, run = _fig2_test_with_row(overrides)
+  with pytest.raises(ConfigError, match='override') as e:
+    configs.run_config(config, run)
+  assert fix in str(e.value) and '\n' not in str(e.value)
+
+
+def test_the_command_line_sets_a_shortcut_key_no_base_config_declares(cli):
+  """fig2's base config names identity alone; the flag's value wins over the row's -6."""
+  result = cli.run('--config', 'experiments/resnetv2_fig2.py:scale=test,run=exclusive_gate_bg-6',
+                   '--config.model.shortcut.gate_bias=-2.5', '--mode=describe')
+  assert result.returncode == 0, result.stderr
+  (row,) = json.loads(result.stdout)
+  assert row['model']['shortcut'] == {'name': 'exclusive_gate', 'option': 'A', 'gate_bias': -2.5}

@@ -213,6 +213,64 @@ def test_scan_and_loop_compute_the_same_function():
                      looped.stages[2].rest[i].norms[1].var[...], terms=3 * 3 * 64, depth=20)
 
 
+# ------------------------------------------------------------------------ remat
+
+
+def _loss_and_grads(remat, depth=20, conv_impl='im2col'):
+  """A jitted (loss, grads) of a ResNet (random weights, train mode) under ``remat``, compiled."""
+  kw = dict(depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option='A'))
+  model = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(
+      remat=remat, conv_impl=conv_impl, rngs=_rngs(), **kw)))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x, labels = _normal((8, 8, 8, 1)), jnp.arange(8) % 10
+
+  def loss(params):
+    logits = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  f = jax.jit(jax.value_and_grad(loss))
+  return f(params), f.lower(params).compile()
+
+
+@pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
+def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
+  """Recomputing the scanned units in the backward pass is the same math in another program:
+  loss and every gradient agree to rounding, and the program keeps fewer bytes alive (on CPU the
+  3x3 convolutions keep only their input for the backward pass, so every policy saves alike)."""
+  (loss, grads), kept = _loss_and_grads('none')
+  (loss_r, grads_r), remat_program = _loss_and_grads(remat)
+  # 20 chained layers forward and 20 back, the longest sum a 3x3x64 convolution's (conftest).
+  assert_f32_close(loss_r, loss, terms=3 * 3 * 64, depth=2 * 20)
+  flat, flat_r = jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_r)
+  assert len(flat) == len(flat_r)
+  for (path, g), g_r in zip(flat, flat_r):
+    assert_f32_close(g_r, g, terms=3 * 3 * 64, depth=2 * 20, err_msg=jax.tree_util.keystr(path))
+  assert float(jnp.abs(grads['stages'][0]['rest']['convs'][0]['kernel'][...]).max()) > 1e-3
+  # Without remat the scan stacks each unit's inner activations (after its first conv, BN and
+  # ReLU: several maps the size of its input) for the backward pass; with it, only each unit's
+  # input. So remat saves at least one input-sized float32 map per scanned unit: ResNet-20 has 2
+  # per stage, at 8x8x16, 4x4x32 and 2x2x64 for a batch of 8.
+  one_map_per_unit = sum(2 * 8 * hw * hw * c * 4 for hw, c in ((8, 16), (4, 32), (2, 64)))
+  temp = lambda program: program.memory_analysis().temp_size_in_bytes
+  assert temp(kept) - temp(remat_program) >= one_map_per_unit, (temp(kept), temp(remat_program))
+
+
+def test_unknown_remat_names_the_choices():
+  with pytest.raises(ConfigError, match='config.model.remat') as e:
+    resnet.CifarResNet(depth=8, num_classes=10, shortcut=_shortcut(), remat='sometimes',
+                       rngs=_rngs())
+  assert all(name in str(e.value) for name in layers.REMAT_POLICIES)
+
+
+def test_bad_remat_on_the_command_line_is_one_line_and_exit_2(cli, tmp_path):
+  r = cli.run('--config', f'{FIG2}:scale=test,run=identity', '--config.model.remat=sometimes',
+              '--workdir', tmp_path / 'w')
+  assert r.returncode == 2, r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and 'config.model.remat' in r.stderr
+  assert all(name in r.stderr for name in layers.REMAT_POLICIES)
+  assert not (tmp_path / 'w').exists()
+
+
 # ------------------------------------------------------------------------ convolutions
 
 

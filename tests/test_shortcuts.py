@@ -255,3 +255,25 @@ def test_unknown_option_is_a_config_error():
 def test_dropout_rate_outside_range_is_a_config_error():
   with pytest.raises(ConfigError, match='dropout_rate'):
     _make('dropout', dropout_rate=1.0)
+
+
+class _OnlyDeclared:
+  """A shortcut config that fails on any key its form does not declare (shortcuts.fields)."""
+
+  def __init__(self, name):
+    self.name, self.declared, self.read = name, shortcuts.fields(name), set()
+
+  def get(self, key, default=None):
+    # conv_impl is the model's (resnet.with_conv_impl), handed to forms that convolve.
+    assert key in self.declared or key == 'conv_impl', f'{self.name} reads undeclared {key!r}'
+    self.read.add(key)
+    return default
+
+
+@pytest.mark.parametrize('name', sorted(shortcuts.SHORTCUTS))
+def test_every_form_reads_exactly_the_keys_it_declares(name):
+  """A row may set a form's declared keys and only those, so a key read but not declared could
+  never be set, and one declared but not read would be set to no effect."""
+  cfg = _OnlyDeclared(name)
+  shortcuts.make_shortcut(cfg, 3, 6, 2, rngs=_rngs())
+  assert cfg.read - {'conv_impl'} == set(cfg.declared) - {'name'}

@@ -148,8 +148,11 @@ class ExperimentFileParser(flags.ArgumentParser):
   against the config before ml_collections applies them (it would raise a bare AttributeError)."""
 
   def parse(self, argument):
+    from resjax import configs
     config = load_experiment(argument)
-    for key in config_overrides(sys.argv):
+    keys = config_overrides(sys.argv)
+    configs.declare_shortcut_keys(config, keys)  # a shortcut form's keys, wherever declared
+    for key in keys:
       check_override(config, key, argument.partition(":")[0])
     return config
 

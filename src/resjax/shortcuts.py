@@ -33,7 +33,9 @@ highway            (1 - T) * x + T * f, T from a conv       Highway networks; th
 with ``g = sigmoid(W_g x + b_g)`` over the channel (last) axis: a 1x1 convolution for images and a
 Dense layer for tokens, which are the same operation on the last axis.
 
-Adding a form is one class and one ``register`` line.
+Adding a form is one class and one ``register`` line. A form's ``defaults`` name the config keys
+it reads besides ``name``, with their values when a config leaves them out: an experiment's row may
+set exactly these (``resjax.configs.set_dotted``), so they are declared nowhere else.
 """
 
 from __future__ import annotations
@@ -138,11 +140,17 @@ class Gate(nnx.Module):
 class _MatchedShortcut(nnx.Module):
   """Base for the forms whose x path is ``ShapeMatch``."""
 
+  defaults = {"option": "B"}
+
   def __init__(self, cfg, in_features: int, out_features: int, stride: int, *, norm: bool,
                rngs: nnx.Rngs, option: str | None = None):
-    self.match = ShapeMatch(in_features, out_features, stride, option or cfg.get("option", "B"),
+    self.match = ShapeMatch(in_features, out_features, stride, option or self.setting(cfg, "option"),
                             norm=norm, rngs=rngs)
     self.projects = self.match.projects
+
+  def setting(self, cfg, key: str):
+    """``cfg[key]``, or this form's default for it."""
+    return cfg.get(key, self.defaults[key])
 
   def carried(self, x: Array, train: bool) -> Array:
     return self.match(x, train=train)
@@ -157,6 +165,7 @@ class NoShortcut(nnx.Module):
   """The plain net: the unit's output is its branch alone."""
 
   projects = False
+  defaults = {}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     del cfg, in_features, out_features, stride, norm, rngs
@@ -168,10 +177,12 @@ class NoShortcut(nnx.Module):
 class Scaling(_MatchedShortcut):
   """Constant scaling: ``scale * x + branch_scale * f`` (Table 1 (b): 0/1, 0.5/1, 0.5/0.5)."""
 
+  defaults = {**_MatchedShortcut.defaults, "scale": 0.5, "branch_scale": 1.0}
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.scale = float(cfg.get("scale", 0.5))
-    self.branch_scale = float(cfg.get("branch_scale", 1.0))
+    self.scale = float(self.setting(cfg, "scale"))
+    self.branch_scale = float(self.setting(cfg, "branch_scale"))
 
   def __call__(self, x, f, *, train):
     return self.scale * self.carried(x, train) + self.branch_scale * f
@@ -180,9 +191,12 @@ class Scaling(_MatchedShortcut):
 class ExclusiveGate(_MatchedShortcut):
   """``(1 - g) x + g f``: the gate is a convex mix of shortcut and branch (Highway's transform gate)."""
 
+  defaults = {**_MatchedShortcut.defaults, "gate_bias": 0.0}
+
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
-    self.gate = Gate(in_features, out_features, stride, float(cfg.get("gate_bias", 0.0)), rngs=rngs)
+    self.gate = Gate(in_features, out_features, stride, float(self.setting(cfg, "gate_bias")),
+                     rngs=rngs)
 
   def __call__(self, x, f, *, train):
     g = self.gate(x)
@@ -199,6 +213,8 @@ class ShortcutGate(ExclusiveGate):
 class Conv1x1(Identity):
   """A 1x1 projection on every shortcut (ResNet-v1 option C, ResNet-v2 Table 1 (e))."""
 
+  defaults = {}  # the option is C
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, option="C", **kwargs)
 
@@ -210,9 +226,11 @@ class DropoutShortcut(_MatchedShortcut):
   reading of this form as a stochastic constant scaling); at test time it is scaled by 1 - p exactly.
   """
 
+  defaults = {**_MatchedShortcut.defaults, "dropout_rate": 0.5}
+
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
-    self.rate = float(cfg.get("dropout_rate", 0.5))
+    self.rate = float(self.setting(cfg, "dropout_rate"))
     if not 0.0 <= self.rate < 1.0:
       raise ConfigError(f"dropout_rate {self.rate} is outside [0, 1): "
                         "set config.model.shortcut.dropout_rate")
@@ -231,10 +249,12 @@ class DropoutShortcut(_MatchedShortcut):
 class LearnableLambda(_MatchedShortcut):
   """``lambda1 f + lambda2 x`` with both scalars learnable (init 0.5 / 0.5: Table 1 (b) at init)."""
 
+  defaults = {**_MatchedShortcut.defaults, "lambda1_init": 0.5, "lambda2_init": 0.5}
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.lambda1 = ResidualScalar(jnp.asarray(cfg.get("lambda1_init", 0.5), jnp.float32))
-    self.lambda2 = ResidualScalar(jnp.asarray(cfg.get("lambda2_init", 0.5), jnp.float32))
+    self.lambda1 = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda1_init"), jnp.float32))
+    self.lambda2 = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda2_init"), jnp.float32))
 
   def __call__(self, x, f, *, train):
     return self.lambda1[...] * f + self.lambda2[...] * self.carried(x, train)
@@ -243,9 +263,11 @@ class LearnableLambda(_MatchedShortcut):
 class Mix(_MatchedShortcut):
   """``(1 - lambda) x + lambda f`` with one learnable scalar (init 0.5)."""
 
+  defaults = {**_MatchedShortcut.defaults, "lambda_init": 0.5}
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.lam = ResidualScalar(jnp.asarray(cfg.get("lambda_init", 0.5), jnp.float32))
+    self.lam = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda_init"), jnp.float32))
 
   def __call__(self, x, f, *, train):
     lam = self.lam[...]
@@ -255,9 +277,11 @@ class Mix(_MatchedShortcut):
 class ReZero(_MatchedShortcut):
   """``x + alpha f`` with a learnable scalar alpha (0 at init: every unit starts as the identity)."""
 
+  defaults = {**_MatchedShortcut.defaults, "alpha_init": 0.0}
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.alpha = ResidualScalar(jnp.asarray(cfg.get("alpha_init", 0.0), jnp.float32))
+    self.alpha = ResidualScalar(jnp.asarray(self.setting(cfg, "alpha_init"), jnp.float32))
 
   def __call__(self, x, f, *, train):
     return self.carried(x, train) + self.alpha[...] * f
@@ -266,9 +290,12 @@ class ReZero(_MatchedShortcut):
 class LayerScale(_MatchedShortcut):
   """``x + gamma * f`` with a learnable per-channel gamma (1e-5 at depth 24, 1e-6 at 36-48 in CaiT)."""
 
+  defaults = {**_MatchedShortcut.defaults, "gamma_init": 1e-5}
+
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
-    self.gamma = ResidualScalar(jnp.full((out_features,), cfg.get("gamma_init", 1e-5), jnp.float32))
+    self.gamma = ResidualScalar(jnp.full((out_features,), self.setting(cfg, "gamma_init"),
+                                         jnp.float32))
 
   def __call__(self, x, f, *, train):
     return self.carried(x, train) + self.gamma[...] * f
@@ -277,9 +304,11 @@ class LayerScale(_MatchedShortcut):
 class DeepNormShortcut(_MatchedShortcut):
   """``alpha x + f`` with a fixed alpha (DeepNorm's up-weighted shortcut; the unit applies LN after)."""
 
+  defaults = {**_MatchedShortcut.defaults, "alpha": 1.0}
+
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.alpha = float(cfg.get("alpha", 1.0))
+    self.alpha = float(self.setting(cfg, "alpha"))
 
   def __call__(self, x, f, *, train):
     return self.alpha * self.carried(x, train) + f
@@ -309,6 +338,12 @@ def check_name(name: str) -> None:
   if name not in SHORTCUTS:
     raise ConfigError(f"unknown shortcut {name!r}: set config.model.shortcut.name to one of "
                       f"{', '.join(sorted(SHORTCUTS))}")
+
+
+def fields(name: str) -> dict:
+  """The config keys of the form ``name``: ``name`` itself and the form's ``defaults``."""
+  check_name(name)
+  return {"name": name, **getattr(SHORTCUTS[name], "defaults", {})}
 
 
 def make_shortcut(cfg, in_features: int, out_features: int, stride: int = 1, *, norm: bool = True,
@@ -365,15 +400,18 @@ class ConvGate(nnx.Module):
 class Highway(_MatchedShortcut):
   """``(1 - T) x + T f``, exclusive gating with T from a convolutional branch (``ConvGate``).
 
-  Config: ``gate`` (conv | two_conv), ``gate_kernel`` (3), ``gate_bias`` (b_T, negative so that
-  units start close to carrying x), ``option`` for the carried x where the shape changes.
+  Config: ``gate`` (conv | two_conv), ``gate_kernel``, ``gate_bias`` (b_T, negative so that
+  units start close to carrying x; None: -1 here, the depth rule in ``models.highway``),
+  ``option`` for the carried x where the shape changes.
   """
+
+  defaults = {**_MatchedShortcut.defaults, "gate": "conv", "gate_kernel": 3, "gate_bias": None}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
-    bias = cfg.get("gate_bias", None)
-    self.gate = ConvGate(in_features, out_features, stride, kind=cfg.get("gate", "conv"),
-                         kernel=int(cfg.get("gate_kernel", 3)),
+    bias = self.setting(cfg, "gate_bias")
+    self.gate = ConvGate(in_features, out_features, stride, kind=self.setting(cfg, "gate"),
+                         kernel=int(self.setting(cfg, "gate_kernel")),
                          bias=-1.0 if bias is None else float(bias),
                          conv_impl=cfg.get("conv_impl", "auto"), rngs=rngs)
 

@@ -30,6 +30,7 @@ import copy
 import ml_collections
 from flax import nnx
 
+from resjax import shortcuts
 from resjax.models import resnet
 
 HIGHWAY_110_2024 = dict(
@@ -45,8 +46,7 @@ def default_gate_bias(depth: int) -> float:
 def shortcut_config(model_cfg) -> ml_collections.ConfigDict:
   """The model's shortcut settings as a ``highway`` shortcut config, defaults filled in."""
   given = model_cfg.get("shortcut", None)
-  sc = ml_collections.ConfigDict(
-      dict(name="highway", option="B", gate="conv", gate_kernel=3, gate_bias=None))
+  sc = ml_collections.ConfigDict(shortcuts.fields("highway"))
   if given is not None:
     for key in ("option", "gate", "gate_kernel", "gate_bias"):
       if key in given:
@@ -66,13 +66,15 @@ def widths(model_cfg) -> tuple[int, ...]:
 
 def from_config(model_cfg, *, num_classes: int, in_channels: int,
                 rngs: nnx.Rngs) -> resnet.CifarResNet:
-  return resnet.CifarResNet(
-      depth=model_cfg.depth, num_classes=num_classes, in_channels=in_channels,
-      shortcut=shortcut_config(model_cfg), unit=model_cfg.get("unit", "single"),
-      placement=model_cfg.get("placement", "relu_before_add"), widths=widths(model_cfg),
-      stem_width=model_cfg.get("widths", (16, 32, 64))[0], scan=model_cfg.get("scan", True),
-      conv_impl=model_cfg.get("conv_impl", "auto"),
-      zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
+  """The CIFAR ResNet of ``model_cfg`` with the highway family's defaults filled in."""
+  cfg = copy.deepcopy(model_cfg)
+  with cfg.unlocked(), cfg.ignore_type():
+    cfg.shortcut = shortcut_config(model_cfg)
+    cfg.unit = model_cfg.get("unit", "single")
+    cfg.placement = model_cfg.get("placement", "relu_before_add")
+    cfg.stem_width = model_cfg.get("widths", (16, 32, 64))[0]
+    cfg.widths = widths(model_cfg)
+  return resnet.cifar_from_config(cfg, num_classes=num_classes, in_channels=in_channels, rngs=rngs)
 
 
 def repeats(model_cfg, k: int):

@@ -145,3 +145,75 @@ def set_compute_dtype(model: nnx.Module, dtype) -> None:
   for _, module in nnx.iter_graph(model):
     if isinstance(module, (Conv2D, nnx.Linear, nnx.BatchNorm)):
       module.dtype = dtype
+
+
+def rms(a: jax.Array, axes=None) -> jax.Array:
+  """Root mean square over ``axes`` (all by default), scaled by the peak first: in float32 the
+  squares of values below about 1e-19 would flush to zero, and a gradient that halves at each of
+  a hundred units goes far below that."""
+  a = a.astype(jnp.float32)
+  peak = jnp.max(jnp.abs(a), axis=axes, keepdims=True)
+  safe = jnp.where(peak > 0, peak, 1.0)
+  return jnp.squeeze(peak, axis=axes) * jnp.sqrt(jnp.mean(jnp.square(a / safe), axis=axes))
+
+
+# ------------------------------------------------------------------------------------------------
+# Identical units under one scan, optionally rematerialised.
+# ------------------------------------------------------------------------------------------------
+
+# config.model.remat -> the jax.checkpoint policy of the scanned unit (what its backward may keep
+# from the forward pass; everything else is recomputed). "none": no checkpoint, keep everything.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat(remat: str) -> str:
+  if remat not in REMAT_POLICIES:
+    raise ConfigError(f"unknown remat {remat!r}: set config.model.remat to one of "
+                      f"{', '.join(REMAT_POLICIES)}")
+  return remat
+
+
+def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none"):
+  """Runs ``apply(unit, h) -> h`` through identical units: under ``jax.lax.scan`` over the units
+  stacked on axis 0 of ``units`` (``scan``), else a Python loop over a list of them.
+
+  With ``probes`` (one per unit, on axis 0) each unit's input gets its probe added, and the RMS of
+  every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
+  the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
+  and ``remat`` names the ``REMAT_POLICIES`` entry of the scanned step.
+  """
+  policy = REMAT_POLICIES[check_remat(remat)]
+
+  def probed(unit, h, probe):
+    r = None
+    if probe is not None:
+      h = h + probe
+      r = rms(h)
+    return apply(unit, h), r
+
+  if not scan:
+    norms = []
+    for i, unit in enumerate(units):
+      x, r = probed(unit, x, None if probes is None else probes[i])
+      norms.append(r)
+    return x, (jnp.stack(norms) if probes is not None and norms else None)
+
+  graphdef, stacked = nnx.split(units)
+
+  def step(h, scanned):
+    unit_state, probe = scanned
+    unit = nnx.merge(graphdef, unit_state, copy=True)
+    h, r = probed(unit, h, probe)
+    return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)  # parameters come back unchanged
+
+  if remat != "none":
+    # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
+    step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+  x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
+  nnx.update(units, updated)
+  return x, norms

@@ -44,6 +44,8 @@ gradient reaching a unit's input is exactly ResNet-v2 Eq. 8's shortcut term.
 
 Every stage is its first unit (which may change shape) followed by ``n - 1`` identical units. Those
 run under ``jax.lax.scan`` over stacked parameters, so tracing and compile time do not grow with depth.
+``remat`` (``layers.REMAT_POLICIES``) recomputes the scanned units' activations in the backward
+pass instead of keeping them, so memory does not grow with depth as fast either.
 
 Signal-propagation probes (``resjax.diagnose``): ``model.probe_shapes(input_shape)`` lists one
 ``(units, *unit_input_shape)`` per stack of same-shaped units (each stage's first unit, then its
@@ -62,7 +64,8 @@ from flax import nnx
 
 from resjax import shortcuts
 from resjax.errors import ConfigError
-from resjax.models.layers import Conv2D
+from resjax.models import layers
+from resjax.models.layers import Conv2D, rms
 
 PLACEMENTS = ("post", "bn_after_add", "relu_before_add", "relu_preact", "preact")
 PREACT = ("relu_preact", "preact")
@@ -117,16 +120,6 @@ def with_conv_impl(shortcut_cfg, conv_impl: str):
   with out.unlocked(), out.ignore_type():
     out.conv_impl = conv_impl
   return out
-
-
-def rms(a: jax.Array, axes=None) -> jax.Array:
-  """Root mean square over ``axes`` (all by default), scaled by the peak first: in float32 the
-  squares of values below about 1e-19 would flush to zero, and a gradient that halves at each of
-  a hundred units goes far below that."""
-  a = a.astype(jnp.float32)
-  peak = jnp.max(jnp.abs(a), axis=axes, keepdims=True)
-  safe = jnp.where(peak > 0, peak, 1.0)
-  return jnp.squeeze(peak, axis=axes) * jnp.sqrt(jnp.mean(jnp.square(a / safe), axis=axes))
 
 
 class Unit(nnx.Module):
@@ -211,12 +204,13 @@ class Stage(nnx.Module):
   """
 
   def __init__(self, n: int, in_features: int, width: int, stride: int, *, scan: bool,
-               skip_first_preact: bool, rngs: nnx.Rngs, **unit_kw):
+               skip_first_preact: bool, remat: str = "none", rngs: nnx.Rngs, **unit_kw):
     self.first = Unit(in_features, width, stride, skip_preact=skip_first_preact, rngs=rngs,
                       **unit_kw)
     features = width * (BOTTLENECK_EXPANSION if unit_kw["kind"] == "bottleneck" else 1)
     self.n, self.in_features, self.stride = n, in_features, stride
     self.scan = scan and n > 1
+    self.remat = layers.check_remat(remat)
     make = lambda r: Unit(features, width, 1, skip_preact=False, rngs=r, **unit_kw)
     if self.scan:
       @nnx.split_rngs(splits=n - 1)
@@ -249,33 +243,10 @@ class Stage(nnx.Module):
       input_rms.append(rms(x)[None])
     x = self.first(x, train=train)
     rest_probes = probes[1] if probes is not None and self.n > 1 else None
-    if not self.scan:
-      rest_rms = []
-      for i, unit in enumerate(self.rest):
-        if rest_probes is not None:
-          x = x + rest_probes[i]
-          rest_rms.append(rms(x))
-        x = unit(x, train=train)
-      if rest_rms:
-        input_rms.append(jnp.stack(rest_rms))
-    else:
-      graphdef, stacked = nnx.split(self.rest)
-
-      def body(h, scanned):
-        unit_state, probe = scanned
-        r = None
-        if probe is not None:
-          h = h + probe
-          r = rms(h)
-        unit = nnx.merge(graphdef, unit_state, copy=True)
-        h = unit(h, train=train)
-        # Parameters come back unchanged: skip them.
-        return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)
-
-      x, (updated, rest_rms) = jax.lax.scan(body, x, (stacked, rest_probes))
-      nnx.update(self.rest, updated)  # BatchNorm statistics and RNG counters
-      if rest_rms is not None:
-        input_rms.append(rest_rms)
+    x, rest_rms = layers.run_units(self.rest, lambda unit, h: unit(h, train=train), x,
+                                   rest_probes, scan=self.scan, remat=self.remat)
+    if rest_rms is not None:
+      input_rms.append(rest_rms)
     return x if probes is None else (x, input_rms)
 
 
@@ -288,13 +259,13 @@ class ResNet(nnx.Module):
 
   def _build_stages(self, counts, widths, strides, in_features: int, *, unit: str, placement: str,
                     shortcut, scan: bool, conv_impl: str, zero_init_residual: bool,
-                    rngs: nnx.Rngs, **unit_kw) -> int:
+                    remat: str, rngs: nnx.Rngs, **unit_kw) -> int:
     shortcuts.check_name(shortcut.name)
     self.preact = placement in PREACT
     shortcut = with_conv_impl(shortcut, conv_impl)
     stages, features = [], in_features
     for s, (n, width, stride) in enumerate(zip(counts, widths, strides)):
-      stage = Stage(n, features, width, stride, scan=scan,
+      stage = Stage(n, features, width, stride, scan=scan, remat=remat,
                     skip_first_preact=self.preact and s == 0, kind=unit, placement=placement,
                     shortcut=shortcut, conv_impl=conv_impl, zero_init=zero_init_residual,
                     rngs=rngs, **unit_kw)
@@ -346,7 +317,7 @@ class CifarResNet(ResNet):
   def __init__(self, *, depth: int, num_classes: int, shortcut, in_channels: int = 3,
                unit: str = "basic", placement: str = "post", widths=(16, 32, 64),
                stem_width: int | None = None, scan: bool = True, conv_impl: str = "auto",
-               zero_init_residual: bool = False, rngs: nnx.Rngs):
+               zero_init_residual: bool = False, remat: str = "none", rngs: nnx.Rngs):
     n = units_per_stage(depth, unit)
     self.depth = depth
     stem_width = widths[0] if stem_width is None else stem_width
@@ -356,7 +327,7 @@ class CifarResNet(ResNet):
     features = self._build_stages(
         [n] * len(widths), widths, [1] + [2] * (len(widths) - 1), stem_width, unit=unit,
         placement=placement, shortcut=shortcut, scan=scan, conv_impl=conv_impl,
-        zero_init_residual=zero_init_residual, rngs=rngs, stride_first=resnet_1k,
+        zero_init_residual=zero_init_residual, remat=remat, rngs=rngs, stride_first=resnet_1k,
         projection_norm=not resnet_1k)
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
@@ -407,7 +378,8 @@ class ImageNetResNet(ResNet):
   def __init__(self, *, depth: int, num_classes: int, shortcut, in_channels: int = 3,
                unit: str | None = None, stage_units=None, placement: str = "post",
                widths=(64, 128, 256, 512), stem_width: int = 64, scan: bool = True,
-               conv_impl: str = "auto", zero_init_residual: bool = False, rngs: nnx.Rngs):
+               conv_impl: str = "auto", zero_init_residual: bool = False, remat: str = "none",
+               rngs: nnx.Rngs):
     unit, counts = imagenet_layout(depth, unit, stage_units)
     self.depth = depth
     self.stem = conv(in_channels, stem_width, 7, 2, rngs, impl=conv_impl)
@@ -415,7 +387,7 @@ class ImageNetResNet(ResNet):
     features = self._build_stages(
         counts, widths, [1, 2, 2, 2], stem_width, unit=unit, placement=placement,
         shortcut=shortcut, scan=scan, conv_impl=conv_impl, zero_init_residual=zero_init_residual,
-        rngs=rngs)
+        remat=remat, rngs=rngs)
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def stem_forward(self, x, *, train):
@@ -441,7 +413,8 @@ def cifar_from_config(model_cfg, *, num_classes: int, in_channels: int, rngs: nn
       widths=tuple(model_cfg.get("widths", (16, 32, 64))),
       stem_width=model_cfg.get("stem_width", None), scan=model_cfg.get("scan", True),
       conv_impl=model_cfg.get("conv_impl", "auto"),
-      zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
+      zero_init_residual=model_cfg.get("zero_init_residual", False),
+      remat=model_cfg.get("remat", "none"), rngs=rngs)
 
 
 def cifar_repeats(model_cfg, k: int):
@@ -463,7 +436,8 @@ def imagenet_from_config(model_cfg, *, num_classes: int, in_channels: int,
       widths=tuple(model_cfg.get("widths", (64, 128, 256, 512))),
       stem_width=model_cfg.get("stem_width", 64), scan=model_cfg.get("scan", True),
       conv_impl=model_cfg.get("conv_impl", "auto"),
-      zero_init_residual=model_cfg.get("zero_init_residual", False), rngs=rngs)
+      zero_init_residual=model_cfg.get("zero_init_residual", False),
+      remat=model_cfg.get("remat", "none"), rngs=rngs)
 
 
 def imagenet_repeats(model_cfg, k):

@@ -78,6 +78,8 @@ embed_shortcut      x <- a x + b x0 at the input of every block n > 1
 embed_shortcut_init (a, b) at init
 dropout             rate (0: no dropout modules at all)
 scan                run blocks 2..L under jax.lax.scan
+remat               "none", or recompute the scanned blocks in the backward pass under a
+                    named jax.checkpoint policy (``layers.REMAT_POLICIES``)
 dtype               compute dtype of matrix multiplies: "float32" or "bfloat16"
 ==================  ==========================================================================
 
@@ -98,8 +100,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from resjax import shortcuts
+from resjax import configs, shortcuts
 from resjax.errors import ConfigError
+from resjax.models import layers
+from resjax.models.layers import rms
 
 Array = jax.Array
 
@@ -112,18 +116,9 @@ ROTARY_BASE = 10000.0
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """GPT-2 small (124M with a 50257-token vocabulary): Pre-LN, learned positions, tied head."""
-  return ml_collections.ConfigDict({
-      "name": "transformer", "vocab_size": None, "context": 1024, "width": 768, "depth": 12,
-      "heads": 12, "mlp_ratio": 4, "positions": "learned", "tie_head": True, "norm": "pre",
-      "parallel": False, "shortcut": {"name": "identity"}, "value_residual": {"name": "none"},
-      "embed_shortcut": False, "embed_shortcut_init": (1.0, 0.0), "dropout": 0.0, "scan": True,
-      "dtype": "float32", "scaled_out_init": None})
-
-
-def residual_additions(model_cfg) -> int:
-  """Residual additions on the stream: 2 per block, 1 per parallel block (ResNets: 1 per unit)."""
-  return model_cfg.depth * (1 if model_cfg.get("parallel", False) else 2)
+  """GPT-2 small (124M with a 50257-token vocabulary): Pre-LN, learned positions, tied head; the
+  model of ``resjax.configs.lm_recipe``."""
+  return configs.lm_recipe().model
 
 
 def _config_dict(cfg) -> ml_collections.ConfigDict:
@@ -142,10 +137,6 @@ def _dense(in_features: int, out_features: int, std: float, dtype, rngs: nnx.Rng
 
 def layer_norm(width: int, rngs: nnx.Rngs) -> nnx.LayerNorm:
   return nnx.LayerNorm(width, epsilon=LN_EPSILON, rngs=rngs)
-
-
-def rms(x: Array) -> Array:
-  return jnp.sqrt(jnp.mean(jnp.square(x.astype(jnp.float32))))
 
 
 def apply_rotary(x: Array) -> Array:
@@ -272,14 +263,15 @@ class Transformer(nnx.Module):
                norm: str = "pre", parallel: bool = False, value_residual=None,
                embed_shortcut: bool = False, embed_shortcut_init=(1.0, 0.0), dropout: float = 0.0,
                scan: bool = True, dtype: str = "float32", scaled_out_init: bool | None = None,
-               rngs: nnx.Rngs):
+               remat: str = "none", rngs: nnx.Rngs):
     _check(vocab_size=vocab_size, context=context, width=width, depth=depth, heads=heads,
            mlp_ratio=mlp_ratio, positions=positions, norm=norm, dropout=dropout, dtype=dtype)
     shortcuts.check_name(shortcut.name)
     self.context, self.width, self.depth, self.norm = context, width, depth, norm
     compute = DTYPES[dtype]
     self.compute_dtype = None if compute == jnp.float32 else compute
-    additions = depth * (1 if parallel else 2)
+    # Residual additions on the stream: 2 per block, 1 per parallel block (ResNets: 1 per unit).
+    self.residual_additions = additions = depth * (1 if parallel else 2)
 
     # Initial scales of the branch weights; see the module docstring.
     init = {"value": INIT_STD, "fc": INIT_STD, "out": INIT_STD}
@@ -324,6 +316,7 @@ class Transformer(nnx.Module):
     make = lambda r: Block(width, heads, value_residual=value_residual, embed_shortcut=embed,
                            rngs=r, **block_kw)
     self.scan = scan and n_rest > 0
+    self.remat = layers.check_remat(remat)
     if self.scan:
       @nnx.split_rngs(splits=n_rest)
       @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -373,30 +366,9 @@ class Transformer(nnx.Module):
   def run_rest(self, x: Array, *, x0: Array, v_first: Array, probe: Array | None = None,
                train: bool) -> tuple[Array, Array | None]:
     """Blocks 2..L on the stream x; with a probe, also each block's input RMS."""
-    if not self.scan:
-      norms = []
-      for i, block in enumerate(self.rest):
-        if probe is not None:
-          x = x + probe[i]
-          norms.append(rms(x))
-        x, _ = block(x, x0=x0, v_first=v_first, train=train)
-      return x, (jnp.stack(norms) if probe is not None else None)
-
-    graphdef, stacked = nnx.split(self.rest)
-
-    def body(h, xs):
-      block_state, block_probe = xs
-      block = nnx.merge(graphdef, block_state, copy=True)
-      norm = None
-      if block_probe is not None:
-        h = h + block_probe
-        norm = rms(h)
-      h, _ = block(h, x0=x0, v_first=v_first, train=train)
-      return h, (nnx.state(block, nnx.Not(nnx.Param)), norm)  # RNG counters; params unchanged
-
-    x, (updated, norms) = jax.lax.scan(body, x, (stacked, probe))
-    nnx.update(self.rest, updated)
-    return x, norms
+    return layers.run_units(
+        self.rest, lambda block, h: block(h, x0=x0, v_first=v_first, train=train)[0], x, probe,
+        scan=self.scan, remat=self.remat)
 
   def __call__(self, tokens: Array, *, train: bool, probes: list[Array] | None = None):
     x0 = self.embed(tokens, train=train)
@@ -458,7 +430,7 @@ def from_config(model_cfg, *, num_classes: int, in_channels: int, rngs: nnx.Rngs
       parallel=get("parallel"), shortcut=get("shortcut"), value_residual=get("value_residual"),
       embed_shortcut=get("embed_shortcut"), embed_shortcut_init=tuple(get("embed_shortcut_init")),
       dropout=float(get("dropout")), scan=get("scan"), dtype=get("dtype"),
-      scaled_out_init=get("scaled_out_init"), rngs=rngs)
+      scaled_out_init=get("scaled_out_init"), remat=get("remat"), rngs=rngs)
 
 
 def repeats(model_cfg, k: int):
