@@ -1,12 +1,16 @@
-"""Shared by the tests: the CLI as a subprocess, one XLA cache per session, float32 tolerances."""
+"""Shared by the tests: the CLI as a subprocess, one XLA cache per session, model RNGs, mocked
+TFDS records, float32 tolerances."""
 
 import contextlib
+import io
+import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -34,6 +38,18 @@ class Cli:
   def run(self, *args, env=None, timeout=300):
     return subprocess.run(self.argv(*args), cwd=REPO, env={**self.env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+  def run_many(self, cases, timeout=600):
+    """Each (args, env) of ``cases`` as its own command line, forked from one process that
+    imported JAX once (tests/cli_forks.py); returns their CompletedProcess results in order."""
+    cases = [{'args': [str(a) for a in args], 'env': dict(env or {})} for args, env in cases]
+    proc = subprocess.run([sys.executable, str(REPO / 'tests' / 'cli_forks.py')], cwd=REPO,
+                          env=self.env, input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return [subprocess.CompletedProcess(self.argv(*c['args']), r['returncode'], r['stdout'],
+                                        r['stderr'])
+            for c, r in zip(cases, json.loads(proc.stdout))]
 
   def popen(self, *args, stdout, stderr):
     return subprocess.Popen(self.argv(*args), cwd=REPO, env=self.env, stdout=stdout,
@@ -79,6 +95,54 @@ def write_experiment(path, body):
 @pytest.fixture(scope='session')
 def experiment_file():
   return write_experiment
+
+
+# ------------------------------------------------------------------------ models and data
+
+def make_rngs(seed=0):
+  """The trainer's parameter and dropout streams for ``seed``."""
+  # Imported here: JAX, Flax and orbax take seconds, and the launch, claims and import-graph tests
+  # never build a model.
+  from flax import nnx
+
+  from resjax import train
+  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
+
+
+def _getitems(record_keys, generator, serialized=False):
+  del serialized  # Never requested by resjax.
+  return [generator[k] for k in record_keys]
+
+
+def _encode_with_pillow(self, array):
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=self.encoding_format.upper())
+  return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def mocked_tfds(num_examples, *, pillow=False):
+  """Random fake records behind the real ``tfds.data_source``; yields the ``tfds`` module.
+
+  USE_CODE: features and label counts come from the real builders (the pip package ships no
+  metadata files for USE_FILES). The mock binds its batched reader without ``self``, so
+  ``__getitems__`` fails as shipped; ``_getitems`` stands in with the same fake records.
+  ``pillow``: encode the fake images with Pillow, not TensorFlow (half a minute to import on a
+  busy machine); the records read back are the same.
+  """
+  # Imported here: TFDS takes seconds, and only the tests of TFDS-backed datasets need it.
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.features import image_feature
+  from tensorflow_datasets.testing import mocking
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(tfds.testing.mock_data(num_examples=num_examples,
+                                               policy=tfds.testing.MockPolicy.USE_CODE))
+    stack.enter_context(mock.patch.object(mocking, '_getitems', _getitems))
+    if pillow:
+      stack.enter_context(mock.patch.object(image_feature._ImageEncoder, '_encode_image',
+                                            _encode_with_pillow))
+    yield tfds
 
 
 # ------------------------------------------------------------------------ float32 tolerances

@@ -12,8 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close
-from resjax import inspect_model, train
+from conftest import assert_f32_close, make_rngs
+from resjax import inspect_model
 from resjax.errors import ConfigError
 from resjax.models import layers, resnet
 
@@ -43,10 +43,6 @@ def _normal(shape, seed=0):
 
 def _shortcut(name='identity', **fields):
   return ml_collections.ConfigDict({'name': name, 'option': 'B', **fields})
-
-
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
 
 
 # ------------------------------------------------------------------------ sizes and FLOPs
@@ -191,8 +187,8 @@ def _randomize(model, seed=0):
 def test_scan_and_loop_compute_the_same_function():
   """ResNet-20 (n = 3, so the scan really iterates) with the same weights, train then eval."""
   kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl='xla')
-  scanned = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=_rngs(), **kw)))
-  looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=_rngs(), **kw))
+  scanned = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
+  looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=make_rngs(), **kw))
   assert isinstance(scanned.stages[0].rest, resnet.Unit) and len(looped.stages[0].rest) == 2
   _transfer(scanned, looped)
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(looped)))
@@ -218,8 +214,8 @@ def test_scan_and_loop_compute_the_same_function():
 
 @pytest.mark.parametrize('k, stride, out_hw', [(3, 1, 8), (3, 2, 4), (1, 2, 4)])
 def test_im2col_and_xla_convolutions_agree(k, stride, out_hw):
-  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=_rngs())
-  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=_rngs(1))
+  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=make_rngs())
+  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=make_rngs(1))
   b.kernel.set_value(a.kernel[...])
   x = _normal((2, 8, 8, 4))
   y = a(x)
@@ -281,9 +277,9 @@ def test_shortcut_scaling_vanishes_the_shortcut_signal_at_depth():
   """
   kw = dict(depth=110, num_classes=10, in_channels=1, conv_impl='xla')
   identity = nnx.jit(lambda: resnet.CifarResNet(
-      shortcut=_shortcut(option='A'), rngs=_rngs(), **kw))()
+      shortcut=_shortcut(option='A'), rngs=make_rngs(), **kw))()
   scaled = nnx.eval_shape(lambda: resnet.CifarResNet(
-      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=_rngs(), **kw))
+      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=make_rngs(), **kw))
   nnx.update(scaled, nnx.state(identity))  # option A: no shortcut parameters in either
   x, labels = _normal((16, 8, 8, 1)), jnp.arange(16) % 10
   readout = _normal((16, 10), seed=1)
@@ -332,7 +328,7 @@ def test_placements_follow_the_documented_order():
   outputs = {}
   for placement, reference in REFERENCE.items():
     unit = resnet.Unit(4, 4, 1, kind='basic', placement=placement, shortcut=_shortcut(),
-                       skip_preact=False, rngs=_rngs())
+                       skip_preact=False, rngs=make_rngs())
     unit.convs[0].kernel.set_value(w1)
     unit.convs[1].kernel.set_value(w2)
     y = unit(x, train=True)
@@ -351,7 +347,7 @@ def test_preact_first_unit_skips_its_preactivation():
   x = _normal((2, 6, 6, 4))
   w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
   unit = resnet.Unit(4, 4, 1, kind='basic', placement='preact', shortcut=_shortcut(),
-                     skip_preact=True, rngs=_rngs())
+                     skip_preact=True, rngs=make_rngs())
   assert len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w1)
   unit.convs[1].kernel.set_value(w2)

@@ -88,13 +88,6 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
     node[leaf] = value
 
 
-def get_dotted(config: ml_collections.ConfigDict, key: str):
-  node = config
-  for part in key.split("."):
-    node = node[part]
-  return node
-
-
 def run_config(config: ml_collections.ConfigDict, run, keep: tuple[str, ...] = ()):
   """The experiment's config with one row's overrides applied (the shared ``runs`` list dropped).
 

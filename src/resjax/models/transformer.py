@@ -98,8 +98,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from resjax import shortcuts
 from resjax.errors import ConfigError
+from resjax.models import shortcuts
 
 Array = jax.Array
 
@@ -121,9 +121,9 @@ def default_config() -> ml_collections.ConfigDict:
       "dtype": "float32", "scaled_out_init": None})
 
 
-def residual_additions(model_cfg) -> int:
+def residual_additions(depth: int, parallel: bool) -> int:
   """Residual additions on the stream: 2 per block, 1 per parallel block (ResNets: 1 per unit)."""
-  return model_cfg.depth * (1 if model_cfg.get("parallel", False) else 2)
+  return depth * (1 if parallel else 2)
 
 
 def _config_dict(cfg) -> ml_collections.ConfigDict:
@@ -279,7 +279,7 @@ class Transformer(nnx.Module):
     self.context, self.width, self.depth, self.norm = context, width, depth, norm
     compute = DTYPES[dtype]
     self.compute_dtype = None if compute == jnp.float32 else compute
-    additions = depth * (1 if parallel else 2)
+    additions = residual_additions(depth, parallel)
 
     # Initial scales of the branch weights; see the module docstring.
     init = {"value": INIT_STD, "fc": INIT_STD, "out": INIT_STD}
