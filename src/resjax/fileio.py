@@ -12,6 +12,8 @@ import os
 import tempfile
 import uuid
 
+from etils import epath  # orbax's own path library
+
 from resjax.errors import UserError
 
 
@@ -20,7 +22,6 @@ def is_remote(path: str) -> bool:
 
 
 def _epath(path: str):
-  from etils import epath  # orbax's own path library
   return epath.Path(path)
 
 

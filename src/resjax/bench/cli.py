@@ -183,7 +183,8 @@ def child_env(threads: int | None, malloc: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(prog="python -m resjax.bench",
+                              description=__doc__.splitlines()[0])
   p.add_argument("--rows", default=",".join(rows.DEFAULT_ROWS),
                  help=f"any of {', '.join(rows.ROWS)}")
   p.add_argument("--batch", type=int, help="default: each row's (128 for CIFAR; see rows.py)")
