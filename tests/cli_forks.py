@@ -6,7 +6,8 @@ each fork starts its own (XLA_FLAGS in a case's environment still take effect).
 
     python tests/cli_forks.py < cases.json > results.json
 
-cases.json: [{"args": [...], "env": {...}}, ...]; results.json: [{"returncode", "stdout", "stderr"}].
+cases.json: [{"args": [...], "env": {...}}, ...];
+results.json: [{"returncode": ..., "stdout": ..., "stderr": ...}, ...].
 """
 
 import json
@@ -48,7 +49,8 @@ def _child(case, out_path, err_path):
 
 def run_all(cases):
   tmp = tempfile.mkdtemp(prefix='cli_forks_')
-  paths = [(os.path.join(tmp, f'{i}.out'), os.path.join(tmp, f'{i}.err')) for i in range(len(cases))]
+  paths = [(os.path.join(tmp, f'{i}.out'), os.path.join(tmp, f'{i}.err'))
+           for i in range(len(cases))]
   results, running, todo = [None] * len(cases), {}, list(range(len(cases)))
   while todo or running:
     while todo and len(running) < WORKERS:

@@ -101,12 +101,36 @@ def experiment_file():
 
 def make_rngs(seed=0):
   """The trainer's parameter and dropout streams for ``seed``."""
-  # Imported here: JAX, Flax and orbax take seconds, and the launch, claims and import-graph tests
-  # never build a model.
+  # Imported here, as in randomize_resnet: JAX, Flax and orbax take seconds, and the launch,
+  # claims and import-graph tests never build a model.
   from flax import nnx
 
   from resjax import train
   return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
+
+
+def randomize_resnet(model, seed=0):
+  """Fills every weight and BN statistic of a ResNet with random values (no compile, unlike an
+  init): kernels He-normal over fan-in, BN variances in [0.5, 1.5], scales near 1, others small."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
+    if "'var'" in name:
+      v = rng.uniform(0.5, 1.5, a.shape)
+    elif "'scale'" in name:
+      v = 1 + 0.1 * n
+    elif "'kernel'" in name:  # k * k * in (convolutions) or in (Dense)
+      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
+    else:
+      v = 0.1 * n
+    return jnp.asarray(v, jnp.float32)
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
+  return model
 
 
 def _getitems(record_keys, generator, serialized=False):

@@ -177,7 +177,8 @@ def test_mfu_of_resnet110_on_h100():
   flops = 6 * 252.9e6
   assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(
       flops * 1e4 / 989e12)
-  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(0.01534, rel=1e-3)
+  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(0.01534,
+                                                                      rel=1e-3)
   assert rows.mfu(flops, 10_000, None) is None
 
 

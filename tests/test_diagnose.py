@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import f32_tol, make_rngs
+from conftest import f32_tol, make_rngs, randomize_resnet
 from resjax import configs, diagnose, tasks
 from resjax.models import resnet
 
@@ -49,26 +49,6 @@ def _loss(logits, labels):
   return tasks.cross_entropy(logits, labels).mean()
 
 
-def _randomize(model, seed=0):
-  """Fills weights and BN parameters with random values (no init program to compile)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
-    if "'var'" in name:
-      v = rng.uniform(0.5, 1.5, a.shape)
-    elif "'scale'" in name:
-      v = 1 + 0.1 * n
-    elif "'kernel'" in name:
-      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
-    else:
-      v = 0.1 * n
-    return jnp.asarray(v, jnp.float32)
-
-  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-  return model
-
-
 def test_probe_gradients_are_gradients_at_unit_inputs():
   """d loss / d probe equals jax.grad of the loss with respect to that unit's input, run by hand.
 
@@ -81,7 +61,8 @@ def test_probe_gradients_are_gradients_at_unit_inputs():
             conv_impl='xla',
             shortcut=ml_collections.ConfigDict(dict(name='scaling', option='B', scale=0.5,
                                                     branch_scale=1.0)))
-  model = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
+  model = randomize_resnet(nnx.eval_shape(
+      lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
   x, labels = _normal((8, 8, 8, 1)), jnp.arange(8) % 10
   s = diagnose.unit_signals(model, x, labels)
   assert s['stack'].tolist() == [0, 1, 2, 3, 4, 5]

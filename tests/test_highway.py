@@ -167,7 +167,8 @@ def test_highway_net_with_probes_and_zero_init():
   """With zero_init_residual the branch is 0 and y = (1 - T) x: the gradient shrinks by (1 - T)."""
   cfg = ml_collections.ConfigDict(dict(name='highway', depth=11, zero_init_residual=True,
                                        conv_impl='xla', shortcut=dict(gate_bias=-1.0)))
-  model = nnx.jit(lambda: highway.from_config(cfg, num_classes=10, in_channels=1, rngs=make_rngs()))()
+  model = nnx.jit(lambda: highway.from_config(cfg, num_classes=10, in_channels=1,
+                                              rngs=make_rngs()))()
   x = _normal((4, 8, 8, 1))
   shapes = model.probe_shapes(x.shape)
   assert [s[0] for s in shapes] == [1, 2, 1, 2, 1, 2]

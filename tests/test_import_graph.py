@@ -1,4 +1,5 @@
-"""tools/import_graph.py: resjax's modules import each other without a cycle, and the check can fail."""
+"""tools/import_graph.py: resjax's modules import one another without a cycle; the check can
+fail."""
 
 import importlib.util
 import pathlib

@@ -12,7 +12,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close, make_rngs
+from conftest import assert_f32_close, make_rngs, randomize_resnet
 from resjax import inspect_model
 from resjax.errors import ConfigError
 from resjax.models import layers, resnet
@@ -164,30 +164,11 @@ def _transfer(scanned, looped):
       nnx.update(unit, jax.tree.map(lambda a: a[i], stacked))
 
 
-def _randomize(model, seed=0):
-  """Fills every weight and BN statistic with random values (no compile, unlike an init)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
-    if "'var'" in name:
-      v = rng.uniform(0.5, 1.5, a.shape)
-    elif "'scale'" in name:
-      v = 1 + 0.1 * n
-    elif "'kernel'" in name:  # He-normal over fan-in: k * k * in (convolutions) or in (Dense)
-      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
-    else:
-      v = 0.1 * n
-    return jnp.asarray(v, jnp.float32)
-
-  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-  return model
-
-
 def test_scan_and_loop_compute_the_same_function():
   """ResNet-20 (n = 3, so the scan really iterates) with the same weights, train then eval."""
   kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl='xla')
-  scanned = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
+  scanned = randomize_resnet(nnx.eval_shape(
+      lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
   looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=make_rngs(), **kw))
   assert isinstance(scanned.stages[0].rest, resnet.Unit) and len(looped.stages[0].rest) == 2
   _transfer(scanned, looped)
@@ -279,7 +260,8 @@ def test_shortcut_scaling_vanishes_the_shortcut_signal_at_depth():
   identity = nnx.jit(lambda: resnet.CifarResNet(
       shortcut=_shortcut(option='A'), rngs=make_rngs(), **kw))()
   scaled = nnx.eval_shape(lambda: resnet.CifarResNet(
-      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=make_rngs(), **kw))
+      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=make_rngs(),
+      **kw))
   nnx.update(scaled, nnx.state(identity))  # option A: no shortcut parameters in either
   x, labels = _normal((16, 8, 8, 1)), jnp.arange(16) % 10
   readout = _normal((16, 10), seed=1)

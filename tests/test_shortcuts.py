@@ -1,4 +1,5 @@
-"""Tests for resjax.models.shortcuts: every form's rule, options A/B/C, learnable scalars, errors."""
+"""Tests for resjax.models.shortcuts: every form's rule, options A/B/C, learnable scalars,
+errors."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""The reference ``python -m resjax.bench`` measures against: the same ResNets and training step in PyTorch.
+"""What ``python -m resjax.bench`` measures against: the same ResNets and training step in PyTorch.
 
     python -m resjax.bench.torch_twin --depth 110 --batch 128 --mode eager --channels-last
 
