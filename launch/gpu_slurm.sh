@@ -59,44 +59,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO
-readonly EXIT_USER_ERROR=2
-readonly EXIT_PREEMPTED=143
-
-usage() {
-  sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"
-}
-
-# One line whatever the values it quotes hold: a newline is shown as \n.
-die_usage() {
-  local message="$*"
-  echo "gpu_slurm.sh: ${message//$'\n'/\\n}" >&2
-  exit "$EXIT_USER_ERROR"
-}
-
-# Quotes one word for a POSIX shell: unchanged when it is plainly safe, else in single quotes
-# with each ' written as '\''. (A loop, not ${1//...}: bash 3.2, macOS's, treats quotes in a
-# substitution's replacement differently.)
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-    return
-  fi
-  local rest=$1 out="'"
-  while [[ $rest == *\'* ]]; do
-    out+="${rest%%\'*}'\\''"
-    rest=${rest#*\'}
-  done
-  printf '%s' "$out$rest'"
-}
-
-# Quotes every argument and joins them with spaces: a line that can be pasted into a shell.
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$REPO/launch/common.sh"
 
 # Makes a path absolute against the current directory (the nodes do not share our cwd).
 absolute() {
@@ -108,10 +72,6 @@ config="" workdir="" partition="" time_limit="" account="" cpus_per_gpu="" job_n
 venv="" jax_spec="jax[cuda12]" setup="" nodes=1 gpus_per_node=1 grace=120 max_requeues=20
 dry_run=0
 overrides=()
-
-need_value() {
-  [[ $# -ge 2 && -n $2 ]] || die_usage "$1 needs a value (see --help)"
-}
 
 while [[ $# -gt 0 ]]; do
   case $1 in

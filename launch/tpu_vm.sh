@@ -64,45 +64,11 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 readonly REPO
-readonly EXIT_USER_ERROR=2
-readonly EXIT_PREEMPTED=143
+# shellcheck source-path=SCRIPTDIR source=common.sh
+source "$REPO/launch/common.sh"
 # Where the code and its environment live on every worker.
 readonly REMOTE_TARBALL=/tmp/resjax-src.tar.gz
 readonly REMOTE_PYTHON=3.12
-
-usage() {
-  sed -n '2,/^$/{s/^# \{0,1\}//;p;}' "${BASH_SOURCE[0]}"
-}
-
-die_usage() {
-  echo "tpu_vm.sh: $*" >&2
-  exit "$EXIT_USER_ERROR"
-}
-
-# Quotes one word for a POSIX shell: unchanged when it is plainly safe, else in single quotes
-# with each ' written as '\''. (A loop, not ${1//...}: bash 3.2, macOS's, treats quotes in a
-# substitution's replacement differently.)
-quote() {
-  if [[ $1 =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-    return
-  fi
-  local rest=$1 out="'"
-  while [[ $rest == *\'* ]]; do
-    out+="${rest%%\'*}'\\''"
-    rest=${rest#*\'}
-  done
-  printf '%s' "$out$rest'"
-}
-
-# Quotes every argument and joins them with spaces: a line that can be pasted into a shell.
-quote_all() {
-  local out="" word
-  for word in "$@"; do
-    out+="${out:+ }$(quote "$word")"
-  done
-  printf '%s' "$out"
-}
 
 # Prints a command (to stdout in a dry run, else to stderr as a log line) and runs it unless dry.
 run() {
@@ -128,10 +94,6 @@ note() {
 config="" workdir="" zone="" accelerator="" version="" project="" name="" results=""
 spot=0 preemptible=0 keep=0 dry_run=0 retry=0
 overrides=()
-
-need_value() {
-  [[ $# -ge 2 && -n $2 ]] || die_usage "$1 needs a value (see --help)"
-}
 
 while [[ $# -gt 0 ]]; do
   case $1 in

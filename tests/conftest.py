@@ -1,12 +1,16 @@
-"""Shared by the tests: the CLI as a subprocess, one XLA cache per session, float32 tolerances."""
+"""Shared by the tests: the CLI as a subprocess, one XLA cache per session, model RNGs, mocked
+TFDS records, float32 tolerances."""
 
 import contextlib
+import io
+import json
 import math
 import os
 import pathlib
 import subprocess
 import sys
 import textwrap
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -35,6 +39,18 @@ class Cli:
     return subprocess.run(self.argv(*args), cwd=REPO, env={**self.env, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
 
+  def run_many(self, cases, timeout=600):
+    """Each (args, env) of ``cases`` as its own command line, forked from one process that
+    imported JAX once (tests/cli_forks.py); returns their CompletedProcess results in order."""
+    cases = [{'args': [str(a) for a in args], 'env': dict(env or {})} for args, env in cases]
+    proc = subprocess.run([sys.executable, str(REPO / 'tests' / 'cli_forks.py')], cwd=REPO,
+                          env=self.env, input=json.dumps(cases), capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr
+    return [subprocess.CompletedProcess(self.argv(*c['args']), r['returncode'], r['stdout'],
+                                        r['stderr'])
+            for c, r in zip(cases, json.loads(proc.stdout))]
+
   def popen(self, *args, stdout, stderr):
     return subprocess.Popen(self.argv(*args), cwd=REPO, env=self.env, stdout=stdout,
                             stderr=stderr, text=True)
@@ -50,6 +66,22 @@ class Cli:
         if proc.poll() is None:
           proc.kill()
           proc.wait()
+
+
+@pytest.fixture(scope='module')
+def xla_cache(compile_cache_dir):
+  """Points this process's XLA cache at the session's, and back afterwards."""
+  import jax
+  from jax.experimental.compilation_cache import compilation_cache
+  old = (jax.config.jax_compilation_cache_dir,
+         jax.config.jax_persistent_cache_min_compile_time_secs)
+  jax.config.update('jax_compilation_cache_dir', str(compile_cache_dir))
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  compilation_cache.reset_cache()
+  yield
+  jax.config.update('jax_compilation_cache_dir', old[0])
+  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='session')
@@ -79,6 +111,78 @@ def write_experiment(path, body):
 @pytest.fixture(scope='session')
 def experiment_file():
   return write_experiment
+
+
+# ------------------------------------------------------------------------ models and data
+
+def make_rngs(seed=0):
+  """The trainer's parameter and dropout streams for ``seed``."""
+  # Imported here, as in randomize_resnet: JAX, Flax and orbax take seconds, and the launch,
+  # claims and import-graph tests never build a model.
+  from flax import nnx
+
+  from resjax import train
+  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
+
+
+def randomize_resnet(model, seed=0):
+  """Fills every weight and BN statistic of a ResNet with random values (no compile, unlike an
+  init): kernels He-normal over fan-in, BN variances in [0.5, 1.5], scales near 1, others small."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
+    if "'var'" in name:
+      v = rng.uniform(0.5, 1.5, a.shape)
+    elif "'scale'" in name:
+      v = 1 + 0.1 * n
+    elif "'kernel'" in name:  # k * k * in (convolutions) or in (Dense)
+      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
+    else:
+      v = 0.1 * n
+    return jnp.asarray(v, jnp.float32)
+
+  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
+  return model
+
+
+def _getitems(record_keys, generator, serialized=False):
+  del serialized  # Never requested by resjax.
+  return [generator[k] for k in record_keys]
+
+
+def _encode_with_pillow(self, array):
+  from PIL import Image
+  buffer = io.BytesIO()
+  Image.fromarray(array).save(buffer, format=self.encoding_format.upper())
+  return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def mocked_tfds(num_examples, *, pillow=False):
+  """Random fake records behind the real ``tfds.data_source``; yields the ``tfds`` module.
+
+  USE_CODE: features and label counts come from the real builders (the pip package ships no
+  metadata files for USE_FILES). The mock binds its batched reader without ``self``, so
+  ``__getitems__`` fails as shipped; ``_getitems`` stands in with the same fake records.
+  ``pillow``: encode the fake images with Pillow, not TensorFlow (half a minute to import on a
+  busy machine); the records read back are the same.
+  """
+  # Imported here: TFDS takes seconds, and only the tests of TFDS-backed datasets need it.
+  import tensorflow_datasets as tfds
+  from tensorflow_datasets.core.features import image_feature
+  from tensorflow_datasets.testing import mocking
+  with contextlib.ExitStack() as stack:
+    stack.enter_context(tfds.testing.mock_data(num_examples=num_examples,
+                                               policy=tfds.testing.MockPolicy.USE_CODE))
+    stack.enter_context(mock.patch.object(mocking, '_getitems', _getitems))
+    if pillow:
+      stack.enter_context(mock.patch.object(image_feature._ImageEncoder, '_encode_image',
+                                            _encode_with_pillow))
+    yield tfds
 
 
 # ------------------------------------------------------------------------ float32 tolerances

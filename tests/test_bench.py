@@ -15,7 +15,9 @@ import pytest
 from flax import nnx
 
 from conftest import assert_f32_close, f32_tol
-from resjax import bench, inspect_model, models, train
+from resjax import inspect_model, models, train
+from resjax.bench import cli as bench_cli
+from resjax.bench import profile, rows
 from resjax.models import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -26,7 +28,7 @@ def _normal(shape, seed=0):
 
 
 def _model_cfg(row: str, depth: int | None = None, scan: bool = True):
-  cfg = ml_collections.ConfigDict(bench.ROWS[row].model)
+  cfg = ml_collections.ConfigDict(rows.ROWS[row].model)
   if depth is not None:
     cfg.depth = depth
   cfg.scan = scan
@@ -46,15 +48,15 @@ TWINS = [('resnet20', 20), ('resnet20', 14), ('resnet1001', 11), ('resnet1001', 
 
 @pytest.mark.parametrize('row, depth', TWINS)
 def test_torch_twin_has_resjax_parameter_count(row, depth):
-  torch_twin = pytest.importorskip('resjax.bench_torch')
+  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
   resjax_count = train.count_params(nnx.eval_shape(lambda: models.build(
       _model_cfg(row, depth), num_classes=10, in_channels=3, rngs=nnx.Rngs(0))))
-  kwargs = {**bench.ROWS[row].torch, 'depth': depth}
+  kwargs = {**rows.ROWS[row].torch, 'depth': depth}
   assert torch_twin.count_params(torch_twin.ResNet(**kwargs)) == resjax_count
 
 
 def test_torch_twin_parameter_counts_are_the_papers():
-  torch_twin = pytest.importorskip('resjax.bench_torch')
+  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
   # ResNet-v1 Table 6: ResNet-20 0.27M; the torchvision-shaped ResNet-50: 25,557,032.
   assert torch_twin.count_params(torch_twin.ResNet(20)) == 269_722
   resnet50 = torch_twin.ResNet(50, imagenet=True, option='B', num_classes=1000)
@@ -64,9 +66,9 @@ def test_torch_twin_parameter_counts_are_the_papers():
 def _torch_twin_with_resjax_weights(row, depth):
   """A resjax net (unscanned, so each unit has its own parameters) and its twin holding its weights."""
   torch = pytest.importorskip('torch')
-  torch_twin = pytest.importorskip('resjax.bench_torch')
+  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
   model = _resjax_model(_model_cfg(row, depth, scan=False))
-  twin = torch_twin.ResNet(**{**bench.ROWS[row].torch, 'depth': depth})
+  twin = torch_twin.ResNet(**{**rows.ROWS[row].torch, 'depth': depth})
   per_stage = len(twin.units) // 3
   target = dict(twin.named_parameters())
   loaded = set()
@@ -108,7 +110,7 @@ def test_torch_twin_computes_the_resjax_function(row, depth):
 
 def test_torch_augment_crops_and_flips_like_resjax():
   torch = pytest.importorskip('torch')
-  torch_twin = pytest.importorskip('resjax.bench_torch')
+  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
   x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
   out = torch_twin.augment(x, 2, torch.Generator().manual_seed(0))
   assert out.shape == x.shape
@@ -163,20 +165,21 @@ def test_compute_dtype_bf16_keeps_float32_parameters_and_statistics():
 # ------------------------------------------------------------------------ arithmetic and table
 
 def test_peak_tflops_of_known_devices():
-  assert bench.peak_tflops('NVIDIA H100 80GB HBM3') == 989
-  assert bench.peak_tflops('NVIDIA A100-SXM4-80GB') == 312
-  assert bench.peak_tflops('TPU v5 lite') == 197  # v5e, not v5p's 459
-  assert bench.peak_tflops('TPU v5p') == 459
-  assert bench.peak_tflops('cpu') is None
+  assert rows.peak_tflops('NVIDIA H100 80GB HBM3') == 989
+  assert rows.peak_tflops('NVIDIA A100-SXM4-80GB') == 312
+  assert rows.peak_tflops('TPU v5 lite') == 197  # v5e, not v5p's 459
+  assert rows.peak_tflops('TPU v5p') == 459
+  assert rows.peak_tflops('cpu') is None
 
 
 def test_mfu_of_resnet110_on_h100():
   # ResNet-110: 252.9M multiply-adds forward, 6 FLOPs per multiply-add in training.
   flops = 6 * 252.9e6
-  assert bench.mfu(flops, 10_000, bench.peak_tflops('NVIDIA H100')) == pytest.approx(
+  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(
       flops * 1e4 / 989e12)
-  assert bench.mfu(flops, 10_000, bench.peak_tflops('NVIDIA H100')) == pytest.approx(0.01534, rel=1e-3)
-  assert bench.mfu(flops, 10_000, None) is None
+  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(0.01534,
+                                                                      rel=1e-3)
+  assert rows.mfu(flops, 10_000, None) is None
 
 
 def test_xla_flop_count_is_twice_the_papers_multiply_adds():
@@ -186,7 +189,7 @@ def test_xla_flop_count_is_twice_the_papers_multiply_adds():
   example = jax.ShapeDtypeStruct((32, 32, 3), jnp.float32)
   flops = inspect_model.flops_at_depth(
       cfg, lambda c: inspect_model.xla_forward_flops(c, example, 10, 3))
-  assert 0.90 < flops / (2 * bench.ROWS['resnet20'].paper_macs) < 0.96
+  assert 0.90 < flops / (2 * rows.ROWS['resnet20'].paper_macs) < 0.96
 
 
 def _result(ex_s, **kw):
@@ -198,7 +201,7 @@ def test_markdown_has_ratio_columns_and_failures():
   results = {('resnet20', 'float32'): {'resjax': _result(300.0, flops_per_example=2.4e8),
                                        'torch-eager': _result(150.0),
                                        'torch-compile': {'error': 'no C++ compiler'}}}
-  table = bench.markdown(results, peak=989.0)
+  table = bench_cli.markdown(results, peak=989.0)
   header, _, row = table.splitlines()[:3]
   cells = dict(zip([c.strip() for c in header.split('|')], [c.strip() for c in row.split('|')]))
   assert cells['resjax / eager'] == '2.00x'
@@ -211,15 +214,15 @@ def test_markdown_has_ratio_columns_and_failures():
 def test_compile_ratio_reads_the_deep_and_shallow_rows():
   results = {('resnet110', 'float32'): {'resjax': _result(1.0, compile_s=20.0)},
              ('resnet1001', 'float32'): {'resjax': _result(1.0, compile_s=30.0)}}
-  assert bench.compile_ratio(results) == pytest.approx(1.5)
+  assert bench_cli.compile_ratio(results) == pytest.approx(1.5)
 
 
 def test_child_env_keeps_a_users_malloc_settings(monkeypatch):
   monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
-  assert bench.child_env(None)['GLIBC_TUNABLES'] == bench.MALLOC_TUNABLES
+  assert bench_cli.child_env(None)['GLIBC_TUNABLES'] == bench_cli.MALLOC_TUNABLES
   monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
-  assert bench.child_env(2)['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
-  assert bench.child_env(2)['OMP_NUM_THREADS'] == '2'
+  assert bench_cli.child_env(2)['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
+  assert bench_cli.child_env(2)['OMP_NUM_THREADS'] == '2'
 
 
 # ------------------------------------------------------------------------ the CLI
@@ -227,7 +230,7 @@ def test_child_env_keeps_a_users_malloc_settings(monkeypatch):
 def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
   out = tmp_path / 'bench.md'
   raw = tmp_path / 'bench.json'
-  torch_args = ['--no-torch-compile'] if bench.torch_available() else []
+  torch_args = ['--no-torch-compile'] if bench_cli.torch_available() else []
   env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(compile_cache_dir),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
   proc = subprocess.run(
@@ -244,7 +247,7 @@ def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
   runs = json.loads(raw.read_text())['rows'][0]['runs']
   resjax = runs['resjax'][0]
   assert resjax['batch'] == 4 and np.isfinite(resjax['loss']) and resjax['flops_per_example'] > 0
-  if bench.torch_available():
+  if bench_cli.torch_available():
     assert cells[-2].endswith('x')  # resjax / eager
     assert np.isfinite(runs['torch-eager'][0]['loss'])
 
@@ -261,12 +264,12 @@ def test_merge_joins_rows_measured_separately(tmp_path, capsys):
   a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
   b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0)
   out = tmp_path / 'merged.md'
-  assert bench.cli(['--merge', a, b, '--out', str(out)]) == 0
+  assert bench_cli.cli(['--merge', a, b, '--out', str(out)]) == 0
   table = out.read_text()
-  rows = [l for l in table.splitlines() if l.startswith('| ResNet-110 |')
-          or l.startswith('| pre-act ResNet-1001 |')]
-  assert len(rows) == 2
-  assert all(r.split('|')[4].strip() == '2.0' for r in rows)  # the median of 3, 1, 2 ex/s
+  lines = [l for l in table.splitlines() if l.startswith('| ResNet-110 |')
+           or l.startswith('| pre-act ResNet-1001 |')]
+  assert len(lines) == 2
+  assert all(r.split('|')[4].strip() == '2.0' for r in lines)  # the median of 3, 1, 2 ex/s
   assert 'Compile time, pre-act ResNet-1001 / ResNet-110: 1.50x.' in table
   assert 'median of 3 alternating run(s)' in table
 
@@ -274,10 +277,10 @@ def test_merge_joins_rows_measured_separately(tmp_path, capsys):
 def test_merge_refuses_another_device_and_a_foreign_file(tmp_path, capsys):
   a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
   b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0, kind='NVIDIA H100')
-  assert bench.cli(['--merge', a, b]) == 2
+  assert bench_cli.cli(['--merge', a, b]) == 2
   assert 'merge files from one device only' in capsys.readouterr().err
   (tmp_path / 'c.json').write_text('{"loss": 1.0}')
-  assert bench.cli(['--merge', a, str(tmp_path / 'c.json')]) == 2
+  assert bench_cli.cli(['--merge', a, str(tmp_path / 'c.json')]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith('error:') and 'not a bench --json file' in err and len(err.splitlines()) == 1
 
@@ -285,7 +288,6 @@ def test_merge_refuses_another_device_and_a_foreign_file(tmp_path, capsys):
 # ------------------------------------------------------------------------ the profile
 
 def test_instruction_kinds_read_what_a_fusion_computes():
-  from resjax import profile
   f = lambda a, b: (jnp.tanh(a @ b) + 1.0, jnp.concatenate([a, b], 0).sum(0), jnp.exp(a) * 2.0)
   x = jnp.ones((64, 64))
   hlo = jax.jit(f).lower(x, x).compile().as_text()
@@ -295,7 +297,6 @@ def test_instruction_kinds_read_what_a_fusion_computes():
 
 
 def test_profile_attributes_the_traced_step_to_its_instructions(tmp_path):
-  from resjax import profile
   s = profile.profile('resnet20', batch=4, steps=1, out=str(tmp_path), size=8)
   assert s['by_kind']['matmul'] > 0  # on CPU every convolution is a matmul (conv_impl auto)
   assert 'convolution' not in s['by_kind']

@@ -1,7 +1,6 @@
 """Tests for `python -m resjax.main`: one-line user errors, --mode=describe, corrupt checkpoints."""
 
 import base64
-import concurrent.futures
 import importlib.util
 import json
 import os
@@ -151,7 +150,7 @@ def _tree(directory):
 
 @pytest.fixture(scope='module')
 def user_errors(cli, experiment_file, tmp_path_factory):
-  """Runs every case of CASES at once (each stops before compiling); returns name -> result."""
+  """Runs every case of CASES (each stops before compiling); name -> (result, parts, files)."""
   root = tmp_path_factory.mktemp('user_errors')
   empty = root / 'empty_data_dir'
   empty.mkdir()
@@ -186,18 +185,16 @@ def user_errors(cli, experiment_file, tmp_path_factory):
       text = text.replace(placeholder, str(files[placeholder]))
     return text
 
-  def run(name):
-    args, parts, *options = CASES[name]
+  command_lines, checks = [], {}
+  for name, (args, parts, *options) in CASES.items():
     case_dir, workdir = workdir_of(name)
-    before = _tree(case_dir)
+    checks[name] = [substitute(p, workdir) for p in parts], (case_dir, _tree(case_dir), workdir)
     env = {'TFDS_DATA_DIR': str(empty), **(options[0].get('env', {}) if options else {})}
-    result = cli.run('--config', *[substitute(a, workdir) for a in args], '--workdir', workdir,
-                     env=env, timeout=240)
-    return result, [substitute(p, workdir) for p in parts], (case_dir, before, workdir)
-
-  with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
-    results = dict(zip(CASES, pool.map(run, CASES)))
-  return results
+    command_lines.append((['--config', *[substitute(a, workdir) for a in args], '--workdir',
+                           workdir], env))
+  # Each case is its own command line, forked from one process that imported JAX once.
+  results = cli.run_many(command_lines)
+  return {name: (result, *checks[name]) for name, result in zip(CASES, results)}
 
 
 @pytest.mark.parametrize('name', CASES)

@@ -9,7 +9,6 @@ import sys
 import tarfile
 import textwrap
 import time
-from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from conftest import F32_EPS, f32_tol
+from conftest import F32_EPS, f32_tol, mocked_tfds
 from resjax.data import images
 from resjax.data import prepare
 from resjax.errors import ConfigError, DatasetNotPrepared, UserError
@@ -172,21 +171,10 @@ def test_augment_draws_every_offset_and_flips_half_the_time():
 # ------------------------------------------------------------------------------ TFDS mocks
 
 
-def _fixed_getitems(record_keys, generator, serialized=False):
-  del serialized  # Never requested by resjax.
-  return [generator[k] for k in record_keys]
-
-
 @pytest.fixture
 def mock_tfds():
   """Random fake CIFAR records behind the real `tfds.data_source` -> `load_images` path."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.testing import mocking
-  # USE_CODE: features and label counts come from the real CIFAR builders (the pip package
-  # ships no metadata files for USE_FILES). The mock binds its batched reader without
-  # `self`, so `__getitems__` fails as shipped; this stands in with the same fake records.
-  with tfds.testing.mock_data(num_examples=7, policy=tfds.testing.MockPolicy.USE_CODE), \
-      mock.patch.object(mocking, '_getitems', _fixed_getitems):
+  with mocked_tfds(7):
     yield
 
 

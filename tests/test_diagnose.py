@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import f32_tol
-from resjax import configs, diagnose, tasks, train
+from conftest import f32_tol, make_rngs, randomize_resnet
+from resjax import configs, diagnose, tasks
 from resjax.models import resnet
 
 FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_fig2.py'
@@ -21,10 +21,6 @@ FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_f
 
 def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
 
 
 def test_log_slopes_by_hand():
@@ -53,26 +49,6 @@ def _loss(logits, labels):
   return tasks.cross_entropy(logits, labels).mean()
 
 
-def _randomize(model, seed=0):
-  """Fills weights and BN parameters with random values (no init program to compile)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
-    if "'var'" in name:
-      v = rng.uniform(0.5, 1.5, a.shape)
-    elif "'scale'" in name:
-      v = 1 + 0.1 * n
-    elif "'kernel'" in name:
-      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
-    else:
-      v = 0.1 * n
-    return jnp.asarray(v, jnp.float32)
-
-  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-  return model
-
-
 def test_probe_gradients_are_gradients_at_unit_inputs():
   """d loss / d probe equals jax.grad of the loss with respect to that unit's input, run by hand.
 
@@ -85,7 +61,8 @@ def test_probe_gradients_are_gradients_at_unit_inputs():
             conv_impl='xla',
             shortcut=ml_collections.ConfigDict(dict(name='scaling', option='B', scale=0.5,
                                                     branch_scale=1.0)))
-  model = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=_rngs(), **kw)))
+  model = randomize_resnet(nnx.eval_shape(
+      lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
   x, labels = _normal((8, 8, 8, 1)), jnp.arange(8) % 10
   s = diagnose.unit_signals(model, x, labels)
   assert s['stack'].tolist() == [0, 1, 2, 3, 4, 5]
@@ -189,3 +166,25 @@ def test_files_written(zero_init_fig2):
   assert r['zero_init_residual'] is True and r['batch_size'] == 32
   assert math.isfinite(r['loss']) and r['seconds'] > 0
   assert not list(pathlib.Path(json_path).parent.glob('.*'))  # no temporary files left behind
+
+
+def test_files_go_through_fileio_on_process_0_only(tmp_path, monkeypatch, zero_init_fig2):
+  """A gs:// workdir reaches fileio whole (no local 'gs:' folder); other processes write nothing."""
+  runs, _, _ = zero_init_fig2
+  written = {}
+  monkeypatch.setattr(diagnose.fileio, 'makedirs', lambda path: written.setdefault(path, b''))
+  monkeypatch.setattr(diagnose.fileio, 'write_atomic',
+                      lambda path, data: written.__setitem__(path, data))
+  monkeypatch.chdir(tmp_path)
+  config = ml_collections.ConfigDict({'experiment': 'x'})
+  assert diagnose.write(config, list(runs.values()), 'gs://bucket/diag') == (
+      'gs://bucket/diag/diagnose.json', 'gs://bucket/diag/diagnose.png')
+  assert set(written) == {'gs://bucket/diag', 'gs://bucket/diag/diagnose.json',
+                          'gs://bucket/diag/diagnose.png'}
+  assert written['gs://bucket/diag/diagnose.png'][:8] == b'\x89PNG\r\n\x1a\n'
+  assert json.loads(written['gs://bucket/diag/diagnose.json'])['experiment'] == 'x'
+  assert not list(tmp_path.iterdir())
+  written.clear()
+  monkeypatch.setattr(diagnose.jax, 'process_index', lambda: 1)
+  diagnose.write(config, list(runs.values()), 'gs://bucket/diag')
+  assert not written

@@ -27,11 +27,10 @@ import pytest
 from resjax import fileio, report, tasks, train
 from resjax.errors import CheckpointError
 from test_train import _bitwise_differences, _fig2_row, _read_json, _read_jsonl, _wait_for
-from test_train import xla_cache  # noqa: F401 - a fixture
 
 
 @pytest.fixture(scope='module')
-def row(xla_cache):  # noqa: F811
+def row(xla_cache):
   """fig2's identity row as test_train trains it: 6 steps, logs every 2, checkpoints every 3."""
   config = _fig2_row('scale=test', 'identity')
   config.schedule.update(total=6, boundaries=(4,), warmup=2)

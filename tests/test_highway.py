@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close
-from resjax import configs, inspect_model, shortcuts, train
+from conftest import assert_f32_close, make_rngs
+from resjax import configs, inspect_model
 from resjax.errors import ConfigError
-from resjax.models import highway, resnet
+from resjax.models import highway, resnet, shortcuts
 
 
 def _n_params(module):
@@ -22,10 +22,6 @@ def _n_params(module):
 
 def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
 
 
 def _conv(h, w, stride=1):
@@ -44,7 +40,7 @@ def test_highway_layer_against_a_hand_written_one():
   sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='conv', gate_kernel=3,
                                       gate_bias=-2.0))
   unit = resnet.Unit(4, 4, 1, kind='single', placement='relu_before_add', shortcut=sc,
-                     skip_preact=False, rngs=_rngs())
+                     skip_preact=False, rngs=make_rngs())
   w_h, w_t = 0.3 * _normal((3, 3, 4, 4), 1), 0.3 * _normal((3, 3, 4, 4), 2)
   unit.convs[0].kernel.set_value(w_h)
   unit.shortcut.gate.convs[0].kernel.set_value(w_t)
@@ -57,7 +53,7 @@ def test_highway_layer_against_a_hand_written_one():
 
 def test_gate_on_a_shape_change_is_strided_and_x_is_projected():
   sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='conv', gate_bias=-1.0))
-  s = shortcuts.make_shortcut(sc, 4, 8, 2, rngs=_rngs())
+  s = shortcuts.make_shortcut(sc, 4, 8, 2, rngs=make_rngs())
   assert s.projects and s.gate.convs[0].kernel.shape == (3, 3, 4, 8)
   x, f = _normal((2, 6, 6, 4)), _normal((2, 3, 3, 8), 1)
   y = s(x, f, train=True)
@@ -67,7 +63,7 @@ def test_gate_on_a_shape_change_is_strided_and_x_is_projected():
     s(_normal((2, 5, 4)), _normal((2, 5, 8)), train=True)
   with pytest.raises(ConfigError, match='config.model.shortcut.gate'):
     shortcuts.make_shortcut(ml_collections.ConfigDict(dict(name='highway', gate='dense')),
-                            4, 4, 1, rngs=_rngs())
+                            4, 4, 1, rngs=make_rngs())
 
 
 @pytest.mark.parametrize('depth, bias', [(8, -1.0), (11, -1.0), (20, -2.0), (32, -3.0), (110, -3.0)])
@@ -123,7 +119,7 @@ def test_highway_unit_of_the_2024_rerun_against_a_hand_written_one():
   x)))) - 6), out = x + t (h - x), with no ReLU after the sum (negative outputs survive)."""
   sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='two_conv', gate_bias=-6.0))
   unit = resnet.Unit(4, 4, 1, kind='basic', placement='relu_before_add', shortcut=sc,
-                     skip_preact=False, rngs=_rngs())
+                     skip_preact=False, rngs=make_rngs())
   w = [0.3 * _normal((3, 3, 4, 4), seed) for seed in range(1, 5)]
   for conv, k in zip([*unit.convs, *unit.shortcut.gate.convs], w):
     conv.kernel.set_value(k)
@@ -157,7 +153,7 @@ def test_highway_experiment_recipe_of_the_2024_rerun():
 def test_two_conv_gate_starts_nearly_closed():
   """b_T = -6 on the gate's last BN: T is about sigmoid(-6) = 0.0025, the unit carries x."""
   sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='two_conv', gate_bias=-6.0))
-  s = shortcuts.make_shortcut(sc, 8, 8, 1, rngs=_rngs())
+  s = shortcuts.make_shortcut(sc, 8, 8, 1, rngs=make_rngs())
   np.testing.assert_array_equal(s.gate.norms[1].bias[...], np.full(8, -6.0, np.float32))
   np.testing.assert_array_equal(s.gate.norms[0].bias[...], np.zeros(8, np.float32))
   x = _normal((4, 5, 5, 8))
@@ -171,7 +167,8 @@ def test_highway_net_with_probes_and_zero_init():
   """With zero_init_residual the branch is 0 and y = (1 - T) x: the gradient shrinks by (1 - T)."""
   cfg = ml_collections.ConfigDict(dict(name='highway', depth=11, zero_init_residual=True,
                                        conv_impl='xla', shortcut=dict(gate_bias=-1.0)))
-  model = nnx.jit(lambda: highway.from_config(cfg, num_classes=10, in_channels=1, rngs=_rngs()))()
+  model = nnx.jit(lambda: highway.from_config(cfg, num_classes=10, in_channels=1,
+                                              rngs=make_rngs()))()
   x = _normal((4, 8, 8, 1))
   shapes = model.probe_shapes(x.shape)
   assert [s[0] for s in shapes] == [1, 2, 1, 2, 1, 2]

@@ -3,7 +3,6 @@
 import io
 import sys
 import time
-from unittest import mock
 
 import jax
 import ml_collections
@@ -11,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_f32_close
+from conftest import assert_f32_close, mocked_tfds
 from resjax.data import imagenet
 from resjax.data import prepare
 from resjax.errors import ConfigError, DatasetNotPrepared, UserError
@@ -127,29 +126,10 @@ def test_normalize_uses_the_per_channel_statistics():
 # ---------------------------------------------------------------------------- TFDS mocks
 
 
-def _fixed_getitems(record_keys, generator, serialized=False):
-  del serialized  # Never requested by resjax.
-  return [generator[k] for k in record_keys]
-
-
-def _encode_with_pillow(self, array):
-  buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format=self.encoding_format.upper())
-  return buffer.getvalue()
-
-
 @pytest.fixture
 def mock_tfds():
   """Random fake ImageNet records (5 to 49 pixels a side) behind the real `tfds.data_source`."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.core.features import image_feature
-  from tensorflow_datasets.testing import mocking
-  # The mock binds its batched reader without `self`, so `__getitems__` fails as shipped; and
-  # it JPEG-encodes its fake images with TensorFlow (half a minute to import on a busy
-  # machine), which Pillow does as well here. The records read back are the same.
-  with tfds.testing.mock_data(num_examples=NUM_EXAMPLES, policy=tfds.testing.MockPolicy.USE_CODE), \
-      mock.patch.object(mocking, '_getitems', _fixed_getitems), \
-      mock.patch.object(image_feature._ImageEncoder, '_encode_image', _encode_with_pillow):
+  with mocked_tfds(NUM_EXAMPLES, pillow=True) as tfds:
     yield tfds
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close
-from resjax import inspect_model, train
+from conftest import assert_f32_close, make_rngs
+from resjax import inspect_model
 from resjax.errors import ConfigError
 from resjax.models import resnet
 
@@ -24,10 +24,6 @@ def _n_params(module, kernels_only=False):
 
 def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
-
-
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
 
 
 def _shortcut(name='identity', option='B', **fields):
@@ -134,7 +130,7 @@ def test_preact_bottleneck_unit_against_resnet_1k_layers():
   """A unit that changes shape, as resnet-pre-act.lua computes it: a = ReLU(BN(x)) feeds both the
   branch (1x1 stride 2, BN-ReLU, 3x3, BN-ReLU, 1x1) and the projection (1x1 stride 2)."""
   unit = resnet.Unit(8, 4, 2, kind='bottleneck', placement='preact', shortcut=_shortcut(),
-                     skip_preact=False, stride_first=True, projection_norm=False, rngs=_rngs())
+                     skip_preact=False, stride_first=True, projection_norm=False, rngs=make_rngs())
   x = _normal((2, 6, 6, 8))
   ws = [c.kernel[...] for c in unit.convs]
   proj = unit.shortcut.match.proj.kernel[...]
@@ -270,7 +266,7 @@ def _tiny_imagenet(placement):
   cfg = _imagenet_cfg(18, placement=placement, stage_units=(2, 1, 1, 2), unit='basic',
                       widths=(4, 8, 8, 8), stem_width=4, conv_impl='xla')
   return nnx.eval_shape(lambda: resnet.imagenet_from_config(
-      cfg, num_classes=5, in_channels=3, rngs=_rngs()))
+      cfg, num_classes=5, in_channels=3, rngs=make_rngs()))
 
 
 def test_v1_and_v2_details():
@@ -343,7 +339,7 @@ def test_single_unit_placements(placement):
   x = _normal((2, 6, 6, 4))
   w = 0.3 * _normal((3, 3, 4, 4), seed=1)
   unit = resnet.Unit(4, 4, 1, kind='single', placement=placement, shortcut=_shortcut(),
-                     skip_preact=False, rngs=_rngs())
+                     skip_preact=False, rngs=make_rngs())
   assert len(unit.convs) == 1 and len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w)
   # One conv with BN against the same in jnp: the longest sum BN's 2*6*6.
@@ -368,7 +364,7 @@ def test_zero_init_units_start_as_their_shortcut(kind, placement):
   features = 8 if kind == 'bottleneck' else 2  # width 2: a bottleneck maps 8 -> 8
   unit = resnet.Unit(features, 2, 1, kind=kind, placement=placement, zero_init=True,
                      shortcut=_shortcut('scaling', scale=0.5, branch_scale=1.0),
-                     skip_preact=False, rngs=_rngs())
+                     skip_preact=False, rngs=make_rngs())
   x = jnp.abs(_normal((2, 5, 5, features)))
   y, expected = unit(x, train=True), STARTS_AS_SHORTCUT[placement](x)
   if placement == 'bn_after_add':
@@ -395,6 +391,6 @@ def test_zero_init_residual_from_config():
   cifar = ml_collections.ConfigDict(dict(name='cifar_resnet', depth=8, zero_init_residual=True,
                                          shortcut=dict(name='identity', option='A')))
   built = nnx.jit(lambda: resnet.cifar_from_config(cifar, num_classes=10, in_channels=1,
-                                                   rngs=_rngs()))()
+                                                   rngs=make_rngs()))()
   assert float(jnp.abs(built.stages[1].first.norms[-1].scale[...]).max()) == 0
   assert float(jnp.abs(built.stages[1].first.norms[0].scale[...]).min()) == 1

@@ -396,6 +396,16 @@ def test_help_prints_the_header_and_exits_0(script):
   assert 'Example' in proc.stdout and 'resume' in proc.stdout and '--dry-run' in proc.stdout
 
 
+def test_both_scripts_source_one_copy_of_the_shared_helpers():
+  shared = ('usage', 'die_usage', 'need_value', 'quote', 'quote_all')
+  common = (REPO / 'launch' / 'common.sh').read_text()
+  assert all(re.search(rf'^{f}\(\) {{', common, re.M) for f in shared)
+  for script in (TPU, SLURM):
+    text = script.read_text()
+    assert 'source "$REPO/launch/common.sh"' in text
+    assert not [f for f in shared if re.search(rf'^{f}\(\) {{', text, re.M)], script.name
+
+
 def shellcheck():
   return shutil.which('shellcheck') or shutil.which('shellcheck', path=os.path.dirname(sys.executable))
 
@@ -407,6 +417,6 @@ def test_scripts_and_the_job_they_write_pass_shellcheck(tmp_path):
   _, script = slurm_dry(*plain, '--setup', 'module load cuda/12')
   job = tmp_path / 'job.sh'
   job.write_text(script)
-  proc = subprocess.run([shellcheck(), str(TPU), str(SLURM), str(job)], capture_output=True,
+  proc = subprocess.run([shellcheck(), '-x', str(TPU), str(SLURM), str(job)], capture_output=True,
                         text=True, timeout=120)
   assert proc.returncode == 0, proc.stdout

@@ -12,8 +12,8 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close
-from resjax import inspect_model, train
+from conftest import assert_f32_close, make_rngs, randomize_resnet
+from resjax import inspect_model
 from resjax.errors import ConfigError
 from resjax.models import layers, resnet
 
@@ -43,10 +43,6 @@ def _normal(shape, seed=0):
 
 def _shortcut(name='identity', **fields):
   return ml_collections.ConfigDict({'name': name, 'option': 'B', **fields})
-
-
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
 
 
 # ------------------------------------------------------------------------ sizes and FLOPs
@@ -168,31 +164,12 @@ def _transfer(scanned, looped):
       nnx.update(unit, jax.tree.map(lambda a: a[i], stacked))
 
 
-def _randomize(model, seed=0):
-  """Fills every weight and BN statistic with random values (no compile, unlike an init)."""
-  rng = np.random.default_rng(seed)
-
-  def draw(path, a):
-    name, n = jax.tree_util.keystr(path), rng.standard_normal(a.shape)
-    if "'var'" in name:
-      v = rng.uniform(0.5, 1.5, a.shape)
-    elif "'scale'" in name:
-      v = 1 + 0.1 * n
-    elif "'kernel'" in name:  # He-normal over fan-in: k * k * in (convolutions) or in (Dense)
-      v = n * np.sqrt(2 / np.prod(a.shape[-4 if a.ndim > 3 else 0:-1]))
-    else:
-      v = 0.1 * n
-    return jnp.asarray(v, jnp.float32)
-
-  nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model)))
-  return model
-
-
 def test_scan_and_loop_compute_the_same_function():
   """ResNet-20 (n = 3, so the scan really iterates) with the same weights, train then eval."""
   kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl='xla')
-  scanned = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(scan=True, rngs=_rngs(), **kw)))
-  looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=_rngs(), **kw))
+  scanned = randomize_resnet(nnx.eval_shape(
+      lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
+  looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=make_rngs(), **kw))
   assert isinstance(scanned.stages[0].rest, resnet.Unit) and len(looped.stages[0].rest) == 2
   _transfer(scanned, looped)
   assert all(isinstance(a, jax.Array) for a in jax.tree.leaves(nnx.state(looped)))
@@ -219,8 +196,8 @@ def test_scan_and_loop_compute_the_same_function():
 def _loss_and_grads(remat, depth=20, conv_impl='im2col'):
   """A jitted (loss, grads) of a ResNet (random weights, train mode) under ``remat``, compiled."""
   kw = dict(depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option='A'))
-  model = _randomize(nnx.eval_shape(lambda: resnet.CifarResNet(
-      remat=remat, conv_impl=conv_impl, rngs=_rngs(), **kw)))
+  model = randomize_resnet(nnx.eval_shape(lambda: resnet.CifarResNet(
+      remat=remat, conv_impl=conv_impl, rngs=make_rngs(), **kw)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x, labels = _normal((8, 8, 8, 1)), jnp.arange(8) % 10
 
@@ -258,7 +235,7 @@ def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
 def test_unknown_remat_names_the_choices():
   with pytest.raises(ConfigError, match='config.model.remat') as e:
     resnet.CifarResNet(depth=8, num_classes=10, shortcut=_shortcut(), remat='sometimes',
-                       rngs=_rngs())
+                       rngs=make_rngs())
   assert all(name in str(e.value) for name in layers.REMAT_POLICIES)
 
 
@@ -276,8 +253,8 @@ def test_bad_remat_on_the_command_line_is_one_line_and_exit_2(cli, tmp_path):
 
 @pytest.mark.parametrize('k, stride, out_hw', [(3, 1, 8), (3, 2, 4), (1, 2, 4)])
 def test_im2col_and_xla_convolutions_agree(k, stride, out_hw):
-  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=_rngs())
-  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=_rngs(1))
+  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=make_rngs())
+  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=make_rngs(1))
   b.kernel.set_value(a.kernel[...])
   x = _normal((2, 8, 8, 4))
   y = a(x)
@@ -339,9 +316,10 @@ def test_shortcut_scaling_vanishes_the_shortcut_signal_at_depth():
   """
   kw = dict(depth=110, num_classes=10, in_channels=1, conv_impl='xla')
   identity = nnx.jit(lambda: resnet.CifarResNet(
-      shortcut=_shortcut(option='A'), rngs=_rngs(), **kw))()
+      shortcut=_shortcut(option='A'), rngs=make_rngs(), **kw))()
   scaled = nnx.eval_shape(lambda: resnet.CifarResNet(
-      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=_rngs(), **kw))
+      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=make_rngs(),
+      **kw))
   nnx.update(scaled, nnx.state(identity))  # option A: no shortcut parameters in either
   x, labels = _normal((16, 8, 8, 1)), jnp.arange(16) % 10
   readout = _normal((16, 10), seed=1)
@@ -390,7 +368,7 @@ def test_placements_follow_the_documented_order():
   outputs = {}
   for placement, reference in REFERENCE.items():
     unit = resnet.Unit(4, 4, 1, kind='basic', placement=placement, shortcut=_shortcut(),
-                       skip_preact=False, rngs=_rngs())
+                       skip_preact=False, rngs=make_rngs())
     unit.convs[0].kernel.set_value(w1)
     unit.convs[1].kernel.set_value(w2)
     y = unit(x, train=True)
@@ -409,7 +387,7 @@ def test_preact_first_unit_skips_its_preactivation():
   x = _normal((2, 6, 6, 4))
   w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
   unit = resnet.Unit(4, 4, 1, kind='basic', placement='preact', shortcut=_shortcut(),
-                     skip_preact=True, rngs=_rngs())
+                     skip_preact=True, rngs=make_rngs())
   assert len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w1)
   unit.convs[1].kernel.set_value(w2)

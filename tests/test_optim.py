@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resjax import configs, shortcuts, train
+from resjax import configs, train
 from resjax.errors import ConfigError
+from resjax.models import shortcuts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

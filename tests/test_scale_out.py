@@ -252,7 +252,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
   # Both processes reported the same step, and both wrote their part of that one checkpoint.
   for i in range(2):
     out = (tmp_path / 'first' / f'out{i}').read_text()
-    assert f'identity seed0: preempted, stopped by a preemption notice' in out
+    assert 'identity seed0: preempted, stopped by a preemption notice' in out
     assert f'at step {stopped}; rerun' in out
   step_dir = workdir / 'identity' / 'ckpt' / 'seeds_0' / str(stopped)
   assert sorted(os.listdir(step_dir.parent)) == [str(stopped)]

@@ -1,4 +1,5 @@
-"""Tests for resjax.shortcuts: every form's rule, options A/B/C, learnable scalars, errors."""
+"""Tests for resjax.models.shortcuts: every form's rule, options A/B/C, learnable scalars,
+errors."""
 
 import math
 
@@ -9,10 +10,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close, f32_tol
-from resjax import shortcuts, train
+from conftest import assert_f32_close, f32_tol, make_rngs
 from resjax.errors import ConfigError
-from resjax.models import resnet
+from resjax.models import resnet, shortcuts
 
 SHAPE = (2, 4, 4, 3)
 
@@ -21,13 +21,9 @@ def _cfg(name, **fields):
   return ml_collections.ConfigDict({'name': name, 'option': 'B', **fields})
 
 
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
-
-
 def _make(name, c_in=3, c_out=3, stride=1, norm=True, **fields):
   return shortcuts.make_shortcut(_cfg(name, **fields), c_in, c_out, stride, norm=norm,
-                                 rngs=_rngs())
+                                 rngs=make_rngs())
 
 
 def _normal(shape, seed=0):
@@ -198,7 +194,7 @@ def test_layerscale_and_lambda_rules():
 
 def _option(option, c_in=16, c_out=32, stride=2):
   return shortcuts.make_shortcut(_cfg('identity', option=option), c_in, c_out, stride,
-                                 rngs=_rngs())
+                                 rngs=make_rngs())
 
 
 @pytest.mark.parametrize('option', ['A', 'B', 'C'])
@@ -275,5 +271,5 @@ def test_every_form_reads_exactly_the_keys_it_declares(name):
   """A row may set a form's declared keys and only those, so a key read but not declared could
   never be set, and one declared but not read would be set to no effect."""
   cfg = _OnlyDeclared(name)
-  shortcuts.make_shortcut(cfg, 3, 6, 2, rngs=_rngs())
+  shortcuts.make_shortcut(cfg, 3, 6, 2, rngs=make_rngs())
   assert cfg.read - {'conv_impl'} == set(cfg.declared) - {'name'}

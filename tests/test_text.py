@@ -4,13 +4,13 @@ import functools
 import hashlib
 import os
 import time
-from unittest import mock
 
 import jax
 import ml_collections
 import numpy as np
 import pytest
 
+from conftest import mocked_tfds
 from resjax.data import text
 from resjax.errors import ConfigError, DatasetNotPrepared
 
@@ -86,21 +86,10 @@ def test_caps_keep_the_first_bytes(stdlib):
 # ------------------------------------------------------------------------------------ TFDS
 
 
-def _fixed_getitems(record_keys, generator, serialized=False):
-  del serialized  # Never requested by resjax.
-  return [generator[k] for k in record_keys]
-
-
 @pytest.fixture
 def mock_tfds(request):
   """Random fake text records behind the real `tfds.data_source` -> `load_text` path."""
-  import tensorflow_datasets as tfds
-  from tensorflow_datasets.testing import mocking
-  # The mock binds its batched reader without `self`, so `__getitems__` fails as shipped; this
-  # stands in with the same fake records.
-  with tfds.testing.mock_data(num_examples=request.param,
-                              policy=tfds.testing.MockPolicy.USE_CODE), \
-      mock.patch.object(mocking, '_getitems', _fixed_getitems):
+  with mocked_tfds(request.param):
     yield request.param
 
 

@@ -16,7 +16,6 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.experimental.compilation_cache import compilation_cache
 
 from resjax import configs, fileio, tasks, train
 
@@ -60,20 +59,6 @@ def _bitwise_differences(a, b):
 
 
 # ------------------------------------------------------------------------- in-process runs
-
-
-@pytest.fixture(scope='module')
-def xla_cache(compile_cache_dir):
-  """Points this process's XLA cache at the session's, and back afterwards."""
-  old = (jax.config.jax_compilation_cache_dir,
-         jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir', str(compile_cache_dir))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
-  compilation_cache.reset_cache()
-  yield
-  jax.config.update('jax_compilation_cache_dir', old[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope='module')

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close, f32_tol
-from resjax import shortcuts, train
+from conftest import assert_f32_close, f32_tol, make_rngs
+from resjax import train
 from resjax.errors import ConfigError
-from resjax.models import transformer
+from resjax.models import shortcuts, transformer
 
 VOCAB, WIDTH, HEADS, CONTEXT = 11, 16, 2, 8
 
@@ -26,19 +26,15 @@ def _cfg(**fields):
   return c
 
 
-def _rngs(seed=0):
-  return nnx.Rngs(params=train.key(seed), dropout=train.key(seed + 1))
-
-
 def _abstract(cfg):
   return nnx.eval_shape(lambda: transformer.from_config(cfg, num_classes=0, in_channels=0,
-                                                        rngs=_rngs()))
+                                                        rngs=make_rngs()))
 
 
 def _initialised(cfg):
   # Eagerly: XLA compiles each normal sampler of a jitted init separately (about 0.1 s each on
   # CPU), while eager calls reuse one compiled sampler per shape across models.
-  return transformer.from_config(cfg, num_classes=0, in_channels=0, rngs=_rngs())
+  return transformer.from_config(cfg, num_classes=0, in_channels=0, rngs=make_rngs())
 
 
 def _randomize(model, seed=0):

@@ -16,7 +16,7 @@ from resjax.errors import ConfigError
 SCALES = ("paper", "cpu", "test")
 # Shortcut configs: a row may set any key of the form it names (shortcuts.fields), declared or not
 # in the experiment's base config; every other key must be one the base config declares. The forms
-# are imported only then: resjax.shortcuts brings JAX and flax, which an experiment file does not
+# are imported only then: resjax.models.shortcuts brings JAX and flax, which an experiment file does not
 # otherwise need (importing this module takes 0.07 s without them, 1.7 s with them).
 SHORTCUT_CONFIGS = ("model.shortcut", "model.value_residual")
 
@@ -93,7 +93,7 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
     parent = ".".join(parents)
     if parent not in SHORTCUT_CONFIGS or "name" not in node:
       raise ConfigError(f"override {key!r} names no config field: check the run's overrides")
-    from resjax import shortcuts
+    from resjax.models import shortcuts
     known = shortcuts.fields(node.name)
     if leaf not in known:
       raise ConfigError(f"override {key!r} is not a setting of the {node.name!r} shortcut: use "
@@ -115,7 +115,7 @@ def declare_shortcut_keys(config: ml_collections.ConfigDict, keys) -> None:
       node = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
     if not isinstance(node, ml_collections.ConfigDict) or leaf in node:
       continue
-    from resjax import shortcuts
+    from resjax.models import shortcuts
     typed = [v for form in shortcuts.SHORTCUTS.values()
              for k, v in getattr(form, "defaults", {}).items() if k == leaf and v is not None]
     if typed:

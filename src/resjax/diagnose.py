@@ -20,25 +20,27 @@ the gradient flows (from the last unit to the first; log(0.5) = -0.693 is halvin
 * ``grad_log_slope_all``: the same slope fitted over all units at once.
 * ``grad_first_over_last``: grad_rms of the first unit over that of the last.
 
-Writes WORKDIR/diagnose.json and WORKDIR/diagnose.png (activation and gradient RMS against the
-unit index, log scale, a line per run).
+Process 0 writes WORKDIR/diagnose.json and WORKDIR/diagnose.png (activation and gradient RMS
+against the unit index, log scale, a line per run), through ``fileio``, so WORKDIR may be gs://.
 """
 
 from __future__ import annotations
 
-import json
+import io
 import math
 import os
-import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
+import matplotlib
 import numpy as np
 from flax import nnx
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-from resjax import tasks, train
-from resjax.errors import ConfigError
+from resjax import fileio, tasks, train
+from resjax.errors import ConfigError, quiet_logs
 from resjax.models import resnet
 
 SLOPE_DEFINITION = ("natural log of grad_rms per unit, from the last unit to the first (the way "
@@ -115,7 +117,7 @@ def model_and_batch(rc, seed: int, loaded: dict):
   """(model at ``seed``, inputs, targets) for one run; ``loaded`` caches tasks by ``task_key``."""
   key = tasks.task_key(rc)
   if key not in loaded:
-    with train.quiet_logs():  # TFDS warns about missing folders before resjax says how to fix it
+    with quiet_logs():  # TFDS warns about missing folders before resjax says how to fix it
       loaded[key] = tasks.load(rc)
   task = loaded[key]
   model = train.build_model(rc, task, seed)
@@ -133,29 +135,12 @@ def model_and_batch(rc, seed: int, loaded: dict):
 # Files.
 # ------------------------------------------------------------------------------------------------
 
-def _atomic(path: str, write) -> None:
-  fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
-  try:
-    with os.fdopen(fd, "wb") as f:
-      write(f)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-
-
 def _finite(v):
   return v if v is None or math.isfinite(v) else None
 
 
 def plot(results: list[dict], title: str, f) -> None:
   """Two panels, activation RMS and gradient RMS against the unit index, log y, a line per run."""
-  import matplotlib
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
-
   fig = Figure(figsize=(13, 5.5 + 0.25 * len(results)), layout="constrained")
   FigureCanvasAgg(fig)
   ax_act, ax_grad = fig.subplots(1, 2)
@@ -203,11 +188,19 @@ def run_all(config, runs, workdir: str) -> tuple[str, str]:
           f"{'n/a' if slope is None else f'{slope:+.3f}'} per unit, first/last "
           f"{summary['grad_first_over_last'] or float('nan'):.3g} ({time.time() - t0:.1f} s)",
           flush=True)
-  os.makedirs(workdir, exist_ok=True)
+  return write(config, results, workdir)
+
+
+def write(config, results: list[dict], workdir: str) -> tuple[str, str]:
+  """diagnose.json and diagnose.png in ``workdir`` (local or gs://), written by process 0 only."""
   json_path = os.path.join(workdir, "diagnose.json")
   png_path = os.path.join(workdir, "diagnose.png")
-  doc = {"experiment": config.get("experiment", ""), "scale": config.get("scale", None),
-         "slope_definition": SLOPE_DEFINITION, "runs": results}
-  train.write_json(json_path, doc)
-  _atomic(png_path, lambda f: plot(results, str(config.get("experiment", "")), f))
+  if jax.process_index() == 0:  # every process measures the same runs; one writes them
+    fileio.makedirs(workdir)
+    train.write_json(json_path, {
+        "experiment": config.get("experiment", ""), "scale": config.get("scale", None),
+        "slope_definition": SLOPE_DEFINITION, "runs": results})
+    png = io.BytesIO()
+    plot(results, str(config.get("experiment", "")), png)
+    fileio.write_atomic(png_path, png.getvalue())
   return json_path, png_path

@@ -18,6 +18,8 @@ import tempfile
 import time
 import uuid
 
+from etils import epath  # orbax's own path library
+
 from resjax.errors import UserError
 
 
@@ -26,7 +28,6 @@ def is_remote(path: str) -> bool:
 
 
 def _epath(path: str):
-  from etils import epath  # orbax's own path library
   return epath.Path(path)
 
 

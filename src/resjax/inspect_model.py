@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resjax import configs, models, train
+from resjax import configs, models, sharding, train
 from resjax.errors import ConfigError
 
 # (height, width, channels, classes) of each image dataset, known without reading it.
@@ -73,7 +73,6 @@ def check(config) -> None:
 def check_sharding(config, mesh) -> None:
   """Raises ConfigError where ``config.sharding_rules`` cannot shard a parameter of the run's
   model on ``mesh`` (a bad regex or rule, an axis the mesh lacks, a split that does not divide)."""
-  from resjax import sharding
   _, params, _ = train.split_model(abstract_model(config))
   sharding.state_specs({"params": params}, sharding.axis_sizes(mesh),
                        config.get("sharding_rules", sharding.DEFAULT_RULES),

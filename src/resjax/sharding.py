@@ -51,6 +51,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from resjax.errors import ConfigError
@@ -347,8 +348,6 @@ def to_host(tree):
 
   Replicated arrays (metrics, the step) are read from a local copy; sharded ones are gathered.
   """
-  from jax.experimental import multihost_utils
-
   def fetch(x):
     if not isinstance(x, jax.Array):
       return np.asarray(x)

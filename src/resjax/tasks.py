@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resjax.errors import ConfigError
+from resjax.data import imagenet, images, text
+from resjax.errors import ConfigError, quiet_logs
 
 IMAGE_SETS = ("digits", "cifar10", "cifar100")
 STREAMED_IMAGE_SETS = ("imagenet2012",)
@@ -85,7 +86,6 @@ class ImageTask:
     return batch_indices(seed, step, self.train_size, batch_size)
 
   def train_inputs(self, arrays, idx, key):
-    from resjax.data import images
     x = images.normalize(arrays["train_x"][idx], arrays["mean"])
     return images.augment(key, x, pad=self.pad, flip=self.flip), arrays["train_y"][idx]
 
@@ -93,7 +93,6 @@ class ImageTask:
     return _padded(self.test_size, batch_size)
 
   def eval_inputs(self, arrays, idx):
-    from resjax.data import images
     return images.normalize(arrays["test_x"][idx], arrays["mean"]), arrays["test_y"][idx]
 
 
@@ -105,7 +104,6 @@ class StreamImageTask:
   host_local_batches = True  # each process decodes its own rows
 
   def __init__(self, data_cfg):
-    from resjax.data import imagenet
     self.train = imagenet.ImageNetSource(data_cfg, "train")
     self.test = imagenet.ImageNetSource(data_cfg, data_cfg.get("eval_split", "validation"))
     self.num_classes = self.train.num_classes
@@ -164,22 +162,18 @@ class TextTask:
     return {"train": jnp.asarray(self.splits.train), "test": jnp.asarray(self.splits.test)}
 
   def train_batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
-    from resjax.data import text
     return text.window_starts(seed, step, len(self.splits.train), batch_size, self.context)
 
   def train_inputs(self, arrays, starts, key):
     del key
-    from resjax.data import text
     return text.gather_windows(arrays["train"], starts, self.context)
 
   def eval_batches(self, batch_size: int):
-    from resjax.data import text
     starts = text.eval_starts(len(self.splits.test), self.context, self.max_eval_windows)
     for idx, valid in _padded(len(starts), batch_size):
       yield starts[idx], valid
 
   def eval_inputs(self, arrays, starts):
-    from resjax.data import text
     return text.gather_windows(arrays["test"], starts, self.context)
 
 
@@ -187,12 +181,10 @@ def load(config):
   """The task of ``config`` (raises DatasetNotPrepared / ConfigError with the fix in one line)."""
   name = config.data.name
   if name in IMAGE_SETS:
-    from resjax.data import images
     return ImageTask(config.data, images.load_images(config.data))
   if name in STREAMED_IMAGE_SETS:
     return StreamImageTask(config.data)
   if name in TEXT_SETS:
-    from resjax.data import text
     return TextTask(config.data, text.load_text(config.data), config.model.context)
   known = IMAGE_SETS + STREAMED_IMAGE_SETS + TEXT_SETS
   raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of {', '.join(known)}")
@@ -206,12 +198,11 @@ def task_key(config) -> str:
 
 def load_all(run_configs: Iterable) -> dict:
   """One task per distinct ``task_key``: data read once however many rows share it."""
-  from resjax import train
   out: dict[str, object] = {}
   for rc in run_configs:
     k = task_key(rc)
     if k not in out:
-      with train.quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
+      with quiet_logs():  # TFDS warns about missing folders before we say how to prepare them
         out[k] = load(rc)
   return out
 

@@ -29,8 +29,9 @@ import optax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from resjax import configs, fileio, models, provenance, sharding, shortcuts, tasks
-from resjax.errors import CheckpointError, ConfigError
+from resjax import configs, fileio, models, provenance, sharding, tasks
+from resjax.errors import CheckpointError, ConfigError, quiet_logs
+from resjax.models import shortcuts
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
 
@@ -264,9 +265,6 @@ def make_optimizer(config, steps: dict) -> optax.GradientTransformation:
 # The jitted steps, written for one replica and vmapped over the seeds.
 # ------------------------------------------------------------------------------------------------
 
-cross_entropy = tasks.cross_entropy
-
-
 def new_window(replicas: int):
   """Device-side sums of the training metrics between two log lines, per replica."""
   zeros = lambda: jnp.zeros((replicas,), jnp.float32)  # distinct buffers: the window is donated
@@ -290,7 +288,7 @@ def train_step(graphdef, tx, task, state, window, batch, aug_key, arrays, *, mes
     model = nnx.merge(graphdef, params["scalars"], params["weights"], rest, copy=True)
     logits = model(x, train=True)
     _, _, _, rest = nnx.split(model, *FILTERS)
-    return cross_entropy(logits, y).mean(), (logits, rest)
+    return tasks.cross_entropy(logits, y).mean(), (logits, rest)
 
   (loss, (logits, rest)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state["params"], state["rest"])
@@ -321,12 +319,9 @@ def eval_step(graphdef, task, state, batch, valid, arrays):
   x, y = task.eval_inputs(arrays, batch)
   logits = model(x, train=False)
   mask = jnp.broadcast_to(valid.reshape(valid.shape + (1,) * (y.ndim - 1)), y.shape)
-  loss = jnp.sum(jnp.where(mask, cross_entropy(logits, y), 0.0))
+  loss = jnp.sum(jnp.where(mask, tasks.cross_entropy(logits, y), 0.0))
   errors = jnp.sum(mask & (jnp.argmax(logits, -1) != y))
   return loss, errors, jnp.sum(mask)
-
-
-batch_indices = tasks.batch_indices
 
 
 # ------------------------------------------------------------------------------------------------
@@ -353,18 +348,6 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
 def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
   manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                                LOOP_ITEM: ocp.args.JsonSave(loop)}))
-
-
-@contextlib.contextmanager
-def quiet_logs():
-  """Silences absl logging (TFDS, orbax) where resjax reports a failure in its own one line."""
-  from absl import logging
-  level = logging.get_verbosity()
-  logging.set_verbosity(logging.FATAL)
-  try:
-    yield
-  finally:
-    logging.set_verbosity(level)
 
 
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract) -> tuple[Any, dict]:

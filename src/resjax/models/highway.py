@@ -3,7 +3,7 @@
 A highway unit computes y = H(x) T(x) + x (1 - T(x)), with the transform gate T(x) = sigmoid(conv(x)
 + b_T) from the unit's own input and b_T negative, so that a deep net starts out carrying its input.
 That is ResNet-v2's exclusive gating with a gate as large as H, so it is the ``highway`` shortcut
-(``resjax.shortcuts.Highway``) on the units of ``resjax.models.resnet``: stem, three stages at
+(``models.shortcuts.Highway``) on the units of ``resjax.models.resnet``: stem, three stages at
 16/32/64 channels, pool, Dense, all under the same scan and signal-propagation probes.
 
 Defaults of the ``highway`` model family (``config.model``), each one overridable:
@@ -30,7 +30,7 @@ import copy
 import ml_collections
 from flax import nnx
 
-from resjax import shortcuts
+from resjax.models import shortcuts
 from resjax.models import resnet
 
 HIGHWAY_110_2024 = dict(

@@ -62,9 +62,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from resjax import shortcuts
 from resjax.errors import ConfigError
-from resjax.models import layers
+from resjax.models import layers, shortcuts
 from resjax.models.layers import Conv2D, rms
 
 PLACEMENTS = ("post", "bn_after_add", "relu_before_add", "relu_preact", "preact")

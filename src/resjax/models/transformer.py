@@ -100,9 +100,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from resjax import configs, shortcuts
+from resjax import configs
 from resjax.errors import ConfigError
-from resjax.models import layers
+from resjax.models import layers, shortcuts
 from resjax.models.layers import rms
 
 Array = jax.Array

@@ -1,6 +1,6 @@
-"""The reference ``resjax.bench`` measures against: the same ResNets and training step in PyTorch.
+"""What ``python -m resjax.bench`` measures against: the same ResNets and training step in PyTorch.
 
-    python -m resjax.bench_torch --depth 110 --batch 128 --mode eager --channels-last
+    python -m resjax.bench.torch_twin --depth 110 --batch 128 --mode eager --channels-last
 
 The architecture of ``resjax.models.resnet`` for the bench's rows: CIFAR ResNets (3x3 stem, stages
 at 16/32/64) and ImageNet ResNets (7x7/2 stem and 3x3/2 max pool, stages at 64..512); basic or

@@ -1,8 +1,8 @@
 """Where the compiled training step spends its time: a profiler trace, grouped by what each op does.
 
-    python -m resjax.profile --row resnet20 --steps 3 --out runs/profile_resnet20
+    python -m resjax.bench.profile --row resnet20 --steps 3 --out runs/profile_resnet20
 
-Builds a bench row's step exactly as ``resjax.bench`` measures it, runs it under
+Builds a bench row's step exactly as ``python -m resjax.bench`` measures it, runs it under
 ``jax.profiler.trace`` and reads the trace back: every event named after an instruction of the
 compiled HLO is attributed to a kind, from the instruction's opcode or, for a fusion, from what its
 fused computation contains (a dot: matmul; a concatenate, pad, copy or transpose: data movement;
@@ -22,6 +22,11 @@ import pathlib
 import re
 import sys
 import time
+
+import jax
+
+from resjax.bench import rows, step
+from resjax.errors import UserError
 
 # Fusion kinds, by the first of these ops their fused computation contains.
 FUSION_KINDS = (("dot(", "matmul"), ("convolution(", "convolution"),
@@ -92,13 +97,10 @@ def markdown(summary: dict, kinds: dict, *, title: str, top: int = 15) -> str:
 
 def profile(row_name: str, *, batch: int | None, steps: int, out: str, dtype: str = "float32",
             size: int | None = None) -> dict:
-  import jax
-
-  from resjax import bench
-  row = bench.resolve_row(row_name, size)
-  step = bench.build_step(row, batch or row.batch, dtype)
-  run, batch_at, keys, arrays = step.run, step.batch_at, step.aug_keys, step.arrays
-  state, window = run(step.state, step.window, batch_at(0), keys, arrays)
+  row = rows.resolve_row(row_name, size)
+  built = step.build_step(row, batch or row.batch, dtype)
+  run, batch_at, keys, arrays = built.run, built.batch_at, built.aug_keys, built.arrays
+  state, window = run(built.state, built.window, batch_at(0), keys, arrays)
   state, window = run(state, window, batch_at(1), keys, arrays)  # warm: first runs allocate
   jax.block_until_ready(window)
   t = time.perf_counter()
@@ -119,14 +121,12 @@ def profile(row_name: str, *, batch: int | None, steps: int, out: str, dtype: st
 
 
 def main(argv=None) -> int:
-  from resjax import bench
-  from resjax.errors import UserError
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--row", default="resnet20", help=f"one of {', '.join(bench.ROWS)}")
+  p.add_argument("--row", default="resnet20", help=f"one of {', '.join(rows.ROWS)}")
   p.add_argument("--batch", type=int, help="default: the row's")
   p.add_argument("--size", type=int, help="image side instead of the row's")
   p.add_argument("--steps", type=int, default=3, help="traced steps")
-  p.add_argument("--dtype", default="float32", choices=bench.DTYPES)
+  p.add_argument("--dtype", default="float32", choices=rows.DTYPES)
   p.add_argument("--out", required=True, help="folder for the trace and profile.md")
   args = p.parse_args(argv)
   try:

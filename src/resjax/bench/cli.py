@@ -8,7 +8,7 @@
 A row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step`` as
 the trainer does (vmapped over one seed replica, jitted, state donated, data on the device, crop
 and flip augmentation inside the step); the reference is the same architecture and step in PyTorch
-(``resjax.bench_torch``), eager and under ``torch.compile``. Each measurement runs in its own
+(``resjax.bench.torch_twin``), eager and under ``torch.compile``. Each measurement runs in its own
 subprocess, so its peak memory is its own (CPU: peak RSS of the process, init and compile
 included; GPU: the allocator's peak). The implementations alternate ``--repeats`` times, so that a
 machine shared with other work slows them alike; the table shows each one's median run and the
@@ -25,252 +25,21 @@ bf16 (``--dtypes bfloat16``) computes convolutions, Dense layers and BatchNorm's
 optimizer state stay float32. It is on by default only on accelerators: CPUs without bf16 units
 emulate it. Children get ``MALLOC_TUNABLES`` (see there) unless ``--default-malloc``, and with
 ``--threads N`` both XLA and PyTorch are pinned to N cores.
-
-A new row is one ``Row``: its ``config.model``, its data (image shape, classes and whether the
-step augments, or a text context and vocabulary) and, where PyTorch has the same net, the
-``bench_torch.measure`` arguments that build it (None: resjax alone).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import json
 import os
-import resource
-import statistics
 import subprocess
 import sys
-import time
+
+from resjax.bench import rows
+from resjax.errors import ConfigError, UserError
 
 IMPLS = ("resjax", "torch-eager", "torch-compile")
-DTYPES = ("float32", "bfloat16")
-
-# Dense bf16 peak TFLOP/s per chip (REFERENCE section 6; H200 is H100's chip with more memory),
-# matched against jax's device_kind in order, so "TPU v5 lite" is tried before "TPU v5".
-PEAK_TFLOPS = (("H100", 989.0), ("H200", 989.0), ("A100", 312.0), ("TPU v4", 275.0),
-               ("TPU v5 lite", 197.0), ("TPU v5e", 197.0), ("TPU v5p", 459.0), ("TPU v5", 459.0))
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-  """One benchmarked model: its resjax config, its synthetic data, its PyTorch twin (if any)."""
-  label: str
-  model: dict  # config.model
-  data: dict  # {"kind": "image", "shape", "classes", "augment"} or {"kind": "text", "context", ...}
-  torch: dict | None = None  # keyword arguments of bench_torch.measure; None: no reference
-  paper_macs: float | None = None  # forward multiply-adds per example (REFERENCE section 6)
-  batch: int = 128
-  cpu_batch: int | None = None  # on CPU, when --batch is not given (memory, minutes per step)
-  cpu_steps: int | None = None  # on CPU, when --steps is not given
-
-
-def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
-  return {"name": "cifar_resnet", "depth": depth, "unit": unit, "placement": placement,
-          "shortcut": {"name": "identity", "option": option}}
-
-
-CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10, "augment": True}
-ROWS = {
-    # ResNet-v1 Section 4.2: basic units, post-activation, option A shortcuts.
-    "resnet20": Row("ResNet-20", _cifar(20), CIFAR, {"depth": 20}, 40.6e6),
-    "resnet110": Row("ResNet-110", _cifar(110), CIFAR, {"depth": 110}, 252.9e6),
-    # ResNet-v2 Section 4: bottleneck units, full pre-activation, projections where shapes change.
-    # At batch 128 its activations take about 40 GB; on CPU it runs at 16 (compile time does not
-    # depend on the batch).
-    "resnet1001": Row("pre-act ResNet-1001", _cifar(1001, "bottleneck", "preact", "B"), CIFAR,
-                      {"depth": 1001, "unit": "bottleneck", "placement": "preact", "option": "B"},
-                      1.49e9, cpu_batch=16, cpu_steps=3),
-    # ResNet-v1 Table 1 at 224x224 (accelerators; on CPU one step takes minutes).
-    "resnet50": Row("ImageNet ResNet-50", {"name": "imagenet_resnet", "depth": 50,
-                                           "shortcut": {"name": "identity", "option": "B"}},
-                    {"kind": "image", "shape": (224, 224, 3), "classes": 1000, "augment": False},
-                    {"depth": 50, "imagenet": True, "option": "B"}, 4.09e9, batch=256,
-                    cpu_batch=8, cpu_steps=3),
-    # A byte-level GPT (no PyTorch twin yet): the Transformer row's hook.
-    "transformer": Row("Transformer 6x256, T=256", {"name": "transformer", "context": 256,
-                                                    "width": 256, "depth": 6, "heads": 4},
-                       {"kind": "text", "context": 256, "classes": 256}),
-}
-DEFAULT_ROWS = ("resnet20", "resnet110", "resnet1001")
-
-
-def resolve_row(name: str, size: int | None = None) -> Row:
-  """``ROWS[name]``, with its images ``size`` x ``size`` if given (small sizes: quick checks)."""
-  from resjax.errors import ConfigError
-  if name not in ROWS:
-    raise ConfigError(f"unknown bench row {name!r}: use --rows with any of {', '.join(ROWS)}")
-  row = ROWS[name]
-  if size and row.data["kind"] == "image":
-    row = dataclasses.replace(row, data={**row.data, "shape": (size, size, row.data["shape"][2])})
-  return row
-
-
-def peak_tflops(device_kind: str) -> float | None:
-  """The device's dense bf16 peak TFLOP/s, or None where it is not known (CPUs)."""
-  for name, peak in PEAK_TFLOPS:
-    if name.lower() in device_kind.lower():
-      return peak
-  return None
-
-
-def mfu(flops_per_example: float, examples_per_s: float, peak: float | None) -> float | None:
-  """Model FLOPs utilisation: training FLOPs achieved per second over the peak (TFLOP/s)."""
-  if peak is None or not flops_per_example:
-    return None
-  return flops_per_example * examples_per_s / (peak * 1e12)
-
-
-# ------------------------------------------------------------------------------------------------
-# The measurement (a child process: one row, one dtype, one implementation).
-# ------------------------------------------------------------------------------------------------
-
-def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None):
-  import ml_collections
-  model = json.loads(json.dumps(row.model))
-  if row.model["name"] != "transformer":
-    model.update(scan=scan, **({"conv_impl": conv_impl} if conv_impl else {}))
-  elif dtype != "float32":
-    model["dtype"] = dtype
-  # The CIFAR recipe augments in the step (4-pixel crops, flips); ImageNet's comes from the host.
-  augment = row.data.get("augment", False)
-  data = {"name": "synthetic", "pad": 4 if augment else 0, "flip": augment}
-  return ml_collections.ConfigDict({
-      "model": model, "data": data, "batch_size": batch,
-      "schedule": {"unit": "iterations", "total": 64_000, "boundaries": (32_000,), "warmup": 0},
-      "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}})
-
-
-def synthetic_task(row: Row, config, batch: int):
-  """A task over random data held on the device, shaped as the row's dataset."""
-  import numpy as np
-
-  from resjax import tasks
-  rng = np.random.default_rng(0)
-  if row.data["kind"] == "text":
-    from resjax.data.text import TextSplits
-    n = max(batch * 4, 64) * (row.data["context"] + 1)
-    tokens = lambda k: rng.integers(0, row.data["classes"], k, dtype=np.uint8)
-    return tasks.TextTask(config.data, TextSplits("synthetic", tokens(n), tokens(n)),
-                          row.data["context"])
-  from resjax.data.images import ImageSplits
-  n, shape, classes = max(batch * 4, 64), tuple(row.data["shape"]), row.data["classes"]
-  images = lambda k: rng.integers(0, 256, (k, *shape), dtype=np.uint8)
-  labels = lambda k: rng.integers(0, classes, k).astype(np.int32)
-  splits = ImageSplits(images(n), labels(n), images(batch), labels(batch), classes,
-                       np.full(shape, 0.5, np.float32))
-  return tasks.ImageTask(config.data, splits)
-
-
-def _peak_memory_gib(device) -> float:
-  stats = device.memory_stats() if device.platform != "cpu" else None
-  if stats and "peak_bytes_in_use" in stats:
-    return stats["peak_bytes_in_use"] / 2**30
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-@dataclasses.dataclass
-class CompiledStep:
-  """resjax's training step for a row, compiled, with its state and inputs (see ``build_step``)."""
-  run: object  # (state, window, batch, aug_keys, arrays) -> (state, window); state donated
-  state: object
-  window: dict
-  batch_at: object  # step -> the replica-stacked batch indices
-  aug_keys: object
-  arrays: object
-  task: object
-  config: object
-  init_s: float
-  compile_s: float
-
-
-def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = True,
-               conv_impl: str | None = None) -> CompiledStep:
-  """The step as ``train.train`` builds it: one replica per seed, vmapped; data arrays shared;
-  state donated; compiled ahead of time so that compile time is measured on its own."""
-  import functools
-
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
-  from flax import nnx
-
-  from resjax import configs, models, train
-  from resjax.models import layers
-
-  config = _config(row, batch, dtype, scan, conv_impl)
-  task = synthetic_task(row, config, batch)
-  arrays = task.device_arrays()
-  tx = train.make_optimizer(config, configs.schedule_steps(config, task.train_size))
-  t = time.perf_counter()
-  graphdef, state = train.init_state(config, task, [0], tx)
-  jax.block_until_ready(state)
-  init_s = time.perf_counter() - t
-  if dtype != "float32" and row.model["name"] != "transformer":
-    # The same state under a graph whose layers compute in bf16 (their dtype is static structure).
-    abstract = nnx.eval_shape(lambda: models.build(
-        config.model, num_classes=task.num_classes, in_channels=task.in_channels,
-        rngs=nnx.Rngs(params=train.key(0))))
-    layers.set_compute_dtype(abstract, jnp.dtype(dtype))
-    graphdef = train.split_model(abstract)[0]
-  aug_keys = jnp.stack([jax.random.fold_in(train.key(0), 1)])
-  step_fn = jax.jit(jax.vmap(functools.partial(train.train_step, graphdef, tx, task),
-                             in_axes=(0, 0, 0, 0, None)), donate_argnums=(0, 1))
-  batch_at = lambda s: np.stack([task.train_batch(0, s, batch)])
-  window = train.new_window(1)
-  t = time.perf_counter()
-  compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
-  compile_s = time.perf_counter() - t
-  return CompiledStep(compiled, state, window, batch_at, aug_keys, arrays, task, config, init_s,
-                      compile_s)
-
-
-def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
-                   conv_impl: str | None = None, flops: bool = True) -> dict:
-  import jax
-
-  from resjax import inspect_model
-
-  step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl)
-  compiled, batch_at, aug_keys, arrays = step.run, step.batch_at, step.aug_keys, step.arrays
-  task, config, init_s, compile_s = step.task, step.config, step.init_s, step.compile_s
-  state, window = compiled(step.state, step.window, batch_at(0), aug_keys, arrays)
-  jax.block_until_ready(window)
-  times, cpu_times = [], []
-  for s in range(steps):
-    b = batch_at(s + 1)
-    t, c = time.perf_counter(), time.process_time()
-    state, window = compiled(state, window, b, aug_keys, arrays)
-    jax.block_until_ready(window)
-    times.append(time.perf_counter() - t)
-    cpu_times.append(time.process_time() - c)
-  loss = float(window["loss"][0] / window["count"][0])
-  device = jax.devices()[0]
-  out = {"impl": "resjax", "dtype": dtype, "batch": batch, "init_s": init_s,
-         "compile_s": compile_s, "step_s": statistics.median(times),
-         "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
-         "peak_gib": _peak_memory_gib(device),
-         "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
-         "jax": jax.__version__}
-  out["examples_per_s"] = batch / out["step_s"]
-  if flops:  # training = forward + backward (twice the forward's matmuls): 3x the forward
-    x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
-    example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    out["flops_per_example"] = 3 * inspect_model.flops_at_depth(
-        config.model, lambda cfg: inspect_model.xla_forward_flops(
-            cfg, example, task.num_classes, task.in_channels))
-  return out
-
-
-def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
-                  threads: int | None, channels_last: bool = True) -> dict:
-  from resjax import bench_torch
-  out = bench_torch.measure(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
-                            size=row.data["shape"][0], num_classes=row.data["classes"],
-                            augment=row.data.get("augment", False),
-                            channels_last=channels_last, **row.torch)
-  return {**out, "impl": f"torch-{mode}"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -345,14 +114,14 @@ def markdown(results: dict, *, peak: float | None) -> str:
   lines = [SUMMARY_HEADER, "|" + "---|" * (SUMMARY_HEADER.count("|") - 1)]
   notes = []
   for (name, dtype), by_impl in results.items():
-    row = ROWS[name]
+    row = rows.ROWS[name]
     j, e, c = (by_impl.get(i) for i in IMPLS)
     ok = [r for r in by_impl.values() if r and "error" not in r]
     batch = ok[0]["batch"] if ok else "-"
     j_ok = j is not None and "error" not in j
     flops = j.get("flops_per_example") if j_ok else None
     tflops = flops * j["examples_per_s"] / 1e12 if flops else None
-    use = mfu(flops, j["examples_per_s"], peak) if flops else None
+    use = rows.mfu(flops, j["examples_per_s"], peak) if flops else None
     lines.append(
         f"| {row.label} | {dtype} | {batch} | {_cell(j, 'examples_per_s', '.1f')} | "
         f"{_num(j['step_s'] * 1e3 if j_ok else None, '.1f')} | "
@@ -370,7 +139,7 @@ def markdown(results: dict, *, peak: float | None) -> str:
     lines += ["", "| model | dtype | PyTorch | ex/s | step ms | compile s | peak GiB |",
               "|---|---|---|---|---|---|---|"]
     for n, d, i, r in torch_rows:
-      lines.append(f"| {ROWS[n].label} | {d} | {i[6:]} | {r['examples_per_s']:.1f} | "
+      lines.append(f"| {rows.ROWS[n].label} | {d} | {i[6:]} | {r['examples_per_s']:.1f} | "
                    f"{r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {r['peak_gib']:.2f} |")
   return "\n".join(lines + ([""] + notes if notes else []))
 
@@ -414,11 +183,13 @@ def child_env(threads: int | None, malloc: bool = True) -> dict:
 
 
 def main(argv=None) -> int:
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--rows", default=",".join(DEFAULT_ROWS), help=f"any of {', '.join(ROWS)}")
-  p.add_argument("--batch", type=int, help="default: each row's (128 for CIFAR; see ROWS)")
+  p = argparse.ArgumentParser(prog="python -m resjax.bench",
+                              description=__doc__.splitlines()[0])
+  p.add_argument("--rows", default=",".join(rows.DEFAULT_ROWS),
+                 help=f"any of {', '.join(rows.ROWS)}")
+  p.add_argument("--batch", type=int, help="default: each row's (128 for CIFAR; see rows.py)")
   p.add_argument("--size", type=int, help="image side instead of the row's (e.g. 8: a quick check)")
-  p.add_argument("--steps", type=int, help="timed steps per measurement (default 10; see ROWS)")
+  p.add_argument("--steps", type=int, help="timed steps per measurement (default 10; see rows.py)")
   p.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
   p.add_argument("--dtypes", default="auto", help="float32,bfloat16; auto: bf16 on accelerators")
   p.add_argument("--torch", action=argparse.BooleanOptionalAction, default=None,
@@ -444,13 +215,15 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   if args.one:
+    # Only a child imports JAX (and PyTorch): the parent leaves the device to the measurements.
+    from resjax.bench import step
     name, dtype, impl = args.one.split(":")
-    row = resolve_row(name, args.size)
+    row = rows.resolve_row(name, args.size)
     if impl == "resjax":
-      r = measure_resjax(row, args.batch, args.steps, dtype, scan=not args.unrolled,
+      r = step.measure_resjax(row, args.batch, args.steps, dtype, scan=not args.unrolled,
                          conv_impl=args.conv_impl)
     else:
-      r = measure_torch(row, args.batch, args.steps, dtype, impl.split("-")[1], args.threads,
+      r = step.measure_torch(row, args.batch, args.steps, dtype, impl.split("-")[1], args.threads,
                         args.torch_layout == "channels_last")
     print(json.dumps(r))
     return 0
@@ -458,19 +231,18 @@ def main(argv=None) -> int:
   if args.merge:
     return emit(report(*merge(args.merge)), args.out)
 
-  from resjax.errors import ConfigError
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
   for n in names:
-    resolve_row(n)
+    rows.resolve_row(n)
   env = child_env(args.threads, malloc=not args.default_malloc)
   device = probe_device(env)
   on_cpu = device["backend"] == "cpu"
-  dtypes = ["float32"] if on_cpu else list(DTYPES)
+  dtypes = ["float32"] if on_cpu else list(rows.DTYPES)
   if args.dtypes != "auto":
     dtypes = [d.strip() for d in args.dtypes.split(",")]
     for d in dtypes:
-      if d not in DTYPES:
-        raise ConfigError(f"unknown dtype {d!r}: use --dtypes with any of {', '.join(DTYPES)}")
+      if d not in rows.DTYPES:
+        raise ConfigError(f"unknown dtype {d!r}: use --dtypes with any of {', '.join(rows.DTYPES)}")
   use_torch = torch_available() if args.torch is None else args.torch
   if use_torch and not torch_available():
     raise ConfigError("PyTorch is not installed: pip install -e '.[bench]' (or run with --no-torch)")
@@ -483,7 +255,7 @@ def main(argv=None) -> int:
   results, raw = {}, []
   for name in names:
     for dtype in dtypes:
-      row = ROWS[name]
+      row = rows.ROWS[name]
       batch = args.batch or (on_cpu and row.cpu_batch) or row.batch
       steps = args.steps or (on_cpu and row.cpu_steps) or 10
       sizes = ["--batch", str(batch), "--steps", str(steps)]
@@ -518,7 +290,7 @@ def emit(text: str, out: str | None) -> int:
 
 def report(results: dict, device: dict, args: dict) -> str:
   """The markdown table of ``results`` with a footer saying how they were measured."""
-  peak = peak_tflops(device["kind"])
+  peak = rows.peak_tflops(device["kind"])
   table = markdown(results, peak=peak)
   ratio = compile_ratio(results)
   measured_torch = any(i != "resjax" for by_impl in results.values() for i in by_impl)
@@ -540,13 +312,12 @@ def report(results: dict, device: dict, args: dict) -> str:
 def merge(paths: list[str]) -> tuple[dict, dict, dict]:
   """(results, device, args) of several ``--json`` files, in their order; a row measured in more
   than one file keeps the last. Files from different devices are refused."""
-  from resjax.errors import ConfigError
   results, device, args = {}, None, {}
   for path in paths:
     try:
       with open(path) as f:
         data = json.load(f)
-      rows, dev = data["rows"], data["device"]
+      measured, dev = data["rows"], data["device"]
     except (OSError, ValueError, KeyError, TypeError) as e:
       raise ConfigError(f"{path} is not a bench --json file ({e}): rerun the bench with --json "
                         f"{path}") from None
@@ -554,19 +325,18 @@ def merge(paths: list[str]) -> tuple[dict, dict, dict]:
       raise ConfigError(f"{path} was measured on {dev['kind']}, not {device['kind']}: merge "
                         f"files from one device only")
     device, args = dev, {**data.get("args", {}), **args}
-    for r in rows:
+    for r in measured:
       results[(r["row"], r["dtype"])] = {impl: median_result(rs) for impl, rs in r["runs"].items()}
   return results, device, args
 
 
 def _torch_version() -> str:
-  import torch
+  import torch  # optional ('.[bench]') and seconds to import: only when the footer names it
   return torch.__version__
 
 
 def cli(argv=None) -> int:
   """``main`` with a user's mistake reported as one line and exit status 2."""
-  from resjax.errors import UserError
   try:
     return main(argv)
   except UserError as e:

@@ -1,0 +1,3 @@
+"""Speed of resjax's training step, outside the core: ``python -m resjax.bench`` (``cli``), one
+measurement per child process (``step``), the benchmarked models (``rows``), the PyTorch reference
+(``torch_twin``) and a profiler trace of the compiled step grouped by op kind (``profile``)."""
