@@ -27,12 +27,12 @@ WORKERS = 2
 
 
 def _child(case, out_path, err_path):
-  os.environ.update(case['env'])
+  os.environ.update(case["env"])
   for fd, path in ((1, out_path), (2, err_path)):
     f = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(f, fd)
     os.close(f)
-  sys.argv = ['resjax.main', *case['args']]
+  sys.argv = ["resjax.main", *case["args"]]
   code = 1
   try:
     main.run()
@@ -48,8 +48,8 @@ def _child(case, out_path, err_path):
 
 
 def run_all(cases):
-  tmp = tempfile.mkdtemp(prefix='cli_forks_')
-  paths = [(os.path.join(tmp, f'{i}.out'), os.path.join(tmp, f'{i}.err'))
+  tmp = tempfile.mkdtemp(prefix="cli_forks_")
+  paths = [(os.path.join(tmp, f"{i}.out"), os.path.join(tmp, f"{i}.err"))
            for i in range(len(cases))]
   results, running, todo = [None] * len(cases), {}, list(range(len(cases)))
   while todo or running:
@@ -63,10 +63,10 @@ def run_all(cases):
       running[pid] = i
     pid, status = os.wait()
     i = running.pop(pid)
-    out, err = (open(p, errors='replace').read() for p in paths[i])
-    results[i] = {'returncode': os.waitstatus_to_exitcode(status), 'stdout': out, 'stderr': err}
+    out, err = (open(p, errors="replace").read() for p in paths[i])
+    results[i] = {"returncode": os.waitstatus_to_exitcode(status), "stdout": out, "stderr": err}
   return results
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   json.dump(run_all(json.load(sys.stdin)), sys.stdout)

@@ -16,24 +16,24 @@ import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIG2 = REPO / 'experiments' / 'resnetv2_fig2.py'
+FIG2 = REPO / "experiments" / "resnetv2_fig2.py"
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory):
   """A persistent XLA cache: runs of the same config compile their step once per session."""
-  return tmp_path_factory.mktemp('xla_cache')
+  return tmp_path_factory.mktemp("xla_cache")
 
 
 class Cli:
   """`python -m resjax.main ...` from the repo root, sharing the session's XLA cache."""
 
   def __init__(self, cache_dir):
-    self.env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
-                'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+    self.env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
   def argv(self, *args):
-    return [sys.executable, '-m', 'resjax.main', *map(str, args)]
+    return [sys.executable, "-m", "resjax.main", *map(str, args)]
 
   def run(self, *args, env=None, timeout=300):
     return subprocess.run(self.argv(*args), cwd=REPO, env={**self.env, **(env or {})},
@@ -42,13 +42,13 @@ class Cli:
   def run_many(self, cases, timeout=600):
     """Each (args, env) of ``cases`` as its own command line, forked from one process that
     imported JAX once (tests/cli_forks.py); returns their CompletedProcess results in order."""
-    cases = [{'args': [str(a) for a in args], 'env': dict(env or {})} for args, env in cases]
-    proc = subprocess.run([sys.executable, str(REPO / 'tests' / 'cli_forks.py')], cwd=REPO,
+    cases = [{"args": [str(a) for a in args], "env": dict(env or {})} for args, env in cases]
+    proc = subprocess.run([sys.executable, str(REPO / "tests" / "cli_forks.py")], cwd=REPO,
                           env=self.env, input=json.dumps(cases), capture_output=True, text=True,
                           timeout=timeout)
     assert proc.returncode == 0, proc.stderr
-    return [subprocess.CompletedProcess(self.argv(*c['args']), r['returncode'], r['stdout'],
-                                        r['stderr'])
+    return [subprocess.CompletedProcess(self.argv(*c["args"]), r["returncode"], r["stdout"],
+                                        r["stderr"])
             for c, r in zip(cases, json.loads(proc.stdout))]
 
   def popen(self, *args, stdout, stderr):
@@ -58,7 +58,7 @@ class Cli:
   @contextlib.contextmanager
   def background(self, root, *args):
     """Runs the CLI in the background with stdout/stderr in root/out, root/err; kills it on exit."""
-    with open(root / 'out', 'w') as out, open(root / 'err', 'w') as err:
+    with open(root / "out", "w") as out, open(root / "err", "w") as err:
       proc = self.popen(*args, stdout=out, stderr=err)
       try:
         yield proc
@@ -68,23 +68,23 @@ class Cli:
           proc.wait()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def xla_cache(compile_cache_dir):
   """Points this process's XLA cache at the session's, and back afterwards."""
   import jax
   from jax.experimental.compilation_cache import compilation_cache
   old = (jax.config.jax_compilation_cache_dir,
          jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update('jax_compilation_cache_dir', str(compile_cache_dir))
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+  jax.config.update("jax_compilation_cache_dir", str(compile_cache_dir))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
   compilation_cache.reset_cache()
   yield
-  jax.config.update('jax_compilation_cache_dir', old[0])
-  jax.config.update('jax_persistent_cache_min_compile_time_secs', old[1])
+  jax.config.update("jax_compilation_cache_dir", old[0])
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", old[1])
   compilation_cache.reset_cache()
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def cli(compile_cache_dir):
   return Cli(compile_cache_dir)
 
@@ -104,11 +104,11 @@ def write_experiment(path, body):
         c = _fig2.get_config('scale=test')
         c.claims = []  # fig2's claims name its rows; the body may replace them
       """)
-  path.write_text(head + textwrap.indent(textwrap.dedent(body).strip(), '  ') + '\n  return c\n')
+  path.write_text(head + textwrap.indent(textwrap.dedent(body).strip(), "  ") + "\n  return c\n")
   return path
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture(scope="session")
 def experiment_file():
   return write_experiment
 
@@ -178,9 +178,9 @@ def mocked_tfds(num_examples, *, pillow=False):
   with contextlib.ExitStack() as stack:
     stack.enter_context(tfds.testing.mock_data(num_examples=num_examples,
                                                policy=tfds.testing.MockPolicy.USE_CODE))
-    stack.enter_context(mock.patch.object(mocking, '_getitems', _getitems))
+    stack.enter_context(mock.patch.object(mocking, "_getitems", _getitems))
     if pillow:
-      stack.enter_context(mock.patch.object(image_feature._ImageEncoder, '_encode_image',
+      stack.enter_context(mock.patch.object(image_feature._ImageEncoder, "_encode_image",
                                             _encode_with_pillow))
     yield tfds
 
@@ -224,7 +224,7 @@ def f32_tol(terms=1, depth=1, ulps=ULPS):
   return ulps * F32_EPS * math.sqrt(terms) * depth
 
 
-def assert_f32_close(actual, desired, *, terms=1, depth=1, gain=1.0, scale=None, err_msg=''):
+def assert_f32_close(actual, desired, *, terms=1, depth=1, gain=1.0, scale=None, err_msg=""):
   """|actual - desired| <= gain * f32_tol(terms, depth) * scale, scale = max |desired| by default"""
   desired = np.asarray(desired)
   if scale is None:

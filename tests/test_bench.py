@@ -43,51 +43,51 @@ def _resjax_model(cfg, num_classes=10):
 # ------------------------------------------------------------------------ the PyTorch twin
 
 # (row, depth): ResNet-v1 CIFAR (option A), pre-act bottleneck with projections (option B).
-TWINS = [('resnet20', 20), ('resnet20', 14), ('resnet1001', 11), ('resnet1001', 29)]
+TWINS = [("resnet20", 20), ("resnet20", 14), ("resnet1001", 11), ("resnet1001", 29)]
 
 
-@pytest.mark.parametrize('row, depth', TWINS)
+@pytest.mark.parametrize("row, depth", TWINS)
 def test_torch_twin_has_resjax_parameter_count(row, depth):
-  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
+  torch_twin = pytest.importorskip("resjax.bench.torch_twin")
   resjax_count = train.count_params(nnx.eval_shape(lambda: models.build(
       _model_cfg(row, depth), num_classes=10, in_channels=3, rngs=nnx.Rngs(0))))
-  kwargs = {**rows.ROWS[row].torch, 'depth': depth}
+  kwargs = {**rows.ROWS[row].torch, "depth": depth}
   assert torch_twin.count_params(torch_twin.ResNet(**kwargs)) == resjax_count
 
 
 def test_torch_twin_parameter_counts_are_the_papers():
-  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
+  torch_twin = pytest.importorskip("resjax.bench.torch_twin")
   # ResNet-v1 Table 6: ResNet-20 0.27M; the torchvision-shaped ResNet-50: 25,557,032.
   assert torch_twin.count_params(torch_twin.ResNet(20)) == 269_722
-  resnet50 = torch_twin.ResNet(50, imagenet=True, option='B', num_classes=1000)
+  resnet50 = torch_twin.ResNet(50, imagenet=True, option="B", num_classes=1000)
   assert torch_twin.count_params(resnet50) == 25_557_032
 
 
 def _torch_twin_with_resjax_weights(row, depth):
   """A resjax net (unscanned, so each unit has its own parameters) and its twin holding its weights."""
-  torch = pytest.importorskip('torch')
-  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
+  torch = pytest.importorskip("torch")
+  torch_twin = pytest.importorskip("resjax.bench.torch_twin")
   model = _resjax_model(_model_cfg(row, depth, scan=False))
-  twin = torch_twin.ResNet(**{**rows.ROWS[row].torch, 'depth': depth})
+  twin = torch_twin.ResNet(**{**rows.ROWS[row].torch, "depth": depth})
   per_stage = len(twin.units) // 3
   target = dict(twin.named_parameters())
   loaded = set()
   for path, value in nnx.to_flat_state(nnx.state(model, nnx.Param)):
     path, v = [str(p) for p in path], np.array(value[...])
-    if path[0] == 'stages':  # stages.s.first.* / stages.s.rest.i.* -> units.(s * n + j).*
-      j = 0 if path[2] == 'first' else 1 + int(path[3])
-      path = ['units', str(int(path[1]) * per_stage + j)] + path[3 if path[2] == 'first' else 4:]
-    if path[-3:-1] == ['match', 'proj']:  # Dense [in, out] -> 1x1 conv [out, in, 1, 1]
-      path, v = path[:-3] + ['proj', 'weight'], v.T[:, :, None, None]
-    elif path[-3:-1] == ['match', 'norm']:
-      path = path[:-3] + ['norm', path[-1]]
-    elif path[-1] == 'kernel' and v.ndim == 4:  # HWIO -> OIHW
-      path, v = path[:-1] + ['weight'], v.transpose(3, 2, 0, 1)
-    elif path[-1] == 'kernel':  # the head, [in, out] -> [out, in]
-      path, v = path[:-1] + ['weight'], v.T
-    if path[-1] == 'scale':
-      path = path[:-1] + ['weight']
-    name = '.'.join(path)
+    if path[0] == "stages":  # stages.s.first.* / stages.s.rest.i.* -> units.(s * n + j).*
+      j = 0 if path[2] == "first" else 1 + int(path[3])
+      path = ["units", str(int(path[1]) * per_stage + j)] + path[3 if path[2] == "first" else 4:]
+    if path[-3:-1] == ["match", "proj"]:  # Dense [in, out] -> 1x1 conv [out, in, 1, 1]
+      path, v = path[:-3] + ["proj", "weight"], v.T[:, :, None, None]
+    elif path[-3:-1] == ["match", "norm"]:
+      path = path[:-3] + ["norm", path[-1]]
+    elif path[-1] == "kernel" and v.ndim == 4:  # HWIO -> OIHW
+      path, v = path[:-1] + ["weight"], v.transpose(3, 2, 0, 1)
+    elif path[-1] == "kernel":  # the head, [in, out] -> [out, in]
+      path, v = path[:-1] + ["weight"], v.T
+    if path[-1] == "scale":
+      path = path[:-1] + ["weight"]
+    name = ".".join(path)
     assert target[name].shape == v.shape, name
     with torch.no_grad():
       target[name].copy_(torch.from_numpy(np.ascontiguousarray(v)))
@@ -96,10 +96,10 @@ def _torch_twin_with_resjax_weights(row, depth):
   return model, twin
 
 
-@pytest.mark.parametrize('row, depth', [('resnet20', 14), ('resnet1001', 11)])
+@pytest.mark.parametrize("row, depth", [("resnet20", 14), ("resnet1001", 11)])
 def test_torch_twin_computes_the_resjax_function(row, depth):
   """Same weights, same batch, train-mode BatchNorm: the same logits, so it is the same net."""
-  torch = pytest.importorskip('torch')
+  torch = pytest.importorskip("torch")
   model, twin = _torch_twin_with_resjax_weights(row, depth)
   x = _normal((4, 8, 8, 3), seed=3)
   ours = model(x, train=True)
@@ -109,8 +109,8 @@ def test_torch_twin_computes_the_resjax_function(row, depth):
 
 
 def test_torch_augment_crops_and_flips_like_resjax():
-  torch = pytest.importorskip('torch')
-  torch_twin = pytest.importorskip('resjax.bench.torch_twin')
+  torch = pytest.importorskip("torch")
+  torch_twin = pytest.importorskip("resjax.bench.torch_twin")
   x = torch.arange(2 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 1, 4, 4) + 1
   out = torch_twin.augment(x, 2, torch.Generator().manual_seed(0))
   assert out.shape == x.shape
@@ -122,13 +122,13 @@ def test_torch_augment_crops_and_flips_like_resjax():
 
 # ------------------------------------------------------------------------ the CPU convolution
 
-@pytest.mark.parametrize('k, stride, shape', [(3, 1, (2, 8, 8, 4)), (3, 1, (3, 5, 7, 2)),
+@pytest.mark.parametrize("k, stride, shape", [(3, 1, (2, 8, 8, 4)), (3, 1, (3, 5, 7, 2)),
                                               (5, 1, (2, 9, 6, 3)), (3, 2, (2, 8, 8, 4)),
                                               (1, 2, (2, 8, 8, 4))])
 def test_matmul_conv_gradients_are_xla_convolutions(k, stride, shape):
   x, w = _normal(shape), _normal((k, k, shape[-1], 5), seed=1)
   xla = lambda x, w: jax.lax.conv_general_dilated(
-      x, w, (stride, stride), ((k // 2, k // 2),) * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      x, w, (stride, stride), ((k // 2, k // 2),) * 2, dimension_numbers=("NHWC", "HWIO", "NHWC"))
   ours = lambda x, w: layers.matmul_conv(x, w, stride)
   forward = k * k * shape[-1]  # terms of each output's sum
   y = xla(x, w)
@@ -152,32 +152,32 @@ def test_conv_rows_backward_keeps_the_input_not_patches():
 
 
 def test_compute_dtype_bf16_keeps_float32_parameters_and_statistics():
-  model = _resjax_model(_model_cfg('resnet20', 8))
+  model = _resjax_model(_model_cfg("resnet20", 8))
   layers.set_compute_dtype(model, jnp.bfloat16)
   assert model.stem(_normal((2, 8, 8, 3))).dtype == jnp.bfloat16
   h = model.stem_norm(model.stem(_normal((2, 8, 8, 3))), use_running_average=False)
   assert h.dtype == jnp.bfloat16
   # The statistics BN just updated, and every parameter, stay float32.
   assert model.stem_norm.mean[...].dtype == jnp.float32 and float(jnp.abs(model.stem_norm.mean[...]).sum()) > 0
-  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype('float32')}
+  assert {p.dtype for p in jax.tree.leaves(nnx.state(model, nnx.Param))} == {jnp.dtype("float32")}
 
 
 # ------------------------------------------------------------------------ arithmetic and table
 
 def test_peak_tflops_of_known_devices():
-  assert rows.peak_tflops('NVIDIA H100 80GB HBM3') == 989
-  assert rows.peak_tflops('NVIDIA A100-SXM4-80GB') == 312
-  assert rows.peak_tflops('TPU v5 lite') == 197  # v5e, not v5p's 459
-  assert rows.peak_tflops('TPU v5p') == 459
-  assert rows.peak_tflops('cpu') is None
+  assert rows.peak_tflops("NVIDIA H100 80GB HBM3") == 989
+  assert rows.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+  assert rows.peak_tflops("TPU v5 lite") == 197  # v5e, not v5p's 459
+  assert rows.peak_tflops("TPU v5p") == 459
+  assert rows.peak_tflops("cpu") is None
 
 
 def test_mfu_of_resnet110_on_h100():
   # ResNet-110: 252.9M multiply-adds forward, 6 FLOPs per multiply-add in training.
   flops = 6 * 252.9e6
-  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(
+  assert rows.mfu(flops, 10_000, rows.peak_tflops("NVIDIA H100")) == pytest.approx(
       flops * 1e4 / 989e12)
-  assert rows.mfu(flops, 10_000, rows.peak_tflops('NVIDIA H100')) == pytest.approx(0.01534,
+  assert rows.mfu(flops, 10_000, rows.peak_tflops("NVIDIA H100")) == pytest.approx(0.01534,
                                                                       rel=1e-3)
   assert rows.mfu(flops, 10_000, None) is None
 
@@ -185,104 +185,104 @@ def test_mfu_of_resnet110_on_h100():
 def test_xla_flop_count_is_twice_the_papers_multiply_adds():
   """ResNet-20 forward: ResNet-v1's 40.6M multiply-adds (REFERENCE 6) are 81.2M FLOPs; XLA skips
   the taps that meet zero padding (4% of them at 32x32, 16% at 8x8), so it counts 7% fewer."""
-  cfg = _model_cfg('resnet20')
+  cfg = _model_cfg("resnet20")
   example = jax.ShapeDtypeStruct((32, 32, 3), jnp.float32)
   flops = inspect_model.flops_at_depth(
       cfg, lambda c: inspect_model.xla_forward_flops(c, example, 10, 3))
-  assert 0.90 < flops / (2 * rows.ROWS['resnet20'].paper_macs) < 0.96
+  assert 0.90 < flops / (2 * rows.ROWS["resnet20"].paper_macs) < 0.96
 
 
 def _result(ex_s, **kw):
-  return {'examples_per_s': ex_s, 'step_s': 128 / ex_s, 'compile_s': 1.0, 'peak_gib': 0.5,
-          'batch': 128, **kw}
+  return {"examples_per_s": ex_s, "step_s": 128 / ex_s, "compile_s": 1.0, "peak_gib": 0.5,
+          "batch": 128, **kw}
 
 
 def test_markdown_has_ratio_columns_and_failures():
-  results = {('resnet20', 'float32'): {'resjax': _result(300.0, flops_per_example=2.4e8),
-                                       'torch-eager': _result(150.0),
-                                       'torch-compile': {'error': 'no C++ compiler'}}}
+  results = {("resnet20", "float32"): {"resjax": _result(300.0, flops_per_example=2.4e8),
+                                       "torch-eager": _result(150.0),
+                                       "torch-compile": {"error": "no C++ compiler"}}}
   table = bench_cli.markdown(results, peak=989.0)
   header, _, row = table.splitlines()[:3]
-  cells = dict(zip([c.strip() for c in header.split('|')], [c.strip() for c in row.split('|')]))
-  assert cells['resjax / eager'] == '2.00x'
-  assert cells['resjax / compile'] == '-'
-  assert cells['torch.compile ex/s'] == 'failed'
-  assert cells['MFU'] == f'{2.4e8 * 300 / 989e12:.1%}'
-  assert 'no C++ compiler' in table
+  cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+  assert cells["resjax / eager"] == "2.00x"
+  assert cells["resjax / compile"] == "-"
+  assert cells["torch.compile ex/s"] == "failed"
+  assert cells["MFU"] == f"{2.4e8 * 300 / 989e12:.1%}"
+  assert "no C++ compiler" in table
 
 
 def test_compile_ratio_reads_the_deep_and_shallow_rows():
-  results = {('resnet110', 'float32'): {'resjax': _result(1.0, compile_s=20.0)},
-             ('resnet1001', 'float32'): {'resjax': _result(1.0, compile_s=30.0)}}
+  results = {("resnet110", "float32"): {"resjax": _result(1.0, compile_s=20.0)},
+             ("resnet1001", "float32"): {"resjax": _result(1.0, compile_s=30.0)}}
   assert bench_cli.compile_ratio(results) == pytest.approx(1.5)
 
 
 def test_child_env_keeps_a_users_malloc_settings(monkeypatch):
-  monkeypatch.delenv('GLIBC_TUNABLES', raising=False)
-  assert bench_cli.child_env(None)['GLIBC_TUNABLES'] == bench_cli.MALLOC_TUNABLES
-  monkeypatch.setenv('GLIBC_TUNABLES', 'glibc.malloc.arena_max=2')
-  assert bench_cli.child_env(2)['GLIBC_TUNABLES'] == 'glibc.malloc.arena_max=2'
-  assert bench_cli.child_env(2)['OMP_NUM_THREADS'] == '2'
+  monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+  assert bench_cli.child_env(None)["GLIBC_TUNABLES"] == bench_cli.MALLOC_TUNABLES
+  monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+  assert bench_cli.child_env(2)["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+  assert bench_cli.child_env(2)["OMP_NUM_THREADS"] == "2"
 
 
 # ------------------------------------------------------------------------ the CLI
 
 def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
-  out = tmp_path / 'bench.md'
-  raw = tmp_path / 'bench.json'
-  torch_args = ['--no-torch-compile'] if bench_cli.torch_available() else []
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(compile_cache_dir),
-         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  out = tmp_path / "bench.md"
+  raw = tmp_path / "bench.json"
+  torch_args = ["--no-torch-compile"] if bench_cli.torch_available() else []
+  env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(compile_cache_dir),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   proc = subprocess.run(
-      [sys.executable, '-m', 'resjax.bench', '--rows', 'resnet20', '--batch', '4', '--size', '8',
-       '--steps', '1', '--threads', '1', '--out', str(out), '--json', str(raw), *torch_args],
+      [sys.executable, "-m", "resjax.bench", "--rows", "resnet20", "--batch", "4", "--size", "8",
+       "--steps", "1", "--threads", "1", "--out", str(out), "--json", str(raw), *torch_args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   table = out.read_text()
-  row = next(l for l in table.splitlines() if l.startswith('| ResNet-20 |'))
-  cells = [c.strip() for c in row.split('|')[1:-1]]
-  assert cells[:3] == ['ResNet-20', 'float32', '4']
+  row = next(l for l in table.splitlines() if l.startswith("| ResNet-20 |"))
+  cells = [c.strip() for c in row.split("|")[1:-1]]
+  assert cells[:3] == ["ResNet-20", "float32", "4"]
   assert float(cells[3]) > 0  # examples/s
-  assert 'resjax / eager' in table and 'Device: cpu' in table
-  runs = json.loads(raw.read_text())['rows'][0]['runs']
-  resjax = runs['resjax'][0]
-  assert resjax['batch'] == 4 and np.isfinite(resjax['loss']) and resjax['flops_per_example'] > 0
+  assert "resjax / eager" in table and "Device: cpu" in table
+  runs = json.loads(raw.read_text())["rows"][0]["runs"]
+  resjax = runs["resjax"][0]
+  assert resjax["batch"] == 4 and np.isfinite(resjax["loss"]) and resjax["flops_per_example"] > 0
   if bench_cli.torch_available():
-    assert cells[-2].endswith('x')  # resjax / eager
-    assert np.isfinite(runs['torch-eager'][0]['loss'])
+    assert cells[-2].endswith("x")  # resjax / eager
+    assert np.isfinite(runs["torch-eager"][0]["loss"])
 
 
-def _bench_json(path, row, compile_s, kind='cpu'):
-  runs = {'resjax': [_result(v, compile_s=compile_s) for v in (3.0, 1.0, 2.0)]}
-  path.write_text(json.dumps({'device': {'backend': 'cpu', 'kind': kind, 'jax': jax.__version__},
-                              'args': {'repeats': 3, 'clock': 'wall'},
-                              'rows': [{'row': row, 'dtype': 'float32', 'runs': runs}]}))
+def _bench_json(path, row, compile_s, kind="cpu"):
+  runs = {"resjax": [_result(v, compile_s=compile_s) for v in (3.0, 1.0, 2.0)]}
+  path.write_text(json.dumps({"device": {"backend": "cpu", "kind": kind, "jax": jax.__version__},
+                              "args": {"repeats": 3, "clock": "wall"},
+                              "rows": [{"row": row, "dtype": "float32", "runs": runs}]}))
   return str(path)
 
 
 def test_merge_joins_rows_measured_separately(tmp_path, capsys):
-  a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
-  b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0)
-  out = tmp_path / 'merged.md'
-  assert bench_cli.cli(['--merge', a, b, '--out', str(out)]) == 0
+  a = _bench_json(tmp_path / "a.json", "resnet110", 20.0)
+  b = _bench_json(tmp_path / "b.json", "resnet1001", 30.0)
+  out = tmp_path / "merged.md"
+  assert bench_cli.cli(["--merge", a, b, "--out", str(out)]) == 0
   table = out.read_text()
-  lines = [l for l in table.splitlines() if l.startswith('| ResNet-110 |')
-           or l.startswith('| pre-act ResNet-1001 |')]
+  lines = [l for l in table.splitlines() if l.startswith("| ResNet-110 |")
+           or l.startswith("| pre-act ResNet-1001 |")]
   assert len(lines) == 2
-  assert all(r.split('|')[4].strip() == '2.0' for r in lines)  # the median of 3, 1, 2 ex/s
-  assert 'Compile time, pre-act ResNet-1001 / ResNet-110: 1.50x.' in table
-  assert 'median of 3 alternating run(s)' in table
+  assert all(r.split("|")[4].strip() == "2.0" for r in lines)  # the median of 3, 1, 2 ex/s
+  assert "Compile time, pre-act ResNet-1001 / ResNet-110: 1.50x." in table
+  assert "median of 3 alternating run(s)" in table
 
 
 def test_merge_refuses_another_device_and_a_foreign_file(tmp_path, capsys):
-  a = _bench_json(tmp_path / 'a.json', 'resnet110', 20.0)
-  b = _bench_json(tmp_path / 'b.json', 'resnet1001', 30.0, kind='NVIDIA H100')
-  assert bench_cli.cli(['--merge', a, b]) == 2
-  assert 'merge files from one device only' in capsys.readouterr().err
-  (tmp_path / 'c.json').write_text('{"loss": 1.0}')
-  assert bench_cli.cli(['--merge', a, str(tmp_path / 'c.json')]) == 2
+  a = _bench_json(tmp_path / "a.json", "resnet110", 20.0)
+  b = _bench_json(tmp_path / "b.json", "resnet1001", 30.0, kind="NVIDIA H100")
+  assert bench_cli.cli(["--merge", a, b]) == 2
+  assert "merge files from one device only" in capsys.readouterr().err
+  (tmp_path / "c.json").write_text('{"loss": 1.0}')
+  assert bench_cli.cli(["--merge", a, str(tmp_path / "c.json")]) == 2
   err = capsys.readouterr().err.strip()
-  assert err.startswith('error:') and 'not a bench --json file' in err and len(err.splitlines()) == 1
+  assert err.startswith("error:") and "not a bench --json file" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------ the profile
@@ -292,14 +292,14 @@ def test_instruction_kinds_read_what_a_fusion_computes():
   x = jnp.ones((64, 64))
   hlo = jax.jit(f).lower(x, x).compile().as_text()
   kinds = {k for k, _ in profile.instruction_kinds(hlo).values()}
-  assert 'matmul' in kinds and 'reduction' in kinds and 'elementwise' in kinds
-  assert 'convolution' not in kinds
+  assert "matmul" in kinds and "reduction" in kinds and "elementwise" in kinds
+  assert "convolution" not in kinds
 
 
 def test_profile_attributes_the_traced_step_to_its_instructions(tmp_path):
-  s = profile.profile('resnet20', batch=4, steps=1, out=str(tmp_path), size=8)
-  assert s['by_kind']['matmul'] > 0  # on CPU every convolution is a matmul (conv_impl auto)
-  assert 'convolution' not in s['by_kind']
-  assert sum(s['by_kind'].values()) == pytest.approx(s['total_ms'])
-  assert s['total_ms'] > 0 and s['wall_ms'] > 0
-  assert (tmp_path / 'profile.md').read_text().startswith('# ResNet-20, batch 4, float32')
+  s = profile.profile("resnet20", batch=4, steps=1, out=str(tmp_path), size=8)
+  assert s["by_kind"]["matmul"] > 0  # on CPU every convolution is a matmul (conv_impl auto)
+  assert "convolution" not in s["by_kind"]
+  assert sum(s["by_kind"].values()) == pytest.approx(s["total_ms"])
+  assert s["total_ms"] > 0 and s["wall_ms"] > 0
+  assert (tmp_path / "profile.md").read_text().startswith("# ResNet-20, batch 4, float32")

@@ -23,7 +23,7 @@ from resjax.errors import ConfigError, DatasetNotPrepared, UserError
 
 
 # sha256 of the digits test images and labels as resjax splits them (first 16 hex digits).
-DIGITS_TEST_FINGERPRINT = '0031108973c9429b'
+DIGITS_TEST_FINGERPRINT = "0031108973c9429b"
 
 
 def _cfg(**fields):
@@ -33,9 +33,9 @@ def _cfg(**fields):
 # ---------------------------------------------------------------------------------- digits
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def digits():
-  return images.load_images(_cfg(name='digits'))
+  return images.load_images(_cfg(name="digits"))
 
 
 def test_digits_shapes_dtypes_and_split_sizes(digits):
@@ -54,8 +54,8 @@ def test_digits_shapes_dtypes_and_split_sizes(digits):
 
 
 def test_digits_split_is_fixed_and_disjoint(digits):
-  again = images.load_images(_cfg(name='digits'))
-  for field in ('train_images', 'train_labels', 'test_images', 'test_labels'):
+  again = images.load_images(_cfg(name="digits"))
+  for field in ("train_images", "train_labels", "test_images", "test_labels"):
     np.testing.assert_array_equal(getattr(again, field), getattr(digits, field))
   # The 1797 digits images are all distinct, so disjoint images mean disjoint examples.
   train = {x.tobytes() for x in digits.train_images}
@@ -76,20 +76,20 @@ def test_digits_mean_is_the_train_mean(digits):
 
 
 def test_sizes_keep_the_first_examples(digits):
-  small = images.load_images(_cfg(name='digits', train_size=100, test_size=20))
+  small = images.load_images(_cfg(name="digits", train_size=100, test_size=20))
   np.testing.assert_array_equal(small.train_images, digits.train_images[:100])
   np.testing.assert_array_equal(small.test_labels, digits.test_labels[:20])
   np.testing.assert_allclose(small.mean, digits.train_images[:100].mean(0) / 255.0, rtol=F32_EPS)
-  with pytest.raises(ConfigError, match='train_size=2000'):
-    images.load_images(_cfg(name='digits', train_size=2000))
-  with pytest.raises(ConfigError, match='test_size'):
-    images.load_images(_cfg(name='digits', test_size=0))
+  with pytest.raises(ConfigError, match="train_size=2000"):
+    images.load_images(_cfg(name="digits", train_size=2000))
+  with pytest.raises(ConfigError, match="test_size"):
+    images.load_images(_cfg(name="digits", test_size=0))
 
 
 def test_unknown_name_lists_the_known_ones():
   with pytest.raises(ConfigError) as e:
-    images.load_images(_cfg(name='mnist'))
-  assert all(name in str(e.value) for name in ('digits', 'cifar10', 'cifar100'))
+    images.load_images(_cfg(name="mnist"))
+  assert all(name in str(e.value) for name in ("digits", "cifar10", "cifar100"))
 
 
 def test_normalize_subtracts_the_mean_in_unit_scale():
@@ -122,12 +122,12 @@ def _identify(x, y, pad):
   """The unique (dy, dx, flip) turning x into y; fails if none or several match."""
   crops, keys = _candidates(x, pad)
   hits = np.flatnonzero(np.all(crops == y[None], axis=(1, 2, 3)))
-  assert len(hits) == 1, f'{len(hits)} candidate crops match'
+  assert len(hits) == 1, f"{len(hits)} candidate crops match"
   return keys[hits[0]]
 
 
 # One jitted function and one batch shape for all tests below: each compile costs ~1 s.
-_augment = jax.jit(images.augment, static_argnames=('pad', 'flip'))
+_augment = jax.jit(images.augment, static_argnames=("pad", "flip"))
 _BATCH = 2000
 
 
@@ -178,7 +178,7 @@ def mock_tfds():
     yield
 
 
-@pytest.mark.parametrize('name,classes', [('cifar10', 10), ('cifar100', 100)])
+@pytest.mark.parametrize("name,classes", [("cifar10", 10), ("cifar100", 100)])
 def test_cifar_through_mocked_tfds(mock_tfds, name, classes, tmp_path):
   del mock_tfds
   splits = images.load_images(_cfg(name=name, data_dir=str(tmp_path)))
@@ -195,12 +195,12 @@ def test_cifar_through_mocked_tfds(mock_tfds, name, classes, tmp_path):
 def test_unprepared_dataset_fails_fast_with_the_command(tmp_path):
   start = time.monotonic()
   with pytest.raises(DatasetNotPrepared) as e:
-    images.load_images(_cfg(name='cifar10', data_dir=str(tmp_path)))
+    images.load_images(_cfg(name="cifar10", data_dir=str(tmp_path)))
   assert time.monotonic() - start < 10
   message = str(e.value)
-  assert '\n' not in message
-  assert f'python -m resjax.data.prepare --dataset cifar10 --data_dir {tmp_path}' in message
-  assert "pip install 'resjax[prepare]'" in message and 'config.data.name=digits' in message
+  assert "\n" not in message
+  assert f"python -m resjax.data.prepare --dataset cifar10 --data_dir {tmp_path}" in message
+  assert "pip install 'resjax[prepare]'" in message and "config.data.name=digits" in message
   assert not list(tmp_path.iterdir())  # Nothing downloaded or created.
 
 
@@ -210,7 +210,7 @@ def test_unprepared_dataset_fails_fast_with_the_command(tmp_path):
 def _cifar10_archive(path, per_file=2, seed=0, files=None):
   """Writes a CIFAR-10 binary archive; returns {filename: (images HWC, labels)} written."""
   rng = np.random.default_rng(seed)
-  names = files or [f'data_batch_{i}.bin' for i in range(1, 6)] + ['test_batch.bin']
+  names = files or [f"data_batch_{i}.bin" for i in range(1, 6)] + ["test_batch.bin"]
   written, members = {}, {}
   for name in names:
     labels = rng.integers(0, 10, per_file, dtype=np.uint8)
@@ -218,10 +218,10 @@ def _cifar10_archive(path, per_file=2, seed=0, files=None):
     records = np.concatenate([labels[:, None], chw.reshape(per_file, -1)], axis=1)
     members[name] = records.tobytes()
     written[name] = (chw.transpose(0, 2, 3, 1), labels)
-  members['batches.meta.txt'] = ('\n'.join(f'class{i}' for i in range(10)) + '\n').encode()
-  with tarfile.open(path, 'w:gz') as tar:
+  members["batches.meta.txt"] = ("\n".join(f"class{i}" for i in range(10)) + "\n").encode()
+  with tarfile.open(path, "w:gz") as tar:
     for name, data in members.items():
-      info = tarfile.TarInfo(f'cifar-10-batches-bin/{name}')
+      info = tarfile.TarInfo(f"cifar-10-batches-bin/{name}")
       info.size = len(data)
       tar.addfile(info, io.BytesIO(data))
   return written
@@ -235,36 +235,36 @@ def _as_set(images_, labels):
   return {(x.tobytes(), int(y)) for x, y in zip(images_, labels)}
 
 
-@pytest.mark.skipif(importlib.util.find_spec('tensorflow') is None,
+@pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
                     reason="preparing needs TensorFlow: pip install 'resjax[prepare]'")
 def test_prepare_from_archive_offline(tmp_path):
-  data_dir = tmp_path / 'tfds'
+  data_dir = tmp_path / "tfds"
   # A broken archive (no test file) fails after the train split was written: nothing may
   # remain that looks prepared, and the good run after it, into the same data_dir, must not
   # reuse any of it.
-  broken = tmp_path / 'broken' / 'cifar-10-binary.tar.gz'
+  broken = tmp_path / "broken" / "cifar-10-binary.tar.gz"
   broken.parent.mkdir()
-  _cifar10_archive(broken, seed=1, files=[f'data_batch_{i}.bin' for i in range(1, 6)])
-  failed = _run('-m', 'resjax.data.prepare', '--dataset', 'cifar10', '--data_dir', str(data_dir),
-                '--archive', str(broken))
+  _cifar10_archive(broken, seed=1, files=[f"data_batch_{i}.bin" for i in range(1, 6)])
+  failed = _run("-m", "resjax.data.prepare", "--dataset", "cifar10", "--data_dir", str(data_dir),
+                "--archive", str(broken))
   assert failed.returncode != 0
-  assert 'test_batch.bin' in failed.stderr
-  assert not (data_dir / 'cifar10' / '3.0.2').exists()
-  assert not [p for p in data_dir.rglob('*') if 'incomplete' in p.name or 'extract' in p.name]
+  assert "test_batch.bin" in failed.stderr
+  assert not (data_dir / "cifar10" / "3.0.2").exists()
+  assert not [p for p in data_dir.rglob("*") if "incomplete" in p.name or "extract" in p.name]
   with pytest.raises(DatasetNotPrepared):
-    images.load_images(_cfg(name='cifar10', data_dir=str(data_dir)))
+    images.load_images(_cfg(name="cifar10", data_dir=str(data_dir)))
 
-  archive = tmp_path / 'cifar-10-binary.tar.gz'
+  archive = tmp_path / "cifar-10-binary.tar.gz"
   written = _cifar10_archive(archive)
-  done = _run('-m', 'resjax.data.prepare', '--dataset', 'cifar10', '--data_dir', str(data_dir),
-              '--archive', str(archive))
+  done = _run("-m", "resjax.data.prepare", "--dataset", "cifar10", "--data_dir", str(data_dir),
+              "--archive", str(archive))
   assert done.returncode == 0, done.stderr[-3000:]
-  assert f'--config.data.data_dir={data_dir}' in done.stdout
-  assert 'checksum check is SKIPPED' in done.stderr  # Not the published archive: said so.
-  assert not [p for p in data_dir.rglob('*') if 'extract' in p.name]
+  assert f"--config.data.data_dir={data_dir}" in done.stdout
+  assert "checksum check is SKIPPED" in done.stderr  # Not the published archive: said so.
+  assert not [p for p in data_dir.rglob("*") if "extract" in p.name]
 
   # Read back as training does, in a fresh process, which must not import TensorFlow.
-  out = tmp_path / 'loaded.npz'
+  out = tmp_path / "loaded.npz"
   loader = textwrap.dedent(f"""
       import sys, ml_collections, numpy as np
       from resjax.data import images
@@ -274,31 +274,31 @@ def test_prepare_from_archive_offline(tmp_path):
       np.savez({str(out)!r}, train_x=s.train_images, train_y=s.train_labels,
                test_x=s.test_images, test_y=s.test_labels, classes=s.num_classes)
   """)
-  loaded = _run('-c', loader)
+  loaded = _run("-c", loader)
   assert loaded.returncode == 0, loaded.stderr[-3000:]
   got = np.load(out)
-  assert got['train_x'].shape == (10, 32, 32, 3) and got['test_x'].shape == (2, 32, 32, 3)
-  assert got['train_x'].dtype == np.uint8 and int(got['classes']) == 10
-  train_written = [written[f'data_batch_{i}.bin'] for i in range(1, 6)]
+  assert got["train_x"].shape == (10, 32, 32, 3) and got["test_x"].shape == (2, 32, 32, 3)
+  assert got["train_x"].dtype == np.uint8 and int(got["classes"]) == 10
+  train_written = [written[f"data_batch_{i}.bin"] for i in range(1, 6)]
   expected_train = set().union(*(_as_set(x, y) for x, y in train_written))
   # TFDS stores examples in a hashed order, so compare (image, label) pairs as sets.
-  assert _as_set(got['train_x'], got['train_y']) == expected_train
-  assert _as_set(got['test_x'], got['test_y']) == _as_set(*written['test_batch.bin'])
-  info = json.loads((data_dir / 'cifar10' / '3.0.2' / 'dataset_info.json').read_text())
-  assert info['fileFormat'] == 'array_record'
+  assert _as_set(got["train_x"], got["train_y"]) == expected_train
+  assert _as_set(got["test_x"], got["test_y"]) == _as_set(*written["test_batch.bin"])
+  info = json.loads((data_dir / "cifar10" / "3.0.2" / "dataset_info.json").read_text())
+  assert info["fileFormat"] == "array_record"
 
 
 def test_missing_tensorflow_is_one_line_naming_the_extra(monkeypatch, tmp_path, capsys):
   assert prepare.missing_tensorflow_message() == (
       "preparing datasets needs TensorFlow: pip install 'resjax[prepare]'")
-  monkeypatch.setitem(sys.modules, 'tensorflow', None)  # Makes `import tensorflow` fail.
+  monkeypatch.setitem(sys.modules, "tensorflow", None)  # Makes `import tensorflow` fail.
   with pytest.raises(UserError) as e:
-    prepare.main(['--dataset', 'cifar10', '--data_dir', str(tmp_path / 'tfds')])
+    prepare.main(["--dataset", "cifar10", "--data_dir", str(tmp_path / "tfds")])
   assert str(e.value) == prepare.missing_tensorflow_message()
-  monkeypatch.setattr(sys, 'argv', ['resjax-prepare', '--dataset', 'cifar10'])
+  monkeypatch.setattr(sys, "argv", ["resjax-prepare", "--dataset", "cifar10"])
   with pytest.raises(SystemExit) as exit_info:
     prepare.run()
   assert exit_info.value.code == 1
   err = capsys.readouterr().err
-  assert err.strip().splitlines() == [f'error: {prepare.missing_tensorflow_message()}']
-  assert not (tmp_path / 'tfds').exists()  # Failed before touching the disk.
+  assert err.strip().splitlines() == [f"error: {prepare.missing_tensorflow_message()}"]
+  assert not (tmp_path / "tfds").exists()  # Failed before touching the disk.

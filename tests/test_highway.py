@@ -27,7 +27,7 @@ def _normal(shape, seed=0):
 def _conv(h, w, stride=1):
   p = w.shape[0] // 2
   return jax.lax.conv_general_dilated(h, w, (stride, stride), ((p, p), (p, p)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _bn(h):
@@ -37,9 +37,9 @@ def _bn(h):
 
 def test_highway_layer_against_a_hand_written_one():
   """y = H(x) T(x) + x (1 - T(x)), H = ReLU(BN(conv3x3 x)), T = sigmoid(conv3x3 x + b_T)."""
-  sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='conv', gate_kernel=3,
+  sc = ml_collections.ConfigDict(dict(name="highway", option="B", gate="conv", gate_kernel=3,
                                       gate_bias=-2.0))
-  unit = resnet.Unit(4, 4, 1, kind='single', placement='relu_before_add', shortcut=sc,
+  unit = resnet.Unit(4, 4, 1, kind="single", placement="relu_before_add", shortcut=sc,
                      skip_preact=False, rngs=make_rngs())
   w_h, w_t = 0.3 * _normal((3, 3, 4, 4), 1), 0.3 * _normal((3, 3, 4, 4), 2)
   unit.convs[0].kernel.set_value(w_h)
@@ -52,32 +52,32 @@ def test_highway_layer_against_a_hand_written_one():
 
 
 def test_gate_on_a_shape_change_is_strided_and_x_is_projected():
-  sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='conv', gate_bias=-1.0))
+  sc = ml_collections.ConfigDict(dict(name="highway", option="B", gate="conv", gate_bias=-1.0))
   s = shortcuts.make_shortcut(sc, 4, 8, 2, rngs=make_rngs())
   assert s.projects and s.gate.convs[0].kernel.shape == (3, 3, 4, 8)
   x, f = _normal((2, 6, 6, 4)), _normal((2, 3, 3, 8), 1)
   y = s(x, f, train=True)
   t = s.gate(x, train=True)
   assert_f32_close(y, (1 - t) * s.carried(x, True) + t * f, terms=2)
-  with pytest.raises(ConfigError, match='exclusive_gate'):
+  with pytest.raises(ConfigError, match="exclusive_gate"):
     s(_normal((2, 5, 4)), _normal((2, 5, 8)), train=True)
-  with pytest.raises(ConfigError, match='config.model.shortcut.gate'):
-    shortcuts.make_shortcut(ml_collections.ConfigDict(dict(name='highway', gate='dense')),
+  with pytest.raises(ConfigError, match="config.model.shortcut.gate"):
+    shortcuts.make_shortcut(ml_collections.ConfigDict(dict(name="highway", gate="dense")),
                             4, 4, 1, rngs=make_rngs())
 
 
-@pytest.mark.parametrize('depth, bias', [(8, -1.0), (11, -1.0), (20, -2.0), (32, -3.0), (110, -3.0)])
+@pytest.mark.parametrize("depth, bias", [(8, -1.0), (11, -1.0), (20, -2.0), (32, -3.0), (110, -3.0)])
 def test_default_gate_bias_by_depth(depth, bias):
   """Highway networks: b_T about -1, -2, -3 for conv nets of depth 10, 20, 30."""
   assert highway.default_gate_bias(depth) == bias
 
 
 def test_highway_family_defaults():
-  cfg = ml_collections.ConfigDict(dict(name='highway', depth=20))
+  cfg = ml_collections.ConfigDict(dict(name="highway", depth=20))
   model = nnx.eval_shape(lambda: highway.from_config(cfg, num_classes=10, in_channels=3,
                                                      rngs=nnx.Rngs(0)))
   unit = model.stages[0].first
-  assert len(unit.convs) == 1 and unit.placement == 'relu_before_add'
+  assert len(unit.convs) == 1 and unit.placement == "relu_before_add"
   assert isinstance(unit.shortcut, shortcuts.Highway)
   assert unit.shortcut.gate.convs[0].kernel.shape == (3, 3, 16, 16)
   assert highway.shortcut_config(cfg).gate_bias == -2.0
@@ -109,7 +109,7 @@ def test_highway_110_of_the_2024_rerun():
   assert [st.out_features for st in model.stages] == [14, 28, 56]
   assert sum(st.n for st in model.stages) == 54
   first = model.stages[0].first
-  assert first.placement == 'relu_before_add' and first.shortcut.projects  # 16 -> 14 channels
+  assert first.placement == "relu_before_add" and first.shortcut.projects  # 16 -> 14 channels
   assert first.shortcut.gate.convs[0].kernel.shape == (3, 3, 16, 14)
   assert _n_params(model) == 2_649_918
 
@@ -117,8 +117,8 @@ def test_highway_110_of_the_2024_rerun():
 def test_highway_unit_of_the_2024_rerun_against_a_hand_written_one():
   """The re-run's forward: h = ReLU(BN(conv(ReLU(BN(conv x))))), t = sigmoid(BN(conv(ReLU(BN(conv
   x)))) - 6), out = x + t (h - x), with no ReLU after the sum (negative outputs survive)."""
-  sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='two_conv', gate_bias=-6.0))
-  unit = resnet.Unit(4, 4, 1, kind='basic', placement='relu_before_add', shortcut=sc,
+  sc = ml_collections.ConfigDict(dict(name="highway", option="B", gate="two_conv", gate_bias=-6.0))
+  unit = resnet.Unit(4, 4, 1, kind="basic", placement="relu_before_add", shortcut=sc,
                      skip_preact=False, rngs=make_rngs())
   w = [0.3 * _normal((3, 3, 4, 4), seed) for seed in range(1, 5)]
   for conv, k in zip([*unit.convs, *unit.shortcut.gate.convs], w):
@@ -135,24 +135,24 @@ def test_highway_unit_of_the_2024_rerun_against_a_hand_written_one():
 def test_highway_experiment_recipe_of_the_2024_rerun():
   """scale=paper: ResNet-110 option A, LR 0.01 through its first epoch (391 steps of 128 of 50k
   images), weight decay 1e-4; the highway rows have no warm-up."""
-  path = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'highway.py'
-  spec = importlib.util.spec_from_file_location('highway_experiment', path)
+  path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "highway.py"
+  spec = importlib.util.spec_from_file_location("highway_experiment", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config('scale=paper')
+  config = module.get_config("scale=paper")
   runs = {r.name: configs.run_config(config, r) for r in configs.select_runs(config)}
-  base, hw = runs['resnet110'], runs['highway110_2024']
-  assert base.model.shortcut.option == 'A' and base.optim.warmup_lr == 0.01
-  assert configs.schedule_steps(base, train_size=50_000)['warmup'] == 391
+  base, hw = runs["resnet110"], runs["highway110_2024"]
+  assert base.model.shortcut.option == "A" and base.optim.warmup_lr == 0.01
+  assert configs.schedule_steps(base, train_size=50_000)["warmup"] == 391
   assert base.optim.weight_decay == hw.optim.weight_decay == 1e-4
-  assert configs.schedule_steps(hw, train_size=50_000)['warmup'] == 0
-  assert hw.model.placement == 'relu_before_add' and hw.model.shortcut.option == 'B'
+  assert configs.schedule_steps(hw, train_size=50_000)["warmup"] == 0
+  assert hw.model.placement == "relu_before_add" and hw.model.shortcut.option == "B"
   assert _n_params(inspect_model.abstract_model(hw)) == 2_649_918
 
 
 def test_two_conv_gate_starts_nearly_closed():
   """b_T = -6 on the gate's last BN: T is about sigmoid(-6) = 0.0025, the unit carries x."""
-  sc = ml_collections.ConfigDict(dict(name='highway', option='B', gate='two_conv', gate_bias=-6.0))
+  sc = ml_collections.ConfigDict(dict(name="highway", option="B", gate="two_conv", gate_bias=-6.0))
   s = shortcuts.make_shortcut(sc, 8, 8, 1, rngs=make_rngs())
   np.testing.assert_array_equal(s.gate.norms[1].bias[...], np.full(8, -6.0, np.float32))
   np.testing.assert_array_equal(s.gate.norms[0].bias[...], np.zeros(8, np.float32))
@@ -165,8 +165,8 @@ def test_two_conv_gate_starts_nearly_closed():
 
 def test_highway_net_with_probes_and_zero_init():
   """With zero_init_residual the branch is 0 and y = (1 - T) x: the gradient shrinks by (1 - T)."""
-  cfg = ml_collections.ConfigDict(dict(name='highway', depth=11, zero_init_residual=True,
-                                       conv_impl='xla', shortcut=dict(gate_bias=-1.0)))
+  cfg = ml_collections.ConfigDict(dict(name="highway", depth=11, zero_init_residual=True,
+                                       conv_impl="xla", shortcut=dict(gate_bias=-1.0)))
   model = nnx.jit(lambda: highway.from_config(cfg, num_classes=10, in_channels=1,
                                               rngs=make_rngs()))()
   x = _normal((4, 8, 8, 1))

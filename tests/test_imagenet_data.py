@@ -25,7 +25,7 @@ def _cfg(**fields):
 
 def _png(array):
   buffer = io.BytesIO()
-  Image.fromarray(array).save(buffer, format='PNG')
+  Image.fromarray(array).save(buffer, format="PNG")
   return buffer.getvalue()
 
 
@@ -43,7 +43,7 @@ def test_sizes_scale_with_the_image_size():
   assert imagenet.resized_size(500, 375, 256) == (341, 256)
 
 
-@pytest.mark.parametrize('height,width,top,left', [(37, 50, 2, 9), (60, 37, 14, 2)])
+@pytest.mark.parametrize("height,width,top,left", [(37, 50, 2, 9), (60, 37, 14, 2)])
 def test_centre_crop_of_an_image_at_the_eval_size_is_a_slice(height, width, top, left):
   # Shorter side already 37: no resampling, so the centre crop is an exact slice; offsets
   # floor((side - 32) / 2) from the top-left.
@@ -136,13 +136,13 @@ def mock_tfds():
 @pytest.fixture
 def records(mock_tfds):
   """The mocked records: (JPEG bytes, label) of each index, read without resjax."""
-  source = mock_tfds.data_source('imagenet2012', split='validation', download=False,
-                                 decoders={'image': mock_tfds.decode.SkipDecoding()})
-  return [(source[i]['image'], int(source[i]['label'])) for i in range(NUM_EXAMPLES)]
+  source = mock_tfds.data_source("imagenet2012", split="validation", download=False,
+                                 decoders={"image": mock_tfds.decode.SkipDecoding()})
+  return [(source[i]["image"], int(source[i]["label"])) for i in range(NUM_EXAMPLES)]
 
 
-def _source(tmp_path, split='train', **fields):
-  fields = {'image_size': SIZE, 'num_workers': 2, 'data_dir': str(tmp_path), **fields}
+def _source(tmp_path, split="train", **fields):
+  fields = {"image_size": SIZE, "num_workers": 2, "data_dir": str(tmp_path), **fields}
   return imagenet.ImageNetSource(_cfg(**fields), split)
 
 
@@ -192,13 +192,13 @@ def test_hosts_get_disjoint_equal_parts_of_the_same_global_batch(mock_tfds, tmp_
     # an example, once from each epoch).
     host_indices = [set(source.train_indices(5, 2, 6, p, 3).tolist()) for p in range(3)]
     assert sum(map(len, host_indices)) == len(set.union(*host_indices)) == 6
-    with pytest.raises(ConfigError, match='does not split over 4 hosts'):
+    with pytest.raises(ConfigError, match="does not split over 4 hosts"):
       source.train_batch(seed=5, step=1, batch_size=6, process_index=0, process_count=4)
 
 
-@pytest.mark.parametrize('hosts', [1, 2])
+@pytest.mark.parametrize("hosts", [1, 2])
 def test_eval_covers_every_example_once(mock_tfds, records, tmp_path, hosts):
-  with _source(tmp_path, split='validation') as source:
+  with _source(tmp_path, split="validation") as source:
     per_host = [list(source.eval_batches(4, process_index=p, process_count=hosts))
                 for p in range(hosts)]
   assert all(len(batches) == 3 for batches in per_host)  # ceil(10 / 4) on every host.
@@ -226,37 +226,37 @@ def test_unprepared_imagenet_fails_fast_with_the_instructions(tmp_path):
     _source(tmp_path)
   assert time.monotonic() - start < 10
   message = str(e.value)
-  assert '\n' not in message
-  assert 'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar' in message
-  assert 'image-net.org' in message
+  assert "\n" not in message
+  assert "ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar" in message
+  assert "image-net.org" in message
   assert (f"'python -m resjax.data.prepare --dataset imagenet2012 --manual_dir MANUAL_DIR "
           f"--data_dir {tmp_path}'") in message
   assert not list(tmp_path.iterdir())  # Nothing downloaded or created.
 
 
 def test_prepare_arguments_fail_before_touching_anything(tmp_path, monkeypatch, capsys):
-  manual = tmp_path / 'manual'
+  manual = tmp_path / "manual"
   manual.mkdir()
-  (manual / 'ILSVRC2012_img_train.tar').write_bytes(b'')
-  data_dir = tmp_path / 'tfds'
+  (manual / "ILSVRC2012_img_train.tar").write_bytes(b"")
+  data_dir = tmp_path / "tfds"
   cases = [
-      (['--dataset', 'imagenet2012'], 'pass it as --manual_dir'),
-      (['--dataset', 'imagenet2012', '--manual_dir', str(manual)],
-       f'--manual_dir {manual} lacks ILSVRC2012_img_val.tar:'),
-      (['--dataset', 'imagenet2012', '--manual_dir', str(manual), '--archive', str(manual)],
-       '--archive does not apply to imagenet2012'),
-      (['--dataset', 'lm1b', '--manual_dir', str(manual)], '--manual_dir is only for imagenet2012'),
+      (["--dataset", "imagenet2012"], "pass it as --manual_dir"),
+      (["--dataset", "imagenet2012", "--manual_dir", str(manual)],
+       f"--manual_dir {manual} lacks ILSVRC2012_img_val.tar:"),
+      (["--dataset", "imagenet2012", "--manual_dir", str(manual), "--archive", str(manual)],
+       "--archive does not apply to imagenet2012"),
+      (["--dataset", "lm1b", "--manual_dir", str(manual)], "--manual_dir is only for imagenet2012"),
   ]
   for argv, fragment in cases:
     with pytest.raises(UserError) as e:
-      prepare.main([*argv, '--data_dir', str(data_dir)])
-    assert fragment in str(e.value) and '\n' not in str(e.value)
+      prepare.main([*argv, "--data_dir", str(data_dir)])
+    assert fragment in str(e.value) and "\n" not in str(e.value)
   # Text sets are accepted and go on to the TensorFlow check (absent here by construction).
-  monkeypatch.setitem(sys.modules, 'tensorflow', None)
-  for name in ('tiny_shakespeare', 'lm1b'):
-    with pytest.raises(UserError, match='needs TensorFlow'):
-      prepare.main(['--dataset', name, '--data_dir', str(data_dir)])
-  monkeypatch.setattr(sys, 'argv', ['resjax-prepare', '--dataset', 'imagenet2012'])
+  monkeypatch.setitem(sys.modules, "tensorflow", None)
+  for name in ("tiny_shakespeare", "lm1b"):
+    with pytest.raises(UserError, match="needs TensorFlow"):
+      prepare.main(["--dataset", name, "--data_dir", str(data_dir)])
+  monkeypatch.setattr(sys, "argv", ["resjax-prepare", "--dataset", "imagenet2012"])
   with pytest.raises(SystemExit) as exit_info:
     prepare.run()
   assert exit_info.value.code == 1

@@ -26,16 +26,16 @@ def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-def _shortcut(name='identity', option='B', **fields):
-  return ml_collections.ConfigDict({'name': name, 'option': option, **fields})
+def _shortcut(name="identity", option="B", **fields):
+  return ml_collections.ConfigDict({"name": name, "option": option, **fields})
 
 
-def _imagenet_cfg(depth, option='B', name='identity', **model):
-  return ml_collections.ConfigDict(dict(name='imagenet_resnet', depth=depth,
+def _imagenet_cfg(depth, option="B", name="identity", **model):
+  return ml_collections.ConfigDict(dict(name="imagenet_resnet", depth=depth,
                                         shortcut=dict(name=name, option=option), **model))
 
 
-def _abstract_imagenet(depth, option='B', name='identity', num_classes=1000, **model):
+def _abstract_imagenet(depth, option="B", name="identity", num_classes=1000, **model):
   cfg = _imagenet_cfg(depth, option, name, **model)
   return nnx.eval_shape(lambda: resnet.imagenet_from_config(
       cfg, num_classes=num_classes, in_channels=3, rngs=nnx.Rngs(0)))
@@ -47,7 +47,7 @@ def _abstract_imagenet(depth, option='B', name='identity', num_classes=1000, **m
 TORCHVISION = {18: 11_689_512, 34: 21_797_672, 50: 25_557_032, 101: 44_549_160, 152: 60_192_808}
 
 
-@pytest.mark.parametrize('depth', sorted(TORCHVISION))
+@pytest.mark.parametrize("depth", sorted(TORCHVISION))
 def test_option_b_parameter_counts_equal_torchvision(depth):
   assert _n_params(_abstract_imagenet(depth)) == TORCHVISION[depth]
 
@@ -60,13 +60,13 @@ def test_options_a_c_and_plain_nets_by_hand():
   """ResNet-34: A drops B's three stage-entry projections; C adds one to each of the other 13 units."""
   b = TORCHVISION[34]
   entry = _projection(64, 128) + _projection(128, 256) + _projection(256, 512)
-  assert _n_params(_abstract_imagenet(34, 'A')) == b - entry == 21_623_848
+  assert _n_params(_abstract_imagenet(34, "A")) == b - entry == 21_623_848
   others = (3 * _projection(64, 64) + 3 * _projection(128, 128) + 5 * _projection(256, 256)
             + 2 * _projection(512, 512))
-  assert _n_params(_abstract_imagenet(34, 'C')) == b + others
-  assert _n_params(_abstract_imagenet(34, name='none')) == b - entry
+  assert _n_params(_abstract_imagenet(34, "C")) == b + others
+  assert _n_params(_abstract_imagenet(34, name="none")) == b - entry
   b18 = TORCHVISION[18]
-  assert _n_params(_abstract_imagenet(18, name='none')) == b18 - entry
+  assert _n_params(_abstract_imagenet(18, name="none")) == b18 - entry
 
 
 def _resnet_1k_by_hand(depth):
@@ -83,7 +83,7 @@ def _resnet_1k_by_hand(depth):
 
 def _preact_cifar(depth, **kw):
   return nnx.eval_shape(lambda: resnet.CifarResNet(
-      depth=depth, num_classes=10, unit='bottleneck', placement='preact', shortcut=_shortcut(),
+      depth=depth, num_classes=10, unit="bottleneck", placement="preact", shortcut=_shortcut(),
       rngs=nnx.Rngs(0), **kw))
 
 
@@ -114,7 +114,7 @@ def test_preact_cifar_bottleneck_units_are_resnet_1k_layers():
     assert unit.shortcut.projects and unit.shortcut.match.norm is None
     assert [n.num_features for n in unit.norms] == norms
   post = nnx.eval_shape(lambda: resnet.CifarResNet(
-      depth=20, num_classes=10, unit='bottleneck', placement='post', shortcut=_shortcut(),
+      depth=20, num_classes=10, unit="bottleneck", placement="post", shortcut=_shortcut(),
       rngs=nnx.Rngs(0)))
   assert [c.stride for c in post.stages[1].first.convs] == [1, 2, 1]
   assert post.stages[1].first.shortcut.match.norm is not None
@@ -123,13 +123,13 @@ def test_preact_cifar_bottleneck_units_are_resnet_1k_layers():
 def _strided_conv(h, w, stride):
   p = w.shape[0] // 2
   return jax.lax.conv_general_dilated(h, w, (stride, stride), ((p, p), (p, p)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def test_preact_bottleneck_unit_against_resnet_1k_layers():
   """A unit that changes shape, as resnet-pre-act.lua computes it: a = ReLU(BN(x)) feeds both the
   branch (1x1 stride 2, BN-ReLU, 3x3, BN-ReLU, 1x1) and the projection (1x1 stride 2)."""
-  unit = resnet.Unit(8, 4, 2, kind='bottleneck', placement='preact', shortcut=_shortcut(),
+  unit = resnet.Unit(8, 4, 2, kind="bottleneck", placement="preact", shortcut=_shortcut(),
                      skip_preact=False, stride_first=True, projection_norm=False, rngs=make_rngs())
   x = _normal((2, 6, 6, 8))
   ws = [c.kernel[...] for c in unit.convs]
@@ -144,14 +144,14 @@ def test_preact_bottleneck_unit_against_resnet_1k_layers():
 
 
 def test_layout_errors_are_one_line():
-  for kwargs, words in [(dict(depth=42), 'config.model.depth'),
-                        (dict(depth=50, unit='basic'), 'config.model.unit=bottleneck'),
-                        (dict(depth=18, stage_units=(2, 2, 2)), 'stage_units')]:
+  for kwargs, words in [(dict(depth=42), "config.model.depth"),
+                        (dict(depth=50, unit="basic"), "config.model.unit=bottleneck"),
+                        (dict(depth=18, stage_units=(2, 2, 2)), "stage_units")]:
     with pytest.raises(ConfigError) as e:
       resnet.imagenet_layout(**kwargs)
-    assert words in str(e.value) and '\n' not in str(e.value)
-  assert resnet.imagenet_layout(50) == ('bottleneck', (3, 4, 6, 3))
-  assert resnet.imagenet_layout(200) == ('bottleneck', (3, 24, 36, 3))
+    assert words in str(e.value) and "\n" not in str(e.value)
+  assert resnet.imagenet_layout(50) == ("bottleneck", (3, 4, 6, 3))
+  assert resnet.imagenet_layout(200) == ("bottleneck", (3, 24, 36, 3))
 
 
 # ------------------------------------------------------------------------ multiply-adds
@@ -172,7 +172,7 @@ def _imagenet_macs(depth):
   for s, (n, w) in enumerate(zip(counts, (64, 128, 256, 512))):
     for i in range(n):
       st = 2 if s > 0 and i == 0 else 1
-      if unit == 'basic':
+      if unit == "basic":
         convs += [(size, 3, st, c, w), (-(-size // st), 3, 1, w, w)]
         out = w
       else:
@@ -201,10 +201,10 @@ def _xla_macs(depth):
   one of its units; the stages differ in length, so the net is f1 + sum_s (n_s - 1) (f_s - f1).
   """
   # conv_impl is named so that forward_flops counts XLA's convolution, as on an accelerator.
-  c = ml_collections.ConfigDict(dict(data=dict(name='imagenet2012'),
-                                     model=_imagenet_cfg(depth, conv_impl='auto')))
+  c = ml_collections.ConfigDict(dict(data=dict(name="imagenet2012"),
+                                     model=_imagenet_cfg(depth, conv_impl="auto")))
   one, counts = resnet.imagenet_repeats(c.model, 1)
-  with jax.default_prng_impl('rbg'):
+  with jax.default_prng_impl("rbg"):
     f1 = inspect_model.forward_flops(c, one)
     total = f1
     for s, n in enumerate(counts):
@@ -213,7 +213,7 @@ def _xla_macs(depth):
   return total / 2
 
 
-@pytest.mark.parametrize('depth, paper', [(34, 3.6e9), (50, 4.1e9)])
+@pytest.mark.parametrize("depth, paper", [(34, 3.6e9), (50, 4.1e9)])
 def test_xla_multiply_adds(depth, paper):
   """XLA's count is the in-image taps (+1.5% elementwise work), 7.5% (34) and 2% (50) below the paper.
 
@@ -231,12 +231,12 @@ def test_repeats_per_stage():
   cfg = _imagenet_cfg(101)
   two, counts = resnet.imagenet_repeats(cfg, 2)
   assert counts == (3, 4, 23, 3)
-  assert two.unit == 'bottleneck' and tuple(two.stage_units) == (2, 2, 2, 2)
+  assert two.unit == "bottleneck" and tuple(two.stage_units) == (2, 2, 2, 2)
   mixed, _ = resnet.imagenet_repeats(cfg, (1, 2, 1, 3))
   model = nnx.eval_shape(lambda: resnet.imagenet_from_config(
       mixed, num_classes=10, in_channels=3, rngs=nnx.Rngs(0)))
   assert [st.n for st in model.stages] == [1, 2, 1, 3]
-  assert cfg.get('stage_units') is None  # the caller's config is untouched
+  assert cfg.get("stage_units") is None  # the caller's config is untouched
 
 
 # ------------------------------------------------------------------------ stem, v2 details, probes
@@ -263,24 +263,24 @@ def test_imagenet_probe_shapes_at_224():
 
 
 def _tiny_imagenet(placement):
-  cfg = _imagenet_cfg(18, placement=placement, stage_units=(2, 1, 1, 2), unit='basic',
-                      widths=(4, 8, 8, 8), stem_width=4, conv_impl='xla')
+  cfg = _imagenet_cfg(18, placement=placement, stage_units=(2, 1, 1, 2), unit="basic",
+                      widths=(4, 8, 8, 8), stem_width=4, conv_impl="xla")
   return nnx.eval_shape(lambda: resnet.imagenet_from_config(
       cfg, num_classes=5, in_channels=3, rngs=make_rngs()))
 
 
 def test_v1_and_v2_details():
   """v2 (preact): the first unit skips its pre-activation, a final BN-ReLU; v1 (post) has neither."""
-  for placement in ('post', 'preact'):
+  for placement in ("post", "preact"):
     model = _tiny_imagenet(placement)
-    assert (model.final_norm is not None) == (placement == 'preact')
-    assert model.stages[0].first.skip_preact == (placement == 'preact')
+    assert (model.final_norm is not None) == (placement == "preact")
+    assert model.stages[0].first.skip_preact == (placement == "preact")
     assert not any(st.first.skip_preact for st in model.stages[1:])
 
 
 def test_tiny_imagenet_net_runs_with_probes():
   """Probes fit every unit's input, rms has one value per unit, zero probes change nothing."""
-  model = _tiny_imagenet('preact')
+  model = _tiny_imagenet("preact")
   x = _normal((2, 32, 32, 3))
   shapes = model.probe_shapes(x.shape)
   assert [s[0] for s in shapes] == [1, 1, 1, 1, 1, 1]
@@ -306,11 +306,11 @@ def test_tiny_imagenet_net_runs_with_probes():
 
 def test_single_unit_depth_rule():
   """ResNet-110 with 1-layer skip (ResNet-v2 Table 3): 108 units, 36 per stage, depth 3n+2."""
-  assert resnet.units_per_stage(110, 'single') == 36
-  with pytest.raises(ConfigError, match=r'3n\+2'):
-    resnet.units_per_stage(111, 'single')
+  assert resnet.units_per_stage(110, "single") == 36
+  with pytest.raises(ConfigError, match=r"3n\+2"):
+    resnet.units_per_stage(111, "single")
   model = nnx.eval_shape(lambda: resnet.CifarResNet(
-      depth=110, num_classes=10, unit='single', shortcut=_shortcut(), rngs=nnx.Rngs(0)))
+      depth=110, num_classes=10, unit="single", shortcut=_shortcut(), rngs=nnx.Rngs(0)))
   assert sum(s[0] for s in model.probe_shapes((1, 32, 32, 3))) == 108
   assert len(model.stages[1].rest.convs) == 1
 
@@ -322,23 +322,23 @@ def _bn(h):
 
 def _conv(h, w):
   return jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 SINGLE = {  # ResNet-v2 Figure 4's placements with one 3x3 conv in the branch
-    'post': lambda x, c: jax.nn.relu(x + _bn(c(x))),
-    'bn_after_add': lambda x, c: jax.nn.relu(_bn(x + c(x))),
-    'relu_before_add': lambda x, c: x + jax.nn.relu(_bn(c(x))),
-    'relu_preact': lambda x, c: x + _bn(c(jax.nn.relu(x))),
-    'preact': lambda x, c: x + c(jax.nn.relu(_bn(x))),
+    "post": lambda x, c: jax.nn.relu(x + _bn(c(x))),
+    "bn_after_add": lambda x, c: jax.nn.relu(_bn(x + c(x))),
+    "relu_before_add": lambda x, c: x + jax.nn.relu(_bn(c(x))),
+    "relu_preact": lambda x, c: x + _bn(c(jax.nn.relu(x))),
+    "preact": lambda x, c: x + c(jax.nn.relu(_bn(x))),
 }
 
 
-@pytest.mark.parametrize('placement', resnet.PLACEMENTS)
+@pytest.mark.parametrize("placement", resnet.PLACEMENTS)
 def test_single_unit_placements(placement):
   x = _normal((2, 6, 6, 4))
   w = 0.3 * _normal((3, 3, 4, 4), seed=1)
-  unit = resnet.Unit(4, 4, 1, kind='single', placement=placement, shortcut=_shortcut(),
+  unit = resnet.Unit(4, 4, 1, kind="single", placement=placement, shortcut=_shortcut(),
                      skip_preact=False, rngs=make_rngs())
   assert len(unit.convs) == 1 and len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w)
@@ -350,24 +350,24 @@ def test_single_unit_placements(placement):
 # ------------------------------------------------------------------------ zero_init_residual
 
 STARTS_AS_SHORTCUT = {  # y at init with F = 0, for x >= 0 (a post-ReLU input) and shortcut 0.5 x
-    'post': lambda x: jax.nn.relu(0.5 * x),
-    'bn_after_add': lambda x: jax.nn.relu(_bn(0.5 * x)),
-    'relu_before_add': lambda x: 0.5 * x,
-    'relu_preact': lambda x: 0.5 * x,
-    'preact': lambda x: 0.5 * x,
+    "post": lambda x: jax.nn.relu(0.5 * x),
+    "bn_after_add": lambda x: jax.nn.relu(_bn(0.5 * x)),
+    "relu_before_add": lambda x: 0.5 * x,
+    "relu_preact": lambda x: 0.5 * x,
+    "preact": lambda x: 0.5 * x,
 }
 
 
-@pytest.mark.parametrize('kind', ['single', 'basic', 'bottleneck'])
-@pytest.mark.parametrize('placement', resnet.PLACEMENTS)
+@pytest.mark.parametrize("kind", ["single", "basic", "bottleneck"])
+@pytest.mark.parametrize("placement", resnet.PLACEMENTS)
 def test_zero_init_units_start_as_their_shortcut(kind, placement):
-  features = 8 if kind == 'bottleneck' else 2  # width 2: a bottleneck maps 8 -> 8
+  features = 8 if kind == "bottleneck" else 2  # width 2: a bottleneck maps 8 -> 8
   unit = resnet.Unit(features, 2, 1, kind=kind, placement=placement, zero_init=True,
-                     shortcut=_shortcut('scaling', scale=0.5, branch_scale=1.0),
+                     shortcut=_shortcut("scaling", scale=0.5, branch_scale=1.0),
                      skip_preact=False, rngs=make_rngs())
   x = jnp.abs(_normal((2, 5, 5, features)))
   y, expected = unit(x, train=True), STARTS_AS_SHORTCUT[placement](x)
-  if placement == 'bn_after_add':
+  if placement == "bn_after_add":
     # BN of 0.5 x, 2*5*5 terms, by flax (var = E[x^2] - E[x]^2) and by _bn: for x = |N(0, 1)| the
     # variance cancels, amplifying rounding by E[x^2] / var = 1 / (1 - 2 / pi) < 3.
     assert_f32_close(y, expected, terms=2 * 5 * 5, gain=3)
@@ -377,7 +377,7 @@ def test_zero_init_units_start_as_their_shortcut(kind, placement):
   # Only the branch's last BN scale (or, ending in a conv, its kernel) starts at zero.
   scales = [float(jnp.abs(n.scale[...]).max()) for n in unit.norms]
   kernels = [float(jnp.abs(c.kernel[...]).max()) for c in unit.convs]
-  if placement in ('bn_after_add', 'preact'):
+  if placement in ("bn_after_add", "preact"):
     assert kernels[-1] == 0 and min(kernels[:-1] + [1]) > 0 and min(scales) == 1
   else:
     assert scales[-1] == 0 and min(scales[:-1] + [1]) == 1 and min(kernels) > 0
@@ -388,8 +388,8 @@ def test_zero_init_residual_from_config():
   model = nnx.eval_shape(lambda: resnet.imagenet_from_config(
       cfg, num_classes=10, in_channels=3, rngs=nnx.Rngs(0)))
   assert model.stages[2].rest.norms[-1].scale.shape == (1, 256)
-  cifar = ml_collections.ConfigDict(dict(name='cifar_resnet', depth=8, zero_init_residual=True,
-                                         shortcut=dict(name='identity', option='A')))
+  cifar = ml_collections.ConfigDict(dict(name="cifar_resnet", depth=8, zero_init_residual=True,
+                                         shortcut=dict(name="identity", option="A")))
   built = nnx.jit(lambda: resnet.cifar_from_config(cifar, num_classes=10, in_channels=1,
                                                    rngs=make_rngs()))()
   assert float(jnp.abs(built.stages[1].first.norms[-1].scale[...]).max()) == 0

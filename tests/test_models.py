@@ -17,18 +17,18 @@ from resjax import inspect_model
 from resjax.errors import ConfigError
 from resjax.models import layers, resnet
 
-FIG2 = pathlib.Path(__file__).resolve().parents[1] / 'experiments' / 'resnetv2_fig2.py'
+FIG2 = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "resnetv2_fig2.py"
 
 
 def _fig2_config(depth, **model):
   """fig2 at scale=test as `--mode=describe` sees it, as ResNet-v1 Table 6: option A, CIFAR-10."""
-  spec = importlib.util.spec_from_file_location('resnetv2_fig2', FIG2)
+  spec = importlib.util.spec_from_file_location("resnetv2_fig2", FIG2)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  c = module.get_config('scale=test')
-  c.data.name = 'cifar10'
+  c = module.get_config("scale=test")
+  c.data.name = "cifar10"
   c.model.depth = depth
-  c.model.shortcut.option = 'A'
+  c.model.shortcut.option = "A"
   c.model.update(model)
   return c
 
@@ -41,8 +41,8 @@ def _normal(shape, seed=0):
   return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
 
 
-def _shortcut(name='identity', **fields):
-  return ml_collections.ConfigDict({'name': name, 'option': 'B', **fields})
+def _shortcut(name="identity", **fields):
+  return ml_collections.ConfigDict({"name": name, "option": "B", **fields})
 
 
 # ------------------------------------------------------------------------ sizes and FLOPs
@@ -51,7 +51,7 @@ def _shortcut(name='identity', **fields):
 TABLE6 = {20: 0.27, 32: 0.46, 44: 0.66, 56: 0.85, 110: 1.7, 1202: 19.4}
 
 
-@pytest.mark.parametrize('depth', sorted(TABLE6))
+@pytest.mark.parametrize("depth", sorted(TABLE6))
 def test_table6_parameter_counts(depth):
   n = _n_params(inspect_model.abstract_model(_fig2_config(depth)))
   shown = round(n / 1e6, 2) if depth < 100 else round(n / 1e5) / 10
@@ -81,16 +81,16 @@ def _describe(depth):
   rbg keys only speed up the throwaway eager init inside describe (threefry compiles for seconds
   per parameter shape on CPU); counts and FLOPs do not depend on the key.
   """
-  with jax.default_prng_impl('rbg'):
-    return inspect_model.describe(_fig2_config(depth, conv_impl='xla'))
+  with jax.default_prng_impl("rbg"):
+    return inspect_model.describe(_fig2_config(depth, conv_impl="xla"))
 
 
-@pytest.mark.parametrize('depth', [20, 110])
+@pytest.mark.parametrize("depth", [20, 110])
 def test_describe_params_and_flops(depth):
   """describe's FLOPs are a few % below the paper's multiply-adds (XLA's conv skips the padding)."""
   d = _describe(depth)
-  assert d['params'] == _n_params(inspect_model.abstract_model(_fig2_config(depth)))
-  macs = d['forward_flops_per_example'] / 2
+  assert d["params"] == _n_params(inspect_model.abstract_model(_fig2_config(depth)))
+  macs = d["forward_flops_per_example"] / 2
   assert 0.9 * _conv_macs(depth) < macs < _conv_macs(depth)
 
 
@@ -101,17 +101,17 @@ def test_describe_extrapolation_matches_an_unrolled_count():
   post-activation net grows faster than linearly, as fusions recompute the residual adds: 3.8%
   above describe's, which counts the scanned program that actually runs.)
   """
-  unrolled = _fig2_config(20, conv_impl='xla', scan=False)
-  with jax.default_prng_impl('rbg'):
+  unrolled = _fig2_config(20, conv_impl="xla", scan=False)
+  with jax.default_prng_impl("rbg"):
     counted = inspect_model.forward_flops(unrolled, unrolled.model)
-  assert abs(_describe(20)['forward_flops_per_example'] / counted - 1) < 0.005
+  assert abs(_describe(20)["forward_flops_per_example"] / counted - 1) < 0.005
 
 
 def test_forward_flops_count_each_multiply_add_once():
   """describe counts multiply-adds once even when the run itself uses im2col convolutions."""
-  c = _fig2_config(8, conv_impl='im2col')
-  c.data.name = 'digits'  # 8x8x1: the same effect, a fast compile
-  with jax.default_prng_impl('rbg'):
+  c = _fig2_config(8, conv_impl="im2col")
+  c.data.name = "digits"  # 8x8x1: the same effect, a fast compile
+  with jax.default_prng_impl("rbg"):
     macs = inspect_model.forward_flops(c, c.model) / 2
   reference = _conv_macs(8, hw=8, c_in=1) + 64 * 10  # + the Dense head
   assert macs < 1.05 * reference
@@ -120,31 +120,31 @@ def test_forward_flops_count_each_multiply_add_once():
 # ------------------------------------------------------------------------ depth rules
 
 
-@pytest.mark.parametrize('depth', [111, 7, 2, 21])
+@pytest.mark.parametrize("depth", [111, 7, 2, 21])
 def test_impossible_basic_depth(depth):
   with pytest.raises(ConfigError) as e:
     inspect_model.abstract_model(_fig2_config(depth))
   msg = str(e.value)
-  assert f'depth {depth}' in msg and '6n+2' in msg and 'config.model.depth' in msg
-  assert '\n' not in msg
+  assert f"depth {depth}" in msg and "6n+2" in msg and "config.model.depth" in msg
+  assert "\n" not in msg
 
 
 def test_bottleneck_depth_rule():
-  assert resnet.units_per_stage(164, 'bottleneck') == 18
-  assert resnet.units_per_stage(1001, 'bottleneck') == 111
-  assert resnet.units_per_stage(110, 'basic') == 18
-  assert resnet.units_per_stage(110, 'bottleneck') == 12  # 110 = 9 * 12 + 2 also fits
+  assert resnet.units_per_stage(164, "bottleneck") == 18
+  assert resnet.units_per_stage(1001, "bottleneck") == 111
+  assert resnet.units_per_stage(110, "basic") == 18
+  assert resnet.units_per_stage(110, "bottleneck") == 12  # 110 = 9 * 12 + 2 also fits
   for depth in (164 + 6, 32, 1202):
-    with pytest.raises(ConfigError, match=r'9n\+2'):
-      resnet.units_per_stage(depth, 'bottleneck')
-  with pytest.raises(ConfigError, match=r'6n\+2'):
-    resnet.units_per_stage(1001, 'basic')
+    with pytest.raises(ConfigError, match=r"9n\+2"):
+      resnet.units_per_stage(depth, "bottleneck")
+  with pytest.raises(ConfigError, match=r"6n\+2"):
+    resnet.units_per_stage(1001, "basic")
 
 
 def test_bottleneck_width_and_parameter_count():
   """ResNet-164 (bottleneck, 4x expansion) has 1.7M parameters (ResNet-v2 Table 2)."""
-  c = _fig2_config(164, unit='bottleneck')
-  c.model.shortcut.option = 'B'
+  c = _fig2_config(164, unit="bottleneck")
+  c.model.shortcut.option = "B"
   model = inspect_model.abstract_model(c)
   assert model.head.kernel.shape == (256, 10)
   assert round(_n_params(model) / 1e5) / 10 == 1.7
@@ -155,7 +155,7 @@ def test_bottleneck_width_and_parameter_count():
 
 def _transfer(scanned, looped):
   """Copies a scanned net's state into the same net built with a Python loop."""
-  for name in ('stem', 'stem_norm', 'head'):
+  for name in ("stem", "stem_norm", "head"):
     nnx.update(getattr(looped, name), nnx.state(getattr(scanned, name)))
   for s_stage, l_stage in zip(scanned.stages, looped.stages):
     nnx.update(l_stage.first, nnx.state(s_stage.first))
@@ -166,7 +166,7 @@ def _transfer(scanned, looped):
 
 def test_scan_and_loop_compute_the_same_function():
   """ResNet-20 (n = 3, so the scan really iterates) with the same weights, train then eval."""
-  kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl='xla')
+  kw = dict(depth=20, num_classes=10, in_channels=1, shortcut=_shortcut(), conv_impl="xla")
   scanned = randomize_resnet(nnx.eval_shape(
       lambda: resnet.CifarResNet(scan=True, rngs=make_rngs(), **kw)))
   looped = nnx.eval_shape(lambda: resnet.CifarResNet(scan=False, rngs=make_rngs(), **kw))
@@ -193,9 +193,9 @@ def test_scan_and_loop_compute_the_same_function():
 # ------------------------------------------------------------------------ remat
 
 
-def _loss_and_grads(remat, depth=20, conv_impl='im2col'):
+def _loss_and_grads(remat, depth=20, conv_impl="im2col"):
   """A jitted (loss, grads) of a ResNet (random weights, train mode) under ``remat``, compiled."""
-  kw = dict(depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option='A'))
+  kw = dict(depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option="A"))
   model = randomize_resnet(nnx.eval_shape(lambda: resnet.CifarResNet(
       remat=remat, conv_impl=conv_impl, rngs=make_rngs(), **kw)))
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -209,12 +209,12 @@ def _loss_and_grads(remat, depth=20, conv_impl='im2col'):
   return f(params), f.lower(params).compile()
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
 def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
   """Recomputing the scanned units in the backward pass is the same math in another program:
   loss and every gradient agree to rounding, and the program keeps fewer bytes alive (on CPU the
   3x3 convolutions keep only their input for the backward pass, so every policy saves alike)."""
-  (loss, grads), kept = _loss_and_grads('none')
+  (loss, grads), kept = _loss_and_grads("none")
   (loss_r, grads_r), remat_program = _loss_and_grads(remat)
   # 20 chained layers forward and 20 back, the longest sum a 3x3x64 convolution's (conftest).
   assert_f32_close(loss_r, loss, terms=3 * 3 * 64, depth=2 * 20)
@@ -222,7 +222,7 @@ def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
   assert len(flat) == len(flat_r)
   for (path, g), g_r in zip(flat, flat_r):
     assert_f32_close(g_r, g, terms=3 * 3 * 64, depth=2 * 20, err_msg=jax.tree_util.keystr(path))
-  assert float(jnp.abs(grads['stages'][0]['rest']['convs'][0]['kernel'][...]).max()) > 1e-3
+  assert float(jnp.abs(grads["stages"][0]["rest"]["convs"][0]["kernel"][...]).max()) > 1e-3
   # Without remat the scan stacks each unit's inner activations (after its first conv, BN and
   # ReLU: several maps the size of its input) for the backward pass; with it, only each unit's
   # input. So remat saves at least one input-sized float32 map per scanned unit: ResNet-20 has 2
@@ -233,28 +233,28 @@ def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
 
 
 def test_unknown_remat_names_the_choices():
-  with pytest.raises(ConfigError, match='config.model.remat') as e:
-    resnet.CifarResNet(depth=8, num_classes=10, shortcut=_shortcut(), remat='sometimes',
+  with pytest.raises(ConfigError, match="config.model.remat") as e:
+    resnet.CifarResNet(depth=8, num_classes=10, shortcut=_shortcut(), remat="sometimes",
                        rngs=make_rngs())
   assert all(name in str(e.value) for name in layers.REMAT_POLICIES)
 
 
 def test_bad_remat_on_the_command_line_is_one_line_and_exit_2(cli, tmp_path):
-  r = cli.run('--config', f'{FIG2}:scale=test,run=identity', '--config.model.remat=sometimes',
-              '--workdir', tmp_path / 'w')
+  r = cli.run("--config", f"{FIG2}:scale=test,run=identity", "--config.model.remat=sometimes",
+              "--workdir", tmp_path / "w")
   assert r.returncode == 2, r.stderr
-  assert len(r.stderr.strip().splitlines()) == 1 and 'config.model.remat' in r.stderr
+  assert len(r.stderr.strip().splitlines()) == 1 and "config.model.remat" in r.stderr
   assert all(name in r.stderr for name in layers.REMAT_POLICIES)
-  assert not (tmp_path / 'w').exists()
+  assert not (tmp_path / "w").exists()
 
 
 # ------------------------------------------------------------------------ convolutions
 
 
-@pytest.mark.parametrize('k, stride, out_hw', [(3, 1, 8), (3, 2, 4), (1, 2, 4)])
+@pytest.mark.parametrize("k, stride, out_hw", [(3, 1, 8), (3, 2, 4), (1, 2, 4)])
 def test_im2col_and_xla_convolutions_agree(k, stride, out_hw):
-  a = layers.Conv2D(4, 6, k, stride, impl='im2col', rngs=make_rngs())
-  b = layers.Conv2D(4, 6, k, stride, impl='xla', rngs=make_rngs(1))
+  a = layers.Conv2D(4, 6, k, stride, impl="im2col", rngs=make_rngs())
+  b = layers.Conv2D(4, 6, k, stride, impl="xla", rngs=make_rngs(1))
   b.kernel.set_value(a.kernel[...])
   x = _normal((2, 8, 8, 4))
   y = a(x)
@@ -264,9 +264,9 @@ def test_im2col_and_xla_convolutions_agree(k, stride, out_hw):
 
 
 def test_conv_impl_auto_and_unknown():
-  assert layers.resolve_conv_impl('auto') == ('im2col' if jax.default_backend() == 'cpu' else 'xla')
-  with pytest.raises(ConfigError, match='conv_impl'):
-    layers.resolve_conv_impl('winograd')
+  assert layers.resolve_conv_impl("auto") == ("im2col" if jax.default_backend() == "cpu" else "xla")
+  with pytest.raises(ConfigError, match="conv_impl"):
+    layers.resolve_conv_impl("winograd")
 
 
 # ------------------------------------------------------------------------ gradients at depth
@@ -314,11 +314,11 @@ def test_shortcut_scaling_vanishes_the_shortcut_signal_at_depth():
   layers" (Section 3.1) and does not vanish: each BN renormalises the shrinking stream, and the
   scaled net's gradient comes out larger than the identity net's, not smaller.
   """
-  kw = dict(depth=110, num_classes=10, in_channels=1, conv_impl='xla')
+  kw = dict(depth=110, num_classes=10, in_channels=1, conv_impl="xla")
   identity = nnx.jit(lambda: resnet.CifarResNet(
-      shortcut=_shortcut(option='A'), rngs=make_rngs(), **kw))()
+      shortcut=_shortcut(option="A"), rngs=make_rngs(), **kw))()
   scaled = nnx.eval_shape(lambda: resnet.CifarResNet(
-      shortcut=_shortcut('scaling', option='A', scale=0.5, branch_scale=1.0), rngs=make_rngs(),
+      shortcut=_shortcut("scaling", option="A", scale=0.5, branch_scale=1.0), rngs=make_rngs(),
       **kw))
   nnx.update(scaled, nnx.state(identity))  # option A: no shortcut parameters in either
   x, labels = _normal((16, 8, 8, 1)), jnp.arange(16) % 10
@@ -349,15 +349,15 @@ def _bn(h):
 
 def _conv(h, w):
   return jax.lax.conv_general_dilated(h, w, (1, 1), ((1, 1), (1, 1)),
-                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 REFERENCE = {  # ResNet-v2 Figure 4, as the resnet.py docstring orders BN, ReLU and the add.
-    'post': lambda x, c1, c2: jax.nn.relu(x + _bn(c2(jax.nn.relu(_bn(c1(x)))))),
-    'bn_after_add': lambda x, c1, c2: jax.nn.relu(_bn(x + c2(jax.nn.relu(_bn(c1(x)))))),
-    'relu_before_add': lambda x, c1, c2: x + jax.nn.relu(_bn(c2(jax.nn.relu(_bn(c1(x)))))),
-    'relu_preact': lambda x, c1, c2: x + _bn(c2(jax.nn.relu(_bn(c1(jax.nn.relu(x)))))),
-    'preact': lambda x, c1, c2: x + c2(jax.nn.relu(_bn(c1(jax.nn.relu(_bn(x)))))),
+    "post": lambda x, c1, c2: jax.nn.relu(x + _bn(c2(jax.nn.relu(_bn(c1(x)))))),
+    "bn_after_add": lambda x, c1, c2: jax.nn.relu(_bn(x + c2(jax.nn.relu(_bn(c1(x)))))),
+    "relu_before_add": lambda x, c1, c2: x + jax.nn.relu(_bn(c2(jax.nn.relu(_bn(c1(x)))))),
+    "relu_preact": lambda x, c1, c2: x + _bn(c2(jax.nn.relu(_bn(c1(jax.nn.relu(x)))))),
+    "preact": lambda x, c1, c2: x + c2(jax.nn.relu(_bn(c1(jax.nn.relu(_bn(x)))))),
 }
 
 
@@ -367,7 +367,7 @@ def test_placements_follow_the_documented_order():
   w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
   outputs = {}
   for placement, reference in REFERENCE.items():
-    unit = resnet.Unit(4, 4, 1, kind='basic', placement=placement, shortcut=_shortcut(),
+    unit = resnet.Unit(4, 4, 1, kind="basic", placement=placement, shortcut=_shortcut(),
                        skip_preact=False, rngs=make_rngs())
     unit.convs[0].kernel.set_value(w1)
     unit.convs[1].kernel.set_value(w2)
@@ -386,7 +386,7 @@ def test_preact_first_unit_skips_its_preactivation():
   has no BN there (one BN, before its second conv)."""
   x = _normal((2, 6, 6, 4))
   w1, w2 = 0.3 * _normal((3, 3, 4, 4), seed=1), 0.3 * _normal((3, 3, 4, 4), seed=2)
-  unit = resnet.Unit(4, 4, 1, kind='basic', placement='preact', shortcut=_shortcut(),
+  unit = resnet.Unit(4, 4, 1, kind="basic", placement="preact", shortcut=_shortcut(),
                      skip_preact=True, rngs=make_rngs())
   assert len(unit.norms) == 1
   unit.convs[0].kernel.set_value(w1)

@@ -39,7 +39,7 @@ from resjax import sharding
 from resjax.errors import ConfigError
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FIG2 = REPO / 'experiments' / 'resnetv2_fig2.py'
+FIG2 = REPO / "experiments" / "resnetv2_fig2.py"
 NUM_DEVICES = 8
 BATCH = 16
 STEPS = 3
@@ -49,15 +49,15 @@ TOL = f32_tol(terms=BATCH * 8 * 8, depth=2 * 8)  # times the array's largest mag
 def _small_config(depth=8):
   """fig2 at scale=test (digits 8x8x1, pad-1 crops, warm-up LR 0.01 then 0.1), a smaller ResNet."""
   from resjax import configs
-  spec = importlib.util.spec_from_file_location('resnetv2_fig2', FIG2)
+  spec = importlib.util.spec_from_file_location("resnetv2_fig2", FIG2)
   fig2 = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(fig2)
-  c = fig2.get_config('scale=test')
+  c = fig2.get_config("scale=test")
   c = configs.run_config(c, c.runs[0])
   c.model.depth = depth  # 8: one unit per stage; 14 adds a scanned unit (passes, ~50% slower)
   c.model.widths = (8, 16, 32)
-  c.model.conv_impl = 'xla'  # what GPUs and TPUs run; on CPU it also compiles faster than im2col
-  c.model.shortcut.option = 'B'  # projections: their kernels and BN statistics get sharded too
+  c.model.conv_impl = "xla"  # what GPUs and TPUs run; on CPU it also compiles faster than im2col
+  c.model.shortcut.option = "B"  # projections: their kernels and BN statistics get sharded too
   c.batch_size = BATCH
   return c
 
@@ -66,19 +66,19 @@ def _small_config(depth=8):
 
 
 def test_mesh_shape_fills_minus_one():
-  assert sharding.mesh_shape(sharding.DEFAULT_MESH, 8) == {'data': 8, 'fsdp': 1, 'model': 1}
-  assert sharding.mesh_shape((('data', 2), ('fsdp', -1)), 8) == {'data': 2, 'fsdp': 4}
-  assert sharding.mesh_shape({'data': -1, 'model': 2}, 8) == {'data': 4, 'model': 2}
-  assert sharding.mesh_shape((('data', 1),), 1) == {'data': 1}
+  assert sharding.mesh_shape(sharding.DEFAULT_MESH, 8) == {"data": 8, "fsdp": 1, "model": 1}
+  assert sharding.mesh_shape((("data", 2), ("fsdp", -1)), 8) == {"data": 2, "fsdp": 4}
+  assert sharding.mesh_shape({"data": -1, "model": 2}, 8) == {"data": 4, "model": 2}
+  assert sharding.mesh_shape((("data", 1),), 1) == {"data": 1}
 
 
-@pytest.mark.parametrize('mesh_cfg, count, says', [
-    ((('data', 3), ('fsdp', -1)), 8, 'does not divide 8'),
-    ((('data', 4), ('fsdp', 1)), 8, 'asks for 4 devices but there are 8'),
-    ((('data', -1), ('fsdp', -1)), 8, 'at most one axis'),
-    ((('data', 0),), 8, 'positive int'),
-    ((('data', 2), ('data', 4)), 8, 'distinct'),
-    (('data', 8), 8, 'pairs'),
+@pytest.mark.parametrize("mesh_cfg, count, says", [
+    ((("data", 3), ("fsdp", -1)), 8, "does not divide 8"),
+    ((("data", 4), ("fsdp", 1)), 8, "asks for 4 devices but there are 8"),
+    ((("data", -1), ("fsdp", -1)), 8, "at most one axis"),
+    ((("data", 0),), 8, "positive int"),
+    ((("data", 2), ("data", 4)), 8, "distinct"),
+    (("data", 8), 8, "pairs"),
 ])
 def test_mesh_shape_errors(mesh_cfg, count, says):
   with pytest.raises(ConfigError, match=says):
@@ -87,14 +87,14 @@ def test_mesh_shape_errors(mesh_cfg, count, says):
 
 def test_make_mesh_on_this_process_devices():
   mesh = sharding.make_mesh(sharding.DEFAULT_MESH)
-  assert mesh.axis_names == ('data', 'fsdp', 'model')
+  assert mesh.axis_names == ("data", "fsdp", "model")
   assert mesh.devices.size == len(jax.devices())
   assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
 
 
 # ------------------------------------------------------------------------------ rules
 
-SIZES = {'data': 2, 'fsdp': 4}
+SIZES = {"data": 2, "fsdp": 4}
 
 
 def _spec(name, shape, rules, min_size=1):
@@ -102,49 +102,49 @@ def _spec(name, shape, rules, min_size=1):
 
 
 def test_first_matching_rule_wins():
-  rules = [(r'head/kernel$', 'replicate'), (r'kernel$', P(None, 'data')), (r'.*', 'fsdp')]
-  assert _spec('weights/head/kernel', (32, 8), rules) == P()
-  assert _spec('weights/stem/kernel', (32, 8), rules) == P(None, 'data')
-  assert _spec('weights/stem_norm/scale', (32,), rules) == P('fsdp')
+  rules = [(r"head/kernel$", "replicate"), (r"kernel$", P(None, "data")), (r".*", "fsdp")]
+  assert _spec("weights/head/kernel", (32, 8), rules) == P()
+  assert _spec("weights/stem/kernel", (32, 8), rules) == P(None, "data")
+  assert _spec("weights/stem_norm/scale", (32,), rules) == P("fsdp")
   # No match: replicated.
-  assert _spec('weights/stem/kernel', (32, 8), [(r'^scalars/', 'fsdp')]) == P()
+  assert _spec("weights/stem/kernel", (32, 8), [(r"^scalars/", "fsdp")]) == P()
 
 
 def test_fsdp_picks_largest_divisible_dimension():
   # 3x3x12x10 conv: 12 is the only dimension 4 divides (10 is larger than 3 but not divisible).
-  assert _spec('k', (3, 3, 12, 10), [('', 'fsdp')]) == P(None, None, 'fsdp', None)
+  assert _spec("k", (3, 3, 12, 10), [("", "fsdp")]) == P(None, None, "fsdp", None)
   # 3x3x16x32: both divisible, the larger (output features) wins.
-  assert _spec('k', (3, 3, 16, 32), [('', 'fsdp')]) == P(None, None, None, 'fsdp')
+  assert _spec("k", (3, 3, 16, 32), [("", "fsdp")]) == P(None, None, None, "fsdp")
   # 3x3x32x16: the larger is now the input features.
-  assert _spec('k', (3, 3, 32, 16), [('', 'fsdp')]) == P(None, None, 'fsdp', None)
+  assert _spec("k", (3, 3, 32, 16), [("", "fsdp")]) == P(None, None, "fsdp", None)
   # A tie goes to the later dimension.
-  assert _spec('k', (16, 16), [('', 'fsdp')]) == P(None, 'fsdp')
+  assert _spec("k", (16, 16), [("", "fsdp")]) == P(None, "fsdp")
   # Nothing divisible by 4, a scalar, or a dimension smaller than the axis: replicated.
-  assert _spec('k', (3, 5, 7), [('', 'fsdp')]) == P()
-  assert _spec('k', (), [('', 'fsdp')]) == P()
-  assert _spec('k', (2, 2), [('', 'fsdp')]) == P()
+  assert _spec("k", (3, 5, 7), [("", "fsdp")]) == P()
+  assert _spec("k", (), [("", "fsdp")]) == P()
+  assert _spec("k", (2, 2), [("", "fsdp")]) == P()
 
 
 def test_fsdp_replicates_small_arrays_and_without_fsdp_axis():
-  rules = [('', 'fsdp')]
-  assert sharding.param_spec('k', (3, 3, 16, 32), rules, SIZES, fsdp_min_size=4608) == \
-      P(None, None, None, 'fsdp')
-  assert sharding.param_spec('k', (3, 3, 16, 32), rules, SIZES, fsdp_min_size=4609) == P()
-  assert sharding.param_spec('k', (64, 64), rules, {'data': 8}, fsdp_min_size=1) == P()
-  assert sharding.param_spec('k', (64, 64), rules, {'data': 2, 'fsdp': 1}, fsdp_min_size=1) == P()
+  rules = [("", "fsdp")]
+  assert sharding.param_spec("k", (3, 3, 16, 32), rules, SIZES, fsdp_min_size=4608) == \
+      P(None, None, None, "fsdp")
+  assert sharding.param_spec("k", (3, 3, 16, 32), rules, SIZES, fsdp_min_size=4609) == P()
+  assert sharding.param_spec("k", (64, 64), rules, {"data": 8}, fsdp_min_size=1) == P()
+  assert sharding.param_spec("k", (64, 64), rules, {"data": 2, "fsdp": 1}, fsdp_min_size=1) == P()
 
 
-@pytest.mark.parametrize('rules, says', [
-    ([('kernel', 'shard_everything')], 'unknown sharding rule'),
-    ([('kernel[', 'fsdp')], 'regex'),
-    ([('kernel', P(None, None, 'fsdp'))], '3 entries but the array has 2'),
-    ([('kernel', P('model'))], 'lacks'),
-    ([('kernel', P(None, 'fsdp'))], 'does not divide'),
-    (['kernel'], 'pair'),
+@pytest.mark.parametrize("rules, says", [
+    ([("kernel", "shard_everything")], "unknown sharding rule"),
+    ([("kernel[", "fsdp")], "regex"),
+    ([("kernel", P(None, None, "fsdp"))], "3 entries but the array has 2"),
+    ([("kernel", P("model"))], "lacks"),
+    ([("kernel", P(None, "fsdp"))], "does not divide"),
+    (["kernel"], "pair"),
 ])
 def test_bad_rules_are_config_errors(rules, says):
   with pytest.raises(ConfigError, match=says):
-    sharding.param_spec('weights/head/kernel', (32, 10), rules, SIZES)
+    sharding.param_spec("weights/head/kernel", (32, 10), rules, SIZES)
 
 
 @functools.cache
@@ -166,44 +166,44 @@ def test_state_specs_opt_follows_params_rest_replicated():
   state = _abstract_state()
   specs = _named_leaves(sharding.state_specs(state, SIZES, fsdp_min_size=256, replica_axis=True))
   shapes = _named_leaves(state)
-  params = {k[len('params/'):]: v for k, v in specs.items() if k.startswith('params/')}
-  sharded = [k for k, v in params.items() if 'fsdp' in v]
-  assert 'weights/head/kernel' in sharded and 'weights/stages/2/rest/convs/1/kernel' in sharded
+  params = {k[len("params/"):]: v for k, v in specs.items() if k.startswith("params/")}
+  sharded = [k for k, v in params.items() if "fsdp" in v]
+  assert "weights/head/kernel" in sharded and "weights/stages/2/rest/convs/1/kernel" in sharded
   # The replica axis (leading) is never split; the rest of the spec is the rule's on one replica.
-  assert params['weights/head/kernel'] == P(None, 'fsdp', None)  # [R, 32, 10]
-  assert params['weights/stages/2/rest/convs/1/kernel'] == P(None, None, None, None, None, 'fsdp')
-  assert params['weights/head/bias'] == P(None)  # 10 elements < 256
+  assert params["weights/head/kernel"] == P(None, "fsdp", None)  # [R, 32, 10]
+  assert params["weights/stages/2/rest/convs/1/kernel"] == P(None, None, None, None, None, "fsdp")
+  assert params["weights/head/bias"] == P(None)  # 10 elements < 256
   # Every momentum trace has exactly its parameter's spec, and there is one per parameter.
-  traces = {k: v for k, v in specs.items() if k.startswith('opt/') and '/trace/' in k}
+  traces = {k: v for k, v in specs.items() if k.startswith("opt/") and "/trace/" in k}
   assert len(traces) == len(params)
   for k, v in traces.items():
-    param = k.split('/trace/', 1)[1]
+    param = k.split("/trace/", 1)[1]
     assert v == params[param], k
-    assert shapes['opt/' + k[4:]].shape == shapes['params/' + param].shape
+    assert shapes["opt/" + k[4:]].shape == shapes["params/" + param].shape
   # Counters, step, BatchNorm statistics: replicated.
-  others = {k: v for k, v in specs.items() if not k.startswith('params/') and k not in traces}
-  assert any(k.startswith('rest/') and k.endswith('/mean') for k in others)
+  others = {k: v for k, v in specs.items() if not k.startswith("params/") and k not in traces}
+  assert any(k.startswith("rest/") and k.endswith("/mean") for k in others)
   assert all(v == P() for v in others.values()), others
 
 
 def test_opt_state_follows_params_by_path_not_only_shape():
   """Two parameters of one shape with different rules: each optimizer leaf takes its own's."""
   import optax
-  params = {'weights': {'a': np.zeros((8, 16), np.float32), 'b': np.zeros((8, 16), np.float32)}}
+  params = {"weights": {"a": np.zeros((8, 16), np.float32), "b": np.zeros((8, 16), np.float32)}}
   opt = optax.adam(1e-3).init(params)
-  state = {'step': np.zeros((), np.int32), 'params': params, 'opt': opt}
-  rules = [('weights/a$', P('fsdp', None)), ('weights/b$', P(None, 'fsdp'))]
+  state = {"step": np.zeros((), np.int32), "params": params, "opt": opt}
+  rules = [("weights/a$", P("fsdp", None)), ("weights/b$", P(None, "fsdp"))]
   specs = _named_leaves(sharding.state_specs(state, SIZES, rules))
-  assert specs['opt/0/mu/weights/a'] == specs['opt/0/nu/weights/a'] == P('fsdp', None)
-  assert specs['opt/0/mu/weights/b'] == specs['opt/0/nu/weights/b'] == P(None, 'fsdp')
-  assert specs['opt/0/count'] == P()
+  assert specs["opt/0/mu/weights/a"] == specs["opt/0/nu/weights/a"] == P("fsdp", None)
+  assert specs["opt/0/mu/weights/b"] == specs["opt/0/nu/weights/b"] == P(None, "fsdp")
+  assert specs["opt/0/count"] == P()
 
 
 def test_batch_size_must_split_over_data_parallel_devices():
-  mesh = sharding.make_mesh((('data', -1),))
+  mesh = sharding.make_mesh((("data", -1),))
   sharding.check_batch_size(len(jax.devices()) * 4, mesh)  # no error
-  assert sharding.batch_spec(mesh) == P(('data',))
-  assert sharding.batch_spec(mesh, replica_axis=True) == P(None, ('data',))
+  assert sharding.batch_spec(mesh) == P(("data",))
+  assert sharding.batch_spec(mesh, replica_axis=True) == P(None, ("data",))
 
 
 # ------------------------------------------------------------------------------ 8 fake devices
@@ -225,17 +225,17 @@ def _multi_device_main(out_dir: str) -> None:
 
   from resjax import configs, tasks, train
 
-  facts: dict = {'devices': jax.device_count()}
+  facts: dict = {"devices": jax.device_count()}
   assert jax.device_count() == NUM_DEVICES, jax.devices()
 
   # Meshes on real devices.
-  facts['mesh_default'] = dict(sharding.make_mesh(sharding.DEFAULT_MESH).shape)
-  facts['mesh_fsdp'] = dict(sharding.make_mesh((('data', 2), ('fsdp', -1), ('model', 1))).shape)
+  facts["mesh_default"] = dict(sharding.make_mesh(sharding.DEFAULT_MESH).shape)
+  facts["mesh_fsdp"] = dict(sharding.make_mesh((("data", 2), ("fsdp", -1), ("model", 1))).shape)
   try:
-    sharding.make_mesh((('data', 3), ('fsdp', -1)))
-    facts['mesh_error'] = None
+    sharding.make_mesh((("data", 3), ("fsdp", -1)))
+    facts["mesh_error"] = None
   except ConfigError as e:
-    facts['mesh_error'] = str(e)
+    facts["mesh_error"] = str(e)
 
   c = _small_config()
   task = tasks.load(c)
@@ -272,47 +272,47 @@ def _multi_device_main(out_dir: str) -> None:
       batch = idx
       if mesh_cfg is not None:
         batch = sharding.put_global(idx, batch_sh)
-        facts.setdefault(f'{name}_batch_shard_rows', [
+        facts.setdefault(f"{name}_batch_shard_rows", [
             s.data.shape[1] for s in batch.addressable_shards])
       old = state
       state, window = step_fn(state, window, batch, aug, arrays)
-      facts.setdefault(f'{name}_donated', bool(jax.tree.leaves(old['params'])[0].is_deleted()))
-      losses.append(float(window['loss'][0]))  # cumulative: loss x batch size, summed
+      facts.setdefault(f"{name}_donated", bool(jax.tree.leaves(old["params"])[0].is_deleted()))
+      losses.append(float(window["loss"][0]))  # cumulative: loss x batch size, summed
       if step == 0 and save:
-        np.savez(os.path.join(out_dir, f'{name}_step1.npz'), **_state_arrays(state))
-    facts[f'{name}_losses'] = losses
+        np.savez(os.path.join(out_dir, f"{name}_step1.npz"), **_state_arrays(state))
+    facts[f"{name}_losses"] = losses
     if mesh_cfg is not None:
-      kernel = state['params']['weights']['stages'][2]['first']['convs'][1]['kernel'][...]
-      facts[f'{name}_kernel_spec'] = str(kernel.sharding.spec)
-      facts[f'{name}_kernel_shard_shape'] = list(kernel.addressable_shards[0].data.shape)
-      facts[f'{name}_num_sharded_params'] = sum(
-          any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(state['params']))
+      kernel = state["params"]["weights"]["stages"][2]["first"]["convs"][1]["kernel"][...]
+      facts[f"{name}_kernel_spec"] = str(kernel.sharding.spec)
+      facts[f"{name}_kernel_shard_shape"] = list(kernel.addressable_shards[0].data.shape)
+      facts[f"{name}_num_sharded_params"] = sum(
+          any(a is not None for a in x.sharding.spec) for x in jax.tree.leaves(state["params"]))
     if save:
-      np.savez(os.path.join(out_dir, f'{name}.npz'), **_state_arrays(state))
+      np.savez(os.path.join(out_dir, f"{name}.npz"), **_state_arrays(state))
     return state
 
-  run('single')
-  run('dp', (('data', NUM_DEVICES), ('fsdp', 1), ('model', 1)))
-  run('fsdp', (('data', 2), ('fsdp', 4), ('model', 1)))
+  run("single")
+  run("dp", (("data", NUM_DEVICES), ("fsdp", 1), ("model", 1)))
+  run("fsdp", (("data", 2), ("fsdp", 4), ("model", 1)))
 
   # BatchNorm statistics of the first step's augmented batch: all 16 rows (which must give the
   # train step's own), and each data shard's 2 rows alone (tiled 8 times: the same moments).
   def batch_stats(params, rest, x):
-    model = nnx.merge(graphdef, params['scalars'], params['weights'], rest, copy=True)
+    model = nnx.merge(graphdef, params["scalars"], params["weights"], rest, copy=True)
     model(x, train=True)
     return nnx.split(model, *train.FILTERS)[3]
 
   first = jax.tree.map(lambda a: a[0], jax.device_put(state0))
   x, _ = task.train_inputs(task.device_arrays(), batches[0][0],
                            jax.random.fold_in(aug_keys[0], 0))
-  stats_fn = jax.jit(functools.partial(batch_stats, first['params'], first['rest']))
+  stats_fn = jax.jit(functools.partial(batch_stats, first["params"], first["rest"]))
   rows = BATCH // NUM_DEVICES
-  np.savez(os.path.join(out_dir, 'forward_full.npz'), **_state_arrays(stats_fn(x)))
+  np.savez(os.path.join(out_dir, "forward_full.npz"), **_state_arrays(stats_fn(x)))
   shards = {}
   for k in range(NUM_DEVICES):
     tiled = jnp.tile(x[k * rows:(k + 1) * rows], (NUM_DEVICES, 1, 1, 1))
-    shards.update({f'{k}/{name}': v for name, v in _state_arrays(stats_fn(tiled)).items()})
-  np.savez(os.path.join(out_dir, 'forward_shards.npz'), **shards)
+    shards.update({f"{k}/{name}": v for name, v in _state_arrays(stats_fn(tiled)).items()})
+  np.savez(os.path.join(out_dir, "forward_shards.npz"), **shards)
 
   # A batch gathered from replicated data inside a jitted, replica-vmapped function and constrained
   # there keeps the batch sharding (batch axis 1, after the replica axis).
@@ -321,10 +321,10 @@ def _multi_device_main(out_dir: str) -> None:
   idx = sharding.put_global(np.arange(2 * BATCH, dtype=np.int32).reshape(2, BATCH) % 64,
                             sharding.replicated(mesh))
   gathered = jax.jit(jax.vmap(lambda i: sharding.constrain_batch(images[i], mesh)))(idx)
-  facts['constrained_is_batch_sharded'] = gathered.sharding.is_equivalent_to(
+  facts["constrained_is_batch_sharded"] = gathered.sharding.is_equivalent_to(
       sharding.batch_sharding(mesh, replica_axis=True), gathered.ndim)
-  facts['constrained_shard_shapes'] = sorted({s.data.shape for s in gathered.addressable_shards})
-  facts['constrained_values_ok'] = bool(np.array_equal(
+  facts["constrained_shard_shapes"] = sorted({s.data.shape for s in gathered.addressable_shards})
+  facts["constrained_values_ok"] = bool(np.array_equal(
       np.asarray(gathered), np.asarray(images)[np.asarray(idx)]))
 
   # Host placement and fetching on the 8-device mesh (one process: each process's rows are all).
@@ -332,48 +332,48 @@ def _multi_device_main(out_dir: str) -> None:
   batch_sh = sharding.batch_sharding(mesh, replica_axis=True)
   local = sharding.put_process_local(host_rows, batch_sh)
   whole = sharding.put_global(host_rows, batch_sh)
-  facts['process_local_equals_global'] = bool(
+  facts["process_local_equals_global"] = bool(
       local.sharding.is_equivalent_to(whole.sharding, 3) and np.array_equal(local, whole))
-  facts['device0_rows'] = np.asarray(whole.addressable_shards[0].data)[0, :, 0].tolist()
-  facts['to_host_ok'] = bool(
+  facts["device0_rows"] = np.asarray(whole.addressable_shards[0].data)[0, :, 0].tolist()
+  facts["to_host_ok"] = bool(
       np.array_equal(sharding.to_host(whole), host_rows) and
       np.array_equal(sharding.to_host(sharding.put_replicated(host_rows, mesh)), host_rows))
   try:
     sharding.check_batch_size(12, mesh)
-    facts['batch_error'] = None
+    facts["batch_error"] = None
   except ConfigError as e:
-    facts['batch_error'] = str(e)
+    facts["batch_error"] = str(e)
 
-  with open(os.path.join(out_dir, 'facts.json'), 'w') as f:
+  with open(os.path.join(out_dir, "facts.json"), "w") as f:
     json.dump(facts, f, indent=1)
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def multi(tmp_path_factory):
-  out = tmp_path_factory.mktemp('sharding8')
+  out = tmp_path_factory.mktemp("sharding8")
   env = {**os.environ,
          # LLVM's -O0: a third of the compile time, and the same HLO (so the same float32 sums).
-         'XLA_FLAGS': (os.environ.get('XLA_FLAGS', '') +
-                       f' --xla_force_host_platform_device_count={NUM_DEVICES}'
-                       ' --xla_backend_optimization_level=0').strip(),
-         'JAX_PLATFORMS': 'cpu'}
+         "XLA_FLAGS": (os.environ.get("XLA_FLAGS", "") +
+                       f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+                       " --xla_backend_optimization_level=0").strip(),
+         "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, __file__, str(out)], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-  facts = json.loads((out / 'facts.json').read_text())
-  states = {path.stem: dict(np.load(path)) for path in out.glob('*.npz')}
+  facts = json.loads((out / "facts.json").read_text())
+  states = {path.stem: dict(np.load(path)) for path in out.glob("*.npz")}
   return facts, states
 
 
 def test_make_mesh_on_8_devices(multi):
   facts, _ = multi
-  assert facts['devices'] == NUM_DEVICES
-  assert facts['mesh_default'] == {'data': 8, 'fsdp': 1, 'model': 1}
-  assert facts['mesh_fsdp'] == {'data': 2, 'fsdp': 4, 'model': 1}
-  assert 'does not divide 8' in facts['mesh_error']
+  assert facts["devices"] == NUM_DEVICES
+  assert facts["mesh_default"] == {"data": 8, "fsdp": 1, "model": 1}
+  assert facts["mesh_fsdp"] == {"data": 2, "fsdp": 4, "model": 1}
+  assert "does not divide 8" in facts["mesh_error"]
 
 
-def _assert_close(got, want, name=''):
+def _assert_close(got, want, name=""):
   scale = float(np.max(np.abs(want), initial=0.0))
   np.testing.assert_allclose(got, want, rtol=0, atol=TOL * scale, err_msg=name)
 
@@ -384,65 +384,65 @@ def _assert_states_close(got, want, keys):
     _assert_close(got[k], want[k], k)
 
 
-@pytest.mark.parametrize('run', ['dp', 'fsdp'])
+@pytest.mark.parametrize("run", ["dp", "fsdp"])
 def test_sharded_steps_equal_single_device(multi, run):
   facts, states = multi
-  single, got = states['single'], states[run]
+  single, got = states["single"], states[run]
   # Sums of cross-entropies, each moved by at most 2 max|d logit|, with logits no larger than it.
-  np.testing.assert_allclose(facts[f'{run}_losses'], facts['single_losses'], rtol=2 * TOL)
+  np.testing.assert_allclose(facts[f"{run}_losses"], facts["single_losses"], rtol=2 * TOL)
   # Parameters, momentum traces, BatchNorm running statistics and the step, after 3 steps.
   _assert_states_close(got, single, single.keys())
-  assert int(got['step'][0]) == STEPS
+  assert int(got["step"][0]) == STEPS
   # The step moved the parameters (else equality would prove nothing).
-  assert facts['single_losses'][0] > 0
+  assert facts["single_losses"][0] > 0
   # Each device got its own rows: 16 over 8 data shards, or over 2 x 4 (data, fsdp).
-  assert facts[f'{run}_batch_shard_rows'] == [BATCH // NUM_DEVICES] * NUM_DEVICES
-  assert facts[f'{run}_donated']
+  assert facts[f"{run}_batch_shard_rows"] == [BATCH // NUM_DEVICES] * NUM_DEVICES
+  assert facts[f"{run}_donated"]
 
 
 def test_fsdp_step_keeps_parameters_sharded(multi):
   facts, _ = multi
   # stages/2/first/convs/1/kernel is [1, 3, 3, 32, 32]: split on its output features over fsdp=4.
-  assert facts['fsdp_kernel_spec'] == str(P(None, None, None, None, 'fsdp'))
-  assert facts['fsdp_kernel_shard_shape'] == [1, 3, 3, 32, 8]
+  assert facts["fsdp_kernel_spec"] == str(P(None, None, None, None, "fsdp"))
+  assert facts["fsdp_kernel_shard_shape"] == [1, 3, 3, 32, 8]
   # Of >= 256 elements: six 3x3 kernels of stages 0-2, stage 2's projection, the head's kernel.
-  assert facts['fsdp_num_sharded_params'] == 8
-  assert facts['dp_num_sharded_params'] == 0  # fsdp=1: pure data parallelism replicates
+  assert facts["fsdp_num_sharded_params"] == 8
+  assert facts["dp_num_sharded_params"] == 0  # fsdp=1: pure data parallelism replicates
 
 
 def test_batchnorm_statistics_are_over_the_global_batch(multi):
   _, states = multi
-  full = states['single_step1']
-  stats = [k for k in full if k.startswith('rest/') and k.endswith(('/mean', '/var'))]
+  full = states["single_step1"]
+  stats = [k for k in full if k.startswith("rest/") and k.endswith(("/mean", "/var"))]
   assert len(stats) == 18  # mean and var of 9 BatchNorms: stem, 2 per unit, 2 projections
   # After one step the sharded runs' running statistics equal those of one device on all 16 rows.
-  for run in ('dp', 'fsdp'):
-    _assert_states_close(states[f'{run}_step1'], full, stats)
+  for run in ("dp", "fsdp"):
+    _assert_states_close(states[f"{run}_step1"], full, stats)
   # The model's forward on the step's 16 augmented rows reproduces them; on any one data shard's
   # 2 rows it does not (momentum 0.9: the step moves them by 0.1 x the batch moments).
-  forward, shards = states['forward_full'], states['forward_shards']
+  forward, shards = states["forward_full"], states["forward_shards"]
   for name in stats:
     _assert_close(forward[name[5:]][None], full[name], name)
   for k in range(NUM_DEVICES):
-    worst = max(np.max(np.abs(shards[f'{k}/{name[5:]}'] - forward[name[5:]])) for name in stats)
+    worst = max(np.max(np.abs(shards[f"{k}/{name[5:]}"] - forward[name[5:]])) for name in stats)
     assert worst > 1e-2, (k, worst)
 
 
 def test_host_values_to_global_arrays_and_back(multi):
   facts, _ = multi
-  assert facts['process_local_equals_global']
+  assert facts["process_local_equals_global"]
   # Device 0 holds rows 0 and 1 of the batch axis (axis 1), whose first entries are 0 and 2.
-  assert facts['device0_rows'] == [0, 2]
-  assert facts['to_host_ok']
-  assert 'config.batch_size=12 does not split over the 8 data-parallel devices' in facts['batch_error']
+  assert facts["device0_rows"] == [0, 2]
+  assert facts["to_host_ok"]
+  assert "config.batch_size=12 does not split over the 8 data-parallel devices" in facts["batch_error"]
 
 
 def test_constrained_gather_is_batch_sharded(multi):
   facts, _ = multi
-  assert facts['constrained_values_ok']
-  assert facts['constrained_is_batch_sharded']
-  assert facts['constrained_shard_shapes'] == [[2, BATCH // NUM_DEVICES, 3]]
+  assert facts["constrained_values_ok"]
+  assert facts["constrained_is_batch_sharded"]
+  assert facts["constrained_shard_shapes"] == [[2, BATCH // NUM_DEVICES, 3]]
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   _multi_device_main(sys.argv[1])

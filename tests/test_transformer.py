@@ -350,7 +350,7 @@ def test_scan_and_loop_compute_the_same_function():
   assert [int(b.dropout.rngs.count[...]) for b in looped.rest] == [2, 2]
 
 
-@pytest.mark.parametrize('remat', ['full', 'dots_saveable'])
+@pytest.mark.parametrize("remat", ["full", "dots_saveable"])
 def test_remat_blocks_give_the_same_loss_and_gradients(remat):
   """Recomputing the scanned blocks (dropout included: its RNG counters are scanned inputs, so the
   recomputed masks are the same) is the same math in another program."""
@@ -375,7 +375,7 @@ def test_remat_blocks_give_the_same_loss_and_gradients(remat):
   for (path, g), g_r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads_r)):
     assert_f32_close(g_r, g, terms=4 * WIDTH, depth=2 * (3 * 6 + 1),
                      err_msg=jax.tree_util.keystr(path))
-  assert float(jnp.abs(grads['rest']['mlp']['fc']['kernel'][...]).max()) > 1e-4
+  assert float(jnp.abs(grads["rest"]["mlp"]["fc"]["kernel"][...]).max()) > 1e-4
 
 
 def test_probe_gradient_is_the_gradient_wrt_the_block_input():

@@ -24,11 +24,11 @@ import numpy as np
 
 from resjax.errors import ConfigError
 
-KINDS = ('less', 'fails', 'trains')
-LINE_KINDS = ('fails', 'trains')  # the parts judged against the paper's fail line
+KINDS = ("less", "fails", "trains")
+LINE_KINDS = ("fails", "trains")  # the parts judged against the paper's fail line
 MIN_SEEDS = 3  # a claim is never decided on one or two seeds
 DIVERGED_ERROR = 100.0  # a diverged seed's error %: worse than any run that trained
-FINISHED = ('ok', 'failed')  # seed statuses with a final value; 'running' has none yet
+FINISHED = ("ok", "failed")  # seed statuses with a final value; 'running' has none yet
 
 
 # ------------------------------------------------------------------------------ declaration
@@ -37,8 +37,8 @@ FINISHED = ('ok', 'failed')  # seed statuses with a final value; 'running' has n
 def less(lo: str, hi: str) -> dict:
   """The part "metric(lo) < metric(hi)": lower is better for every metric here."""
   if lo == hi:
-    raise ConfigError(f'claims.less({lo!r}, {hi!r}) compares a row with itself: name two rows')
-  return {'kind': 'less', 'lo': lo, 'hi': hi}
+    raise ConfigError(f"claims.less({lo!r}, {hi!r}) compares a row with itself: name two rows")
+  return {"kind": "less", "lo": lo, "hi": hi}
 
 
 def fails(run: str) -> dict:
@@ -47,12 +47,12 @@ def fails(run: str) -> dict:
   k = config.failure_error / paper_error of the ``config.baseline`` row: the paper's fail line
   as a multiple of its own baseline, since the absolute line was set for the paper's budget.
   """
-  return {'kind': 'fails', 'run': run}
+  return {"kind": "fails", "run": run}
 
 
 def trains(run: str) -> dict:
   """The part "run does not fail": the mirror of ``fails``, below the same line."""
-  return {'kind': 'trains', 'run': run}
+  return {"kind": "trains", "run": run}
 
 
 def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
@@ -62,17 +62,17 @@ def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
   to_json_best_effort both handle them.
   """
   if not parts:
-    raise ConfigError(f'claim {text!r} has no parts: pass claims.less, fails or trains (...)')
-  if not all(isinstance(p, dict) and p.get('kind') in KINDS for p in parts):
-    raise ConfigError(f'claim {text!r}: each part must be claims.less, fails or trains (...)')
+    raise ConfigError(f"claim {text!r} has no parts: pass claims.less, fails or trains (...)")
+  if not all(isinstance(p, dict) and p.get("kind") in KINDS for p in parts):
+    raise ConfigError(f"claim {text!r}: each part must be claims.less, fails or trains (...)")
   if not isinstance(paper, bool):
-    raise ConfigError(f'claim {text!r}: paper= must be True or False (the paper\'s verdict)')
-  return ml_collections.ConfigDict({'text': text, 'paper': paper,
-                                    'parts': tuple(dict(p) for p in parts)})
+    raise ConfigError(f"claim {text!r}: paper= must be True or False (the paper's verdict)")
+  return ml_collections.ConfigDict({"text": text, "paper": paper,
+                                    "parts": tuple(dict(p) for p in parts)})
 
 
 def _part_rows(part) -> list[str]:
-  return [part['hi'], part['lo']] if part['kind'] == 'less' else [part['run']]
+  return [part["hi"], part["lo"]] if part["kind"] == "less" else [part["run"]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,31 +86,31 @@ class FailRule:
 
 def fail_rule(config) -> FailRule:
   """The rule ``fails`` uses at config.scale (raises ConfigError when there is no line at all)."""
-  line = config.get('failure_error', None)
+  line = config.get("failure_error", None)
   if line is None:
-    raise ConfigError('claims.fails(...) needs config.failure_error, the paper\'s fail line: set '
-                      'it in the experiment file or state the claim with claims.less(...)')
+    raise ConfigError("claims.fails(...) needs config.failure_error, the paper's fail line: set "
+                      "it in the experiment file or state the claim with claims.less(...)")
   line = float(line)
-  scale = config.get('scale', 'paper')
-  metric = config.get('metric', 'test_error')
-  if scale == 'paper':
-    return FailRule(line, None, None, f'`fails(run)` means: run\'s {metric} is above the '
-                    f'paper\'s line, {line:g}, seed by seed.')
-  name = config.get('baseline', None)
-  runs = {r['name']: r for r in config.get('runs', None) or ()}
+  scale = config.get("scale", "paper")
+  metric = config.get("metric", "test_error")
+  if scale == "paper":
+    return FailRule(line, None, None, f"`fails(run)` means: run's {metric} is above the "
+                    f"paper's line, {line:g}, seed by seed.")
+  name = config.get("baseline", None)
+  runs = {r["name"]: r for r in config.get("runs", None) or ()}
   if name is not None and name not in runs:
     raise ConfigError(f'config.baseline {name!r} names no row: use one of {", ".join(runs)}')
-  paper_base = runs[name].get('paper_error', None) if name is not None else None
+  paper_base = runs[name].get("paper_error", None) if name is not None else None
   if not paper_base:
-    why = (f'the baseline row {name!r} has no paper_error' if name is not None
-           else 'config.baseline is not set')
-    return FailRule(line, None, None, f'At scale \'{scale}\' `fails(run)` should be judged '
-                    f'against the baseline, but {why}, so it uses the paper\'s absolute line, '
-                    f'{line:g}, which was set for the paper\'s budget.')
+    why = (f"the baseline row {name!r} has no paper_error" if name is not None
+           else "config.baseline is not set")
+    return FailRule(line, None, None, f"At scale '{scale}' `fails(run)` should be judged "
+                    f"against the baseline, but {why}, so it uses the paper's absolute line, "
+                    f"{line:g}, which was set for the paper's budget.")
   k = line / float(paper_base)
-  return FailRule(line, name, k, f'At scale \'{scale}\' `fails(run)` means: run\'s {metric} is '
-                  f'above k × {name}\'s, seed by seed, with k = {line:g} / {float(paper_base):g} '
-                  f'= {k:.2f} (the paper\'s fail line as a multiple of the paper\'s {name}).')
+  return FailRule(line, name, k, f"At scale '{scale}' `fails(run)` means: run's {metric} is "
+                  f"above k × {name}'s, seed by seed, with k = {line:g} / {float(paper_base):g} "
+                  f"= {k:.2f} (the paper's fail line as a multiple of the paper's {name}).")
 
 
 def check(config) -> None:
@@ -118,11 +118,11 @@ def check(config) -> None:
 
   Cheap and data-free: call it before training so a typo does not surface after row 1.
   """
-  names = [r['name'] for r in config.get('runs', None) or ()]
+  names = [r["name"] for r in config.get("runs", None) or ()]
   uses_fails = False
-  for c in config.get('claims', None) or ():
-    for part in c['parts']:
-      uses_fails |= part['kind'] in LINE_KINDS
+  for c in config.get("claims", None) or ():
+    for part in c["parts"]:
+      uses_fails |= part["kind"] in LINE_KINDS
       for name in _part_rows(part):
         if name not in names:
           raise ConfigError(f'claim {c["text"]!r} names row {name!r}, which config.runs lacks: '
@@ -146,11 +146,11 @@ class Linear:
 
 
 def _linear(part, rule: FailRule | None) -> Linear:
-  if part['kind'] == 'less':
-    return Linear(part['hi'], part['lo'], 1.0, 0.0, f'{part["hi"]} - {part["lo"]}')
-  run = part['run']
-  line = f'{rule.line:g}' if rule.baseline is None else f'{rule.k:.2f} × {rule.baseline}'
-  sign, what = (1.0, f'{run} - {line}') if part['kind'] == 'fails' else (-1.0, f'{line} - {run}')
+  if part["kind"] == "less":
+    return Linear(part["hi"], part["lo"], 1.0, 0.0, f'{part["hi"]} - {part["lo"]}')
+  run = part["run"]
+  line = f"{rule.line:g}" if rule.baseline is None else f"{rule.k:.2f} × {rule.baseline}"
+  sign, what = (1.0, f"{run} - {line}") if part["kind"] == "fails" else (-1.0, f"{line} - {run}")
   if rule.baseline is None:
     return Linear(run, None, 0.0, rule.line, what, sign)
   return Linear(run, rule.baseline, rule.k, 0.0, what, sign)
@@ -192,9 +192,9 @@ class ClaimResult:
   @property
   def agree(self) -> bool | None:
     """Whether our verdict is the paper's; None while undecided or not run."""
-    if self.verdict not in ('holds', 'does not hold'):
+    if self.verdict not in ("holds", "does not hold"):
       return None
-    return (self.verdict == 'holds') == self.paper
+    return (self.verdict == "holds") == self.paper
 
 
 def seed_values(row, metric: str) -> dict[int, float]:
@@ -205,7 +205,7 @@ def seed_values(row, metric: str) -> dict[int, float]:
   out = {}
   for s in row.seeds:
     if s.status in FINISHED and s.error is not None:
-      out[s.seed] = DIVERGED_ERROR if math.isinf(s.error) and metric.endswith('error') else s.error
+      out[s.seed] = DIVERGED_ERROR if math.isinf(s.error) and metric.endswith("error") else s.error
   return out
 
 
@@ -230,23 +230,23 @@ def evaluate_part(lin: Linear, rows_by_name: dict, metric: str) -> PartResult:
   vals = {n: seed_values(rows_by_name[n], metric) for n in names}
   empty = [n for n in names if not vals[n]]
   if empty:
-    return PartResult(lin, 'not run', note=f'{" and ".join(empty)}: no finished seed')
+    return PartResult(lin, "not run", note=f'{" and ".join(empty)}: no finished seed')
   seeds = sorted(set.intersection(*(set(v) for v in vals.values())))
   hi = np.array([vals[lin.hi][s] for s in seeds], dtype=float)
   lo = np.array([vals[lin.lo][s] for s in seeds], dtype=float) if lin.lo else np.zeros(len(seeds))
   bad = [(n, s) for n in names for s in seeds if not math.isfinite(vals[n][s])]
   if bad:
     n, s = bad[0]
-    return PartResult(lin, 'undecided', n=len(seeds), note=f'{n} seed{s} diverged: {metric} has '
-                      'no value to compare')
+    return PartResult(lin, "undecided", n=len(seeds), note=f"{n} seed{s} diverged: {metric} has "
+                      "no value to compare")
   d = lin.sign * (hi - (lin.factor * lo + lin.const))
   mean = float(np.mean(d)) if len(d) else None
   sd = float(np.std(d, ddof=1)) if len(d) > 1 else None
   if len(d) < MIN_SEEDS:
-    return PartResult(lin, 'undecided', n=len(d), mean=mean, sd=sd,
+    return PartResult(lin, "undecided", n=len(d), mean=mean, sd=sd,
                       note=f'{len(d)} paired seed{"s" * (len(d) != 1)}, {MIN_SEEDS} needed')
   p_hold, p_against = one_sided_p(d)
-  return PartResult(lin, 'tested', n=len(d), mean=mean, sd=sd, p_hold=p_hold, p_against=p_against)
+  return PartResult(lin, "tested", n=len(d), mean=mean, sd=sd, p_hold=p_hold, p_against=p_against)
 
 
 def holm(ps: list[float]) -> list[float]:
@@ -264,19 +264,19 @@ def holm(ps: list[float]) -> list[float]:
 def evaluate(rows, config) -> list[ClaimResult]:
   """Tests config.claims over ``rows`` (report.collect_rows), Holm-corrected over the file."""
   check(config)
-  declared = config.get('claims', None) or ()
-  metric = config.get('metric', 'test_error')
-  alpha = config.get('claims_alpha', 0.05)
+  declared = config.get("claims", None) or ()
+  metric = config.get("metric", "test_error")
+  alpha = config.get("claims_alpha", 0.05)
   rows_by_name = {r.name: r for r in rows}
   rule = None
-  if any(p['kind'] in LINE_KINDS for c in declared for p in c['parts']):
+  if any(p["kind"] in LINE_KINDS for c in declared for p in c["parts"]):
     rule = fail_rule(config)
   results = []
   for c in declared:
-    parts = [evaluate_part(_linear(p, rule), rows_by_name, metric) for p in c['parts']]
-    res = ClaimResult(c['text'], bool(c['paper']), 'undecided', parts)
-    if any(p.status == 'not run' for p in parts):
-      res.verdict = 'not run'
+    parts = [evaluate_part(_linear(p, rule), rows_by_name, metric) for p in c["parts"]]
+    res = ClaimResult(c["text"], bool(c["paper"]), "undecided", parts)
+    if any(p.status == "not run" for p in parts):
+      res.verdict = "not run"
     elif any(p.p_hold is not None for p in parts):
       # All parts must hold (intersection-union: the largest p); one reversed part is enough
       # against it (Bonferroni over the parts). An untested part cannot show the claim holds.
@@ -289,7 +289,7 @@ def evaluate(rows, config) -> list[ClaimResult]:
   for r, ph, pa in zip(tested, holm([r.p_hold for r in tested]),
                        holm([r.p_against for r in tested])):
     r.p_hold_holm, r.p_against_holm = ph, pa
-    r.verdict = 'holds' if ph < alpha else 'does not hold' if pa < alpha else 'undecided'
+    r.verdict = "holds" if ph < alpha else "does not hold" if pa < alpha else "undecided"
   return results
 
 
@@ -297,56 +297,56 @@ def evaluate(rows, config) -> list[ClaimResult]:
 
 
 def _cell(text) -> str:
-  return str(text).replace('|', r'\|')
+  return str(text).replace("|", r"\|")
 
 
 def _fmt_p(p_hold, p_against) -> str:
-  return '—' if p_hold is None else f'hold {p_hold:.3g}, against {p_against:.3g}'
+  return "—" if p_hold is None else f"hold {p_hold:.3g}, against {p_against:.3g}"
 
 
 def _fmt_effect(part: PartResult, digits: int) -> str:
   lin = part.linear
-  if part.status == 'not run':
-    return f'{lin.what}: not run ({part.note})'
+  if part.status == "not run":
+    return f"{lin.what}: not run ({part.note})"
   if part.mean is None:
-    return f'{lin.what}: n={part.n} ({part.note})'
-  sd = '' if part.sd is None else f' ± {part.sd:.{digits}f}'
-  note = f' ({part.note})' if part.note else ''
-  return f'{lin.what}: {part.mean:+.{digits}f}{sd}, n={part.n}{note}'
+    return f"{lin.what}: n={part.n} ({part.note})"
+  sd = "" if part.sd is None else f" ± {part.sd:.{digits}f}"
+  note = f" ({part.note})" if part.note else ""
+  return f"{lin.what}: {part.mean:+.{digits}f}{sd}, n={part.n}{note}"
 
 
 def render(results: list[ClaimResult], config) -> list[str]:
   """The Claims section of results.md: a table, how to read it, and the agreement count."""
-  metric = config.get('metric', 'test_error')
-  alpha = config.get('claims_alpha', 0.05)
-  digits = 2 if metric.endswith('error') else 4  # % points, or a loss
-  out = ['## Claims', '',
-         '| Claim | Paper | Ours | Effect (mean ± sd of paired differences, n) | '
-         'p (one-sided paired t) | Holm-adjusted p |', '|---|---|---|---|---|---|']
+  metric = config.get("metric", "test_error")
+  alpha = config.get("claims_alpha", 0.05)
+  digits = 2 if metric.endswith("error") else 4  # % points, or a loss
+  out = ["## Claims", "",
+         "| Claim | Paper | Ours | Effect (mean ± sd of paired differences, n) | "
+         "p (one-sided paired t) | Holm-adjusted p |", "|---|---|---|---|---|---|"]
   for r in results:
     ours = r.verdict if r.agree is None else f'{r.verdict}, {"agrees" if r.agree else "disagrees"}'
-    cells = [r.text, 'holds' if r.paper else 'does not hold', ours,
+    cells = [r.text, "holds" if r.paper else "does not hold", ours,
              _fmt_effect(r.weakest, digits), _fmt_p(r.p_hold, r.p_against),
              _fmt_p(r.p_hold_holm, r.p_against_holm)]
-    out.append('| ' + ' | '.join(_cell(c) for c in cells) + ' |')
+    out.append("| " + " | ".join(_cell(c) for c in cells) + " |")
   k = sum(r.p_hold is not None for r in results)
-  diverged = (f'; a diverged seed counts as {DIVERGED_ERROR:g}%' if metric.endswith('error')
-              else '')
-  out += ['',
-          f'How to read: rows train the same seed ids on the same data, so each part is a paired '
-          f'test over the seeds finished in every row it names ({MIN_SEEDS} at least): d per '
-          f'seed is the difference shown under Effect, in {metric}, positive in the claim\'s '
-          f'direction{diverged}. p is a one-sided paired t-test of mean d > 0 (hold) and < 0 '
-          '(against). A claim holds only if all its parts do (p hold: the largest of its '
-          'parts\'), and does not hold if any part is reversed (p against: the smallest times the '
-          'number of parts); Effect shows its weakest part.', '',
+  diverged = (f"; a diverged seed counts as {DIVERGED_ERROR:g}%" if metric.endswith("error")
+              else "")
+  out += ["",
+          f"How to read: rows train the same seed ids on the same data, so each part is a paired "
+          f"test over the seeds finished in every row it names ({MIN_SEEDS} at least): d per "
+          f"seed is the difference shown under Effect, in {metric}, positive in the claim's "
+          f"direction{diverged}. p is a one-sided paired t-test of mean d > 0 (hold) and < 0 "
+          "(against). A claim holds only if all its parts do (p hold: the largest of its "
+          "parts'), and does not hold if any part is reversed (p against: the smallest times the "
+          "number of parts); Effect shows its weakest part.", "",
           f'Holm\'s correction runs over the {k} claim{"s" * (k != 1)} tested here at '
           f'alpha={alpha:g}, for hold and against separately. "undecided" means neither adjusted '
           'p is below alpha (too few seeds or too small an effect); it is not "does not hold".']
-  if any(p['kind'] in LINE_KINDS for c in config.get('claims', None) or () for p in c['parts']):
-    out += ['', fail_rule(config).note]
+  if any(p["kind"] in LINE_KINDS for c in config.get("claims", None) or () for p in c["parts"]):
+    out += ["", fail_rule(config).note]
   decided = [r for r in results if r.agree is not None]
-  out += ['', f'Agree with the paper: {sum(r.agree for r in decided)} of {len(decided)} decided '
-          'claims' + (f' ({len(results) - len(decided)} undecided or not run).'
-                      if len(decided) < len(results) else '.'), '']
+  out += ["", f"Agree with the paper: {sum(r.agree for r in decided)} of {len(decided)} decided "
+          "claims" + (f" ({len(results) - len(decided)} undecided or not run)."
+                      if len(decided) < len(results) else "."), ""]
   return out

@@ -42,9 +42,9 @@ import numpy as np
 from resjax.data import prepare
 from resjax.errors import ConfigError
 
-DATASET = 'imagenet2012'
+DATASET = "imagenet2012"
 NUM_CLASSES = 1000
-TRAIN_SPLIT, EVAL_SPLIT = 'train', 'validation'
+TRAIN_SPLIT, EVAL_SPLIT = "train", "validation"
 
 # The papers' sizes at 224 pixels (He et al. 2015, Sec. 3.4).
 PAPER_IMAGE_SIZE = 224
@@ -84,7 +84,7 @@ def _scaled(side: int, image_size: int) -> int:
 def open_image(image):
   """A Pillow image from what the data source returns: encoded bytes or a uint8 array."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
-  if isinstance(image, np.ndarray) and image.dtype.kind in 'SO' and image.ndim == 0:
+  if isinstance(image, np.ndarray) and image.dtype.kind in "SO" and image.ndim == 0:
     image = image.item()  # A 0-d array holding the encoded bytes.
   if isinstance(image, (bytes, bytearray, memoryview)):
     return Image.open(io.BytesIO(image))
@@ -108,9 +108,9 @@ def resized_crop(image, resized: tuple[int, int], top: int, left: int, size: int
   from PIL import Image  # pylint: disable=g-import-not-at-top
   new_h, new_w = resized
   # JPEG only: decode at 1/2, 1/4 or 1/8 scale when that still covers the target size.
-  image.draft('RGB', (new_w, new_h))
-  if image.mode != 'RGB':
-    image = image.convert('RGB')
+  image.draft("RGB", (new_w, new_h))
+  if image.mode != "RGB":
+    image = image.convert("RGB")
   width, height = image.size
   if (width, height) == (new_w, new_h):
     return np.asarray(image.crop((left, top, left + size, top + size)), np.uint8)
@@ -164,16 +164,16 @@ def train_image(image, rng: np.random.Generator, *, size: int,
 def _positive_int(cfg, field, default):
   value = cfg.get(field, default)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ConfigError(f'config.data.{field}={value!r} is not a positive int: set one')
+    raise ConfigError(f"config.data.{field}={value!r} is not a positive int: set one")
   return int(value)
 
 
 def _check_hosts(batch_size, process_index, process_count):
   if batch_size < 1 or process_count < 1 or batch_size % process_count:
-    raise ConfigError(f'batch size {batch_size} does not split over {process_count} hosts: use a '
-                      'positive multiple of the host count')
+    raise ConfigError(f"batch size {batch_size} does not split over {process_count} hosts: use a "
+                      "positive multiple of the host count")
   if not 0 <= process_index < process_count:
-    raise ConfigError(f'process_index={process_index} is not in [0, {process_count})')
+    raise ConfigError(f"process_index={process_index} is not in [0, {process_count})")
   return batch_size // process_count
 
 
@@ -187,34 +187,34 @@ class ImageNetSource:
 
   def __init__(self, cfg, split: str = TRAIN_SPLIT):
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-    name = cfg.get('name', DATASET)
+    name = cfg.get("name", DATASET)
     if name != DATASET:
-      raise ConfigError(f'ImageNetSource reads {DATASET}, not config.data.name={name!r}')
+      raise ConfigError(f"ImageNetSource reads {DATASET}, not config.data.name={name!r}")
     self.split = split
-    self.image_size = _positive_int(cfg, 'image_size', PAPER_IMAGE_SIZE)
-    low, high = cfg.get('train_short_side', None) or tuple(
+    self.image_size = _positive_int(cfg, "image_size", PAPER_IMAGE_SIZE)
+    low, high = cfg.get("train_short_side", None) or tuple(
         _scaled(side, self.image_size) for side in PAPER_TRAIN_SHORT_SIDE)
     self.train_short_side = (int(low), int(high))
-    self.eval_short_side = int(cfg.get('eval_short_side', None) or
+    self.eval_short_side = int(cfg.get("eval_short_side", None) or
                                _scaled(PAPER_EVAL_SHORT_SIDE, self.image_size))
     if not self.image_size <= low <= high or self.eval_short_side < self.image_size:
       raise ConfigError(
-          f'short sides train {self.train_short_side} and eval {self.eval_short_side} must be at '
-          f'least image_size={self.image_size}, with train min <= max: fix config.data')
-    self.lighting_std = float(cfg.get('lighting_std', DEFAULT_LIGHTING_STD))
+          f"short sides train {self.train_short_side} and eval {self.eval_short_side} must be at "
+          f"least image_size={self.image_size}, with train min <= max: fix config.data")
+    self.lighting_std = float(cfg.get("lighting_std", DEFAULT_LIGHTING_STD))
     if self.lighting_std < 0:
-      raise ConfigError(f'config.data.lighting_std={self.lighting_std} is negative: use >= 0')
-    self.num_workers = _positive_int(cfg, 'num_workers', os.cpu_count() or 1)
-    self.prefetch = bool(cfg.get('prefetch', True))
+      raise ConfigError(f"config.data.lighting_std={self.lighting_std} is negative: use >= 0")
+    self.num_workers = _positive_int(cfg, "num_workers", os.cpu_count() or 1)
+    self.prefetch = bool(cfg.get("prefetch", True))
     # The JPEG bytes stay encoded: decoding happens on the pool, at reduced scale when it can.
     self._source = prepare.open_data_source(
-        DATASET, split, cfg.get('data_dir', None) or None,
-        decoders={'image': tfds.decode.SkipDecoding()})
+        DATASET, split, cfg.get("data_dir", None) or None,
+        decoders={"image": tfds.decode.SkipDecoding()})
     self.num_examples = len(self._source)
     self.num_classes = NUM_CLASSES
     self.mean, self.std = MEAN_RGB, STD_RGB
-    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, 'resjax-decode')
-    self._background = concurrent.futures.ThreadPoolExecutor(1, 'resjax-prefetch')
+    self._pool = concurrent.futures.ThreadPoolExecutor(self.num_workers, "resjax-decode")
+    self._background = concurrent.futures.ThreadPoolExecutor(1, "resjax-prefetch")
     self._lock = threading.Lock()
     self._orders = {}  # epoch -> permutation, the last two epochs only
     self._pending = None  # (train_batch args, future) of the prefetched batch
@@ -285,11 +285,11 @@ class ImageNetSource:
     first = process_index * len(indices)  # Position in the global batch of this host's first.
     records = self._source.__getitems__(indices.tolist())
     images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
-    labels = np.array([int(r['label']) for r in records], np.int32)
+    labels = np.array([int(r["label"]) for r in records], np.int32)
 
     def work(j):
       rng = np.random.default_rng([seed, _AUGMENT_STREAM, step, first + j])
-      images[j] = train_image(records[j]['image'], rng, size=self.image_size,
+      images[j] = train_image(records[j]["image"], rng, size=self.image_size,
                               short_side_range=self.train_short_side,
                               lighting_std=self.lighting_std)
 
@@ -325,10 +325,10 @@ class ImageNetSource:
     valid = np.zeros((part,), bool)
     valid[:len(indices)] = True
     records = self._source.__getitems__(indices.tolist()) if len(indices) else []
-    labels[:len(records)] = [int(r['label']) for r in records]
+    labels[:len(records)] = [int(r["label"]) for r in records]
 
     def work(j):
-      images[j] = eval_image(records[j]['image'], size=self.image_size,
+      images[j] = eval_image(records[j]["image"], size=self.image_size,
                              short_side=self.eval_short_side)
 
     list(self._pool.map(work, range(len(records))))

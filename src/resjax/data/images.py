@@ -13,8 +13,8 @@ import numpy as np
 
 from resjax.errors import ConfigError, DatasetNotPrepared
 
-KNOWN_DATASETS = ('digits', 'cifar10', 'cifar100')
-_TFDS_DATASETS = ('cifar10', 'cifar100')
+KNOWN_DATASETS = ("digits", "cifar10", "cifar100")
+_TFDS_DATASETS = ("cifar10", "cifar100")
 
 # The digits split is part of resjax's results: never change these numbers.
 DIGITS_SEED = 0
@@ -38,15 +38,15 @@ class ImageSplits:
 
 def load_images(cfg) -> ImageSplits:
   """Loads the dataset named by `cfg.name` (see module constants) into memory."""
-  name = cfg.get('name', 'digits')
-  data_dir = cfg.get('data_dir', None) or None
-  train_size = _check_size('train_size', cfg.get('train_size', None))
-  test_size = _check_size('test_size', cfg.get('test_size', None))
-  if name == 'digits':
+  name = cfg.get("name", "digits")
+  data_dir = cfg.get("data_dir", None) or None
+  train_size = _check_size("train_size", cfg.get("train_size", None))
+  test_size = _check_size("test_size", cfg.get("test_size", None))
+  if name == "digits":
     train_x, train_y, test_x, test_y = _load_digits()
     num_classes = 10
-    train_x, train_y = _first(name, 'train', train_x, train_y, train_size)
-    test_x, test_y = _first(name, 'test', test_x, test_y, test_size)
+    train_x, train_y = _first(name, "train", train_x, train_y, train_size)
+    test_x, test_y = _first(name, "test", test_x, test_y, test_size)
   elif name in _TFDS_DATASETS:
     train_x, train_y, test_x, test_y, num_classes = _load_tfds(
         name, data_dir, train_size, test_size)
@@ -73,7 +73,7 @@ def augment(key: jax.Array, images: jax.Array, *, pad: int, flip: bool) -> jax.A
   values), so bind them before `jax.jit`.
   """
   if pad < 0:
-    raise ConfigError(f'config.data.pad={pad} is negative: use 0 (no crops) or a positive int')
+    raise ConfigError(f"config.data.pad={pad} is negative: use 0 (no crops) or a positive int")
   if pad == 0 and not flip:
     return images
   batch, height, width, channels = images.shape
@@ -96,15 +96,15 @@ def _check_size(field, value):
   if value is None:
     return None
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ConfigError(f'config.data.{field}={value!r} is not a positive int: set a count or None')
+    raise ConfigError(f"config.data.{field}={value!r} is not a positive int: set a count or None")
   return int(value)
 
 
 def _check_fits(name, split, size, total):
   """A size beyond the split would silently train on less than asked: a config mistake."""
   if size is not None and size > total:
-    raise ConfigError(f'config.data.{split}_size={size} exceeds the {total} {split} examples '
-                      f'of {name}: lower it or set it to None')
+    raise ConfigError(f"config.data.{split}_size={size} exceeds the {total} {split} examples "
+                      f"of {name}: lower it or set it to None")
 
 
 def _first(name, split, images, labels, size):
@@ -133,7 +133,7 @@ def not_prepared_message(name, data_dir) -> str:
   """The one line telling the user how to prepare `name` in `data_dir`."""
   return (f"{name} is not prepared in {data_dir}: run 'python -m resjax.data.prepare "
           f"--dataset {name} --data_dir {data_dir}' (needs: pip install 'resjax[prepare]'), "
-          'or set config.data.name=digits to run offline')
+          "or set config.data.name=digits to run offline")
 
 
 def _load_tfds(name, data_dir, train_size, test_size):
@@ -141,7 +141,7 @@ def _load_tfds(name, data_dir, train_size, test_size):
   import tensorflow_datasets as tfds  # Lazy: ~1 s of imports that digits runs skip.
   try:
     # download=False: never build or fetch here; preparing is an explicit, separate step.
-    sources = tfds.data_source(name, split=['train', 'test'], data_dir=data_dir, download=False)
+    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
   except (NotImplementedError, KeyError):
     # TFDS reports a missing dataset as "file format tfrecord has no random access" (an
     # unprepared builder defaults to tfrecord) or, in its default data dir, as a KeyError for an
@@ -154,13 +154,13 @@ def _load_tfds(name, data_dir, train_size, test_size):
     if formats & set(tfds.core.FileFormat.with_random_access()):
       raise  # Readable files are there, so the error is not about preparation.
     raise DatasetNotPrepared(
-        f'{name} in {root} was prepared as {sorted(f.value for f in formats)}, without random '
+        f"{name} in {root} was prepared as {sorted(f.value for f in formats)}, without random "
         f"access: run 'python -m resjax.data.prepare --dataset {name} --data_dir NEW_DIR' with "
-        'a new directory (it writes array_record)') from None
+        "a new directory (it writes array_record)") from None
   train, test = sources
-  num_classes = train.dataset_info.features['label'].num_classes
-  train_x, train_y = _read_all(name, 'train', train, train_size)
-  test_x, test_y = _read_all(name, 'test', test, test_size)
+  num_classes = train.dataset_info.features["label"].num_classes
+  train_x, train_y = _read_all(name, "train", train, train_size)
+  test_x, test_y = _read_all(name, "test", test, test_size)
   return train_x, train_y, test_x, test_y, num_classes
 
 
@@ -168,11 +168,11 @@ def _read_all(name, split, source, size):
   """Decodes the first `size` records (all if None) into uint8 images and int32 labels."""
   _check_fits(name, split, size, len(source))
   count = len(source) if size is None else size
-  images = np.empty((count, *source.dataset_info.features['image'].shape), np.uint8)
+  images = np.empty((count, *source.dataset_info.features["image"].shape), np.uint8)
   labels = np.empty((count,), np.int32)
   for start in range(0, count, _READ_CHUNK):
     keys = list(range(start, min(count, start + _READ_CHUNK)))
     for i, example in zip(keys, source.__getitems__(keys)):
-      images[i] = example['image']
-      labels[i] = example['label']
+      images[i] = example["image"]
+      labels[i] = example["label"]
   return images, labels

@@ -26,10 +26,10 @@ import tempfile
 
 from resjax.errors import DatasetNotPrepared, UserError
 
-DATASETS = ('cifar10', 'cifar100', 'tiny_shakespeare', 'lm1b', 'imagenet2012')
+DATASETS = ("cifar10", "cifar100", "tiny_shakespeare", "lm1b", "imagenet2012")
 # Datasets that TFDS cannot download: the files their builder reads from --manual_dir.
-MANUAL_FILES = {'imagenet2012': ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')}
-MANUAL_SOURCES = {'imagenet2012': 'https://image-net.org/download-images (registration needed)'}
+MANUAL_FILES = {"imagenet2012": ("ILSVRC2012_img_train.tar", "ILSVRC2012_img_val.tar")}
+MANUAL_SOURCES = {"imagenet2012": "https://image-net.org/download-images (registration needed)"}
 
 
 def missing_tensorflow_message() -> str:
@@ -43,7 +43,7 @@ def require_tensorflow() -> None:
     import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ModuleNotFoundError as e:
     # Only an absent TensorFlow is fixed by installing the extra; a broken install keeps its error.
-    if (e.name or '').split('.')[0] != 'tensorflow':
+    if (e.name or "").split(".")[0] != "tensorflow":
       raise
     raise UserError(missing_tensorflow_message()) from None
 
@@ -61,7 +61,7 @@ def _resources_backport_fallback() -> None:
     import importlib_resources  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
   except ModuleNotFoundError:
     import importlib.resources.abc  # pylint: disable=g-import-not-at-top
-    sys.modules['importlib_resources'] = importlib.resources
+    sys.modules["importlib_resources"] = importlib.resources
 
 
 def prepare(name: str, data_dir: str | None = None, archive: str | None = None,
@@ -81,7 +81,7 @@ def prepare(name: str, data_dir: str | None = None, archive: str | None = None,
   if archive is not None:
     archive = os.path.abspath(os.path.expanduser(archive))
     if not os.path.isfile(archive):
-      raise UserError(f'--archive {archive} is not a file: pass the path of the downloaded archive')
+      raise UserError(f"--archive {archive} is not a file: pass the path of the downloaded archive")
   if data_dir:
     # Absolute, so the printed config override works from any working directory.
     data_dir = os.path.abspath(os.path.expanduser(data_dir))
@@ -94,16 +94,16 @@ def prepare(name: str, data_dir: str | None = None, archive: str | None = None,
   if builder.is_prepared():
     formats = builder.info.available_file_formats()
     if tfds.core.FileFormat.ARRAY_RECORD not in formats:
-      raise UserError(f'{name} in {root} is prepared as {sorted(f.value for f in formats)}, '
-                      'without array_record: pass a new --data_dir to prepare it there')
-    print(f'{name} is already prepared in {builder.data_dir}')
+      raise UserError(f"{name} in {root} is prepared as {sorted(f.value for f in formats)}, "
+                      "without array_record: pass a new --data_dir to prepare it there")
+    print(f"{name} is already prepared in {builder.data_dir}")
     _print_usage(name, root)
     return root
 
   # No GCS lookup: TFDS would use a hosted copy only for tfrecord, and the lookup needs network.
   config = tfds.download.DownloadConfig(try_download_gcs=False, manual_dir=manual_dir)
   if archive is None:
-    builder.download_and_prepare(file_format='array_record', download_config=config)
+    builder.download_and_prepare(file_format="array_record", download_config=config)
   else:
     url, expected = _single_download(builder)
     _check_archive(archive, url, expected)
@@ -111,27 +111,27 @@ def prepare(name: str, data_dir: str | None = None, archive: str | None = None,
     os.makedirs(root, exist_ok=True)
     # Unpack into a throwaway folder: a stale unpacking of another file with the same name is
     # never reused, and ~180 MB of extracted files do not linger.
-    with tempfile.TemporaryDirectory(prefix='resjax-extract-', dir=root) as extract_dir:
-      local.download_and_prepare(file_format='array_record',
+    with tempfile.TemporaryDirectory(prefix="resjax-extract-", dir=root) as extract_dir:
+      local.download_and_prepare(file_format="array_record",
                                  download_config=config.replace(extract_dir=extract_dir))
-  print(f'{name} is prepared in {builder.data_dir}')
+  print(f"{name} is prepared in {builder.data_dir}")
   _print_usage(name, root)
   return root
 
 
 def prepare_command(name: str, data_dir: str) -> str:
   """The shell command that prepares `name` into `data_dir`."""
-  manual = ' --manual_dir MANUAL_DIR' if name in MANUAL_FILES else ''
-  return f'python -m resjax.data.prepare --dataset {name}{manual} --data_dir {data_dir}'
+  manual = " --manual_dir MANUAL_DIR" if name in MANUAL_FILES else ""
+  return f"python -m resjax.data.prepare --dataset {name}{manual} --data_dir {data_dir}"
 
 
 def not_prepared_message(name: str, root: str, offline_name: str | None = None) -> str:
   """The one line telling the user how to prepare `name` in the TFDS data dir `root`."""
-  fetch = ''
+  fetch = ""
   if name in MANUAL_FILES:
     fetch = (f'download {" and ".join(MANUAL_FILES[name])} from {MANUAL_SOURCES[name]} into a '
              'folder MANUAL_DIR, then ')
-  offline = f', or set config.data.name={offline_name} to run offline' if offline_name else ''
+  offline = f", or set config.data.name={offline_name} to run offline" if offline_name else ""
   return (f"{name} is not prepared in {root}: {fetch}run '{prepare_command(name, root)}' "
           f"(needs: pip install 'resjax[prepare]'){offline}")
 
@@ -160,17 +160,17 @@ def open_data_source(name: str, split, data_dir: str | None, *, offline_name: st
     if formats & set(tfds.core.FileFormat.with_random_access()):
       raise  # Readable files are there, so the error is not about preparation.
     raise DatasetNotPrepared(
-        f'{name} in {root} was prepared as {sorted(f.value for f in formats)}, without random '
+        f"{name} in {root} was prepared as {sorted(f.value for f in formats)}, without random "
         f"access: run '{prepare_command(name, 'NEW_DIR')}' with a new directory (it writes "
-        'array_record)') from None
+        "array_record)") from None
 
 
 def check_manual_dir(name: str, manual_dir: str | None) -> str:
   """The absolute `manual_dir`, or `UserError` naming the files it must hold."""
-  files = ' and '.join(MANUAL_FILES[name])
+  files = " and ".join(MANUAL_FILES[name])
   if manual_dir is None:
-    raise UserError(f'{name} is a manual download: put {files} from {MANUAL_SOURCES[name]} in one '
-                    'folder and pass it as --manual_dir')
+    raise UserError(f"{name} is a manual download: put {files} from {MANUAL_SOURCES[name]} in one "
+                    "folder and pass it as --manual_dir")
   manual_dir = os.path.abspath(os.path.expanduser(manual_dir))
   missing = [f for f in MANUAL_FILES[name] if not os.path.isfile(os.path.join(manual_dir, f))]
   if missing:
@@ -180,32 +180,32 @@ def check_manual_dir(name: str, manual_dir: str | None) -> str:
 
 
 def _print_usage(name, root):
-  print(f'use it with: --config.data.name={name} --config.data.data_dir={root}')
+  print(f"use it with: --config.data.name={name} --config.data.data_dir={root}")
 
 
 def _single_download(builder):
   """The (url, recorded UrlInfo) of a builder that downloads exactly one file."""
   infos = builder.url_infos or {}
   if len(infos) != 1:
-    raise UserError(f'--archive needs a dataset with exactly one download, and {builder.name} '
-                    f'has {len(infos)}: prepare it without --archive')
+    raise UserError(f"--archive needs a dataset with exactly one download, and {builder.name} "
+                    f"has {len(infos)}: prepare it without --archive")
   return next(iter(infos.items()))
 
 
 def _check_archive(archive, url, expected):
   """Compares the archive with the size and sha256 TFDS records for `url`, and says which."""
   digest, size = hashlib.sha256(), 0
-  with open(archive, 'rb') as f:
+  with open(archive, "rb") as f:
     while chunk := f.read(1 << 20):
       digest.update(chunk)
       size += len(chunk)
   checksum = digest.hexdigest()
   if size == int(expected.size) and checksum == expected.checksum:
-    print(f'{archive}: size and sha256 match the published {url}')
+    print(f"{archive}: size and sha256 match the published {url}")
     return
   # A user-supplied archive is taken as is (tests, a re-packed copy), but never silently.
-  print(f'WARNING: {archive} (sha256 {checksum}, {size} bytes) is not the published {url} '
-        f'(sha256 {expected.checksum}, {int(expected.size)} bytes): using it anyway, so the '
+  print(f"WARNING: {archive} (sha256 {checksum}, {size} bytes) is not the published {url} "
+        f"(sha256 {expected.checksum}, {int(expected.size)} bytes): using it anyway, so the "
         "TFDS checksum check is SKIPPED for this user-supplied file", file=sys.stderr)
 
 
@@ -220,7 +220,7 @@ class _ArchiveDownloads:
   def _check(self, url):
     if url != self._url:
       raise RuntimeError(
-          f'the builder asked for {url!r}, but --archive stands in for {self._url!r}')
+          f"the builder asked for {url!r}, but --archive stands in for {self._url!r}")
 
   def download(self, url):
     from etils import epath  # pylint: disable=g-import-not-at-top
@@ -253,14 +253,14 @@ def _archive_builder_class(cls, url, archive):
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
-      prog='resjax-prepare', description='Prepare a TFDS dataset (array_record) for resjax.')
-  parser.add_argument('--dataset', required=True, choices=DATASETS)
-  parser.add_argument('--data_dir', default=None,
+      prog="resjax-prepare", description="Prepare a TFDS dataset (array_record) for resjax.")
+  parser.add_argument("--dataset", required=True, choices=DATASETS)
+  parser.add_argument("--data_dir", default=None,
                       help="TFDS data dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)")
-  parser.add_argument('--archive', default=None,
+  parser.add_argument("--archive", default=None,
                       help="local copy of the dataset's original download, used instead of "
-                      'fetching it')
-  parser.add_argument('--manual_dir', default=None,
+                      "fetching it")
+  parser.add_argument("--manual_dir", default=None,
                       help='folder holding the files of a manual download (imagenet2012: '
                       f'{" and ".join(MANUAL_FILES["imagenet2012"])})')
   args = parser.parse_args(argv)
@@ -273,9 +273,9 @@ def run() -> None:
   try:
     sys.exit(main())
   except UserError as e:
-    print(f'error: {e}', file=sys.stderr)
+    print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
-if __name__ == '__main__':
+if __name__ == "__main__":
   run()

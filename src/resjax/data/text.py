@@ -41,8 +41,8 @@ import numpy as np
 from resjax.data import prepare
 from resjax.errors import ConfigError
 
-KNOWN_CORPORA = ('stdlib', 'tiny_shakespeare', 'lm1b')
-_TFDS_CORPORA = ('tiny_shakespeare', 'lm1b')
+KNOWN_CORPORA = ("stdlib", "tiny_shakespeare", "lm1b")
+_TFDS_CORPORA = ("tiny_shakespeare", "lm1b")
 
 VOCAB_SIZE = 256
 # Joins files or examples. NUL never occurs in the text of these corpora, so a model can tell a
@@ -52,7 +52,7 @@ MAX_TOKENS = 2**31 - 1  # Offsets into a split are int32.
 
 # The stdlib split is part of resjax's results: never change these.
 STDLIB_TEST_MODULUS = 10  # A file is test when hash(relative path) % 10 == 0.
-_SKIPPED_DIRS = frozenset({'site-packages', 'dist-packages', '__pycache__'})
+_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__"})
 
 # Records per `__getitems__` call when reading a TFDS split.
 _READ_CHUNK = 4096
@@ -65,30 +65,30 @@ class TextSplits:
   train: np.ndarray  # uint8 [num_train_tokens]
   test: np.ndarray  # uint8 [num_test_tokens]
   vocab_size: int = VOCAB_SIZE
-  description: str = ''
+  description: str = ""
 
 
 def load_text(cfg) -> TextSplits:
   """Loads the corpus named by `cfg.name` (see the module docstring) into memory."""
-  name = cfg.get('name', 'stdlib')
-  data_dir = cfg.get('data_dir', None) or None
-  max_train = _check_cap('max_train_bytes', cfg.get('max_train_bytes', None))
-  max_test = _check_cap('max_test_bytes', cfg.get('max_test_bytes', None))
-  if name == 'stdlib':
+  name = cfg.get("name", "stdlib")
+  data_dir = cfg.get("data_dir", None) or None
+  max_train = _check_cap("max_train_bytes", cfg.get("max_train_bytes", None))
+  max_test = _check_cap("max_test_bytes", cfg.get("max_test_bytes", None))
+  if name == "stdlib":
     train, test, description = _load_stdlib()
     train, test = train[:max_train], test[:max_test]
   elif name in _TFDS_CORPORA:
     train_source, test_source = prepare.open_data_source(
-        name, ['train', 'test'], data_dir, offline_name='stdlib')
-    train = _read_text(name, 'train', train_source, max_train)
-    test = _read_text(name, 'test', test_source, max_test)
-    description = f'TFDS {name} (train and test splits as UTF-8 bytes)'
+        name, ["train", "test"], data_dir, offline_name="stdlib")
+    train = _read_text(name, "train", train_source, max_train)
+    test = _read_text(name, "test", test_source, max_test)
+    description = f"TFDS {name} (train and test splits as UTF-8 bytes)"
   else:
     raise ConfigError(f'unknown config.data.name={name!r}: use one of {", ".join(KNOWN_CORPORA)}')
-  for split, tokens in (('train', train), ('test', test)):
+  for split, tokens in (("train", train), ("test", test)):
     if not tokens.size:
-      raise ConfigError(f'the {split} split of {name} is empty: use a corpus with text in both')
-  description += f'; {train.size:,} train and {test.size:,} test bytes'
+      raise ConfigError(f"the {split} split of {name} is empty: use a corpus with text in both")
+  description += f"; {train.size:,} train and {test.size:,} test bytes"
   return TextSplits(name, train, test, VOCAB_SIZE, description)
 
 
@@ -96,7 +96,7 @@ def _check_cap(field, value):
   if value is None:
     return None
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-    raise ConfigError(f'config.data.{field}={value!r} is not a positive int: set a count or None')
+    raise ConfigError(f"config.data.{field}={value!r} is not a positive int: set a count or None")
   return int(value)
 
 
@@ -105,7 +105,7 @@ def _check_cap(field, value):
 
 def stdlib_root() -> str:
   """The folder of the running Python's standard library."""
-  return sysconfig.get_paths()['stdlib']
+  return sysconfig.get_paths()["stdlib"]
 
 
 def stdlib_files() -> list[str]:
@@ -116,31 +116,31 @@ def stdlib_files() -> list[str]:
     dirs[:] = [d for d in dirs if d not in _SKIPPED_DIRS]
     relative = os.path.relpath(folder, root)
     for file in files:
-      if file.endswith('.py'):
+      if file.endswith(".py"):
         path = file if relative == os.curdir else os.path.join(relative, file)
-        paths.append(path.replace(os.sep, '/'))
+        paths.append(path.replace(os.sep, "/"))
   return sorted(paths)
 
 
 def is_test_file(relative_path: str) -> bool:
   """Whether a stdlib file belongs to the test split; depends on its path alone."""
-  digest = hashlib.sha256(relative_path.encode('utf-8')).digest()
-  return int.from_bytes(digest[:8], 'big') % STDLIB_TEST_MODULUS == 0
+  digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+  return int.from_bytes(digest[:8], "big") % STDLIB_TEST_MODULUS == 0
 
 
 def _load_stdlib():
   root = stdlib_root()
   files = stdlib_files()
   if not files:
-    raise ConfigError(f'found no .py files under {root}: this Python ships no standard library '
-                      'source; set config.data.name=tiny_shakespeare or lm1b')
+    raise ConfigError(f"found no .py files under {root}: this Python ships no standard library "
+                      "source; set config.data.name=tiny_shakespeare or lm1b")
   parts = {False: [], True: []}
   for path in files:
-    with open(os.path.join(root, path), 'rb') as f:
+    with open(os.path.join(root, path), "rb") as f:
       parts[is_test_file(path)].append(f.read())
   train, test = (_join(parts[split]) for split in (False, True))
-  description = (f'Python {platform.python_version()} standard library .py files '
-                 f'({len(parts[False])} train, {len(parts[True])} test) from {root}')
+  description = (f"Python {platform.python_version()} standard library .py files "
+                 f"({len(parts[False])} train, {len(parts[True])} test) from {root}")
   return train, test, description
 
 
@@ -155,7 +155,7 @@ def _as_bytes(text) -> bytes:
   """The UTF-8 bytes of a decoded Text feature (bytes from ArrayRecord, str or a 0-d array)."""
   if isinstance(text, np.ndarray):
     text = text.item()
-  return text.encode('utf-8') if isinstance(text, str) else bytes(text)
+  return text.encode("utf-8") if isinstance(text, str) else bytes(text)
 
 
 def _read_text(name, split, source, cap) -> np.ndarray:
@@ -166,13 +166,13 @@ def _read_text(name, split, source, cap) -> np.ndarray:
     for example in source.__getitems__(keys):
       if out:
         out.append(SEPARATOR)
-      out += _as_bytes(example['text'])
+      out += _as_bytes(example["text"])
       if cap is not None and len(out) >= cap:
         return np.frombuffer(out[:cap], np.uint8)
       if len(out) > MAX_TOKENS:
         # Fail while reading rather than after gigabytes more.
-        raise ConfigError(f'the {split} split of {name} exceeds {MAX_TOKENS} bytes (offsets are '
-                          f'int32): set config.data.max_{split}_bytes to at most that')
+        raise ConfigError(f"the {split} split of {name} exceeds {MAX_TOKENS} bytes (offsets are "
+                          f"int32): set config.data.max_{split}_bytes to at most that")
   return np.frombuffer(out, np.uint8)
 
 
@@ -188,8 +188,8 @@ def window_starts(seed: int, step: int, num_tokens: int, batch_size: int,
   step gives the same batch whether a run got there directly or after a resume.
   """
   if num_tokens < context + 1:
-    raise ConfigError(f'the train split has {num_tokens} tokens, fewer than context + 1 = '
-                      f'{context + 1}: lower config.model.context or use a larger corpus')
+    raise ConfigError(f"the train split has {num_tokens} tokens, fewer than context + 1 = "
+                      f"{context + 1}: lower config.model.context or use a larger corpus")
   rng = np.random.default_rng([seed, step])
   return rng.integers(0, num_tokens - context, size=batch_size).astype(np.int32)
 
@@ -216,12 +216,12 @@ def eval_starts(num_tokens: int, context: int, max_windows: int | None = None) -
   """
   count = (num_tokens - 1) // context
   if count < 1:
-    raise ConfigError(f'the test split has {num_tokens} tokens, fewer than context + 1 = '
-                      f'{context + 1}: lower config.model.context or use a larger corpus')
+    raise ConfigError(f"the test split has {num_tokens} tokens, fewer than context + 1 = "
+                      f"{context + 1}: lower config.model.context or use a larger corpus")
   if max_windows is None or max_windows >= count:
     index = np.arange(count)
   else:
     if max_windows < 1:
-      raise ConfigError(f'max_windows={max_windows} must be positive (or None for all windows)')
+      raise ConfigError(f"max_windows={max_windows} must be positive (or None for all windows)")
     index = np.round(np.linspace(0, count - 1, max_windows)).astype(np.int64)
   return (index * context).astype(np.int32)
