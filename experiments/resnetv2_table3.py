@@ -56,7 +56,7 @@ def rows(entries, depth_of=None):
           # Option A for the 110-layer nets as ResNet-v1 built them (§4.2); projections (B) for
           # the bottleneck nets, as ResNet-v2 used.
           "model.shortcut.option": "B" if unit == "bottleneck" else "A",
-      }, paper_error=paper if data == "cifar10" else None, paper=paper))
+      }, paper_error=paper))
   return out
 
 

@@ -23,8 +23,8 @@ def _config(runs, scale="cpu"):
   c.batch_size = 128
   c.schedule = ml_collections.ConfigDict({"unit": "iterations", "total": 400})
   # Experiment files may hold plain dicts here (ConfigDict leaves dicts in lists alone).
-  c.runs = [ml_collections.ConfigDict(dict(overrides={}, **r)) if i % 2 else dict(overrides={}, **r)
-            for i, r in enumerate(runs)]
+  runs = [{"overrides": (), **r} for r in runs]
+  c.runs = [ml_collections.ConfigDict(r) if i % 2 else r for i, r in enumerate(runs)]
   return c
 
 
@@ -127,6 +127,21 @@ def test_agreement_column_and_footer(tmp_path):
   assert ("Agree with the paper on fail / not fail: 2 of 3 rows compared "
           "(1 not run, 1 without a paper value).") in md
   assert "Total wall time: 1h 03m over 4 seed runs." in md
+
+
+def test_a_row_without_a_fail_line_shows_the_papers_number_but_is_not_compared(tmp_path):
+  """ResNet-v2's 20% line is a CIFAR-10 notion: a CIFAR-100 row at 30% neither fails nor agrees."""
+  wd = str(tmp_path)
+  _write_seed(wd, "c10", 0, 6.0)
+  _write_seed(wd, "c100", 0, 30.0)
+  md, _ = _report(tmp_path, _config([
+      dict(name="c10", label="cifar10 preact", paper_error=6.37),
+      dict(name="c100", label="cifar100 preact", paper_error=22.71,
+           overrides=(("failure_error", None),))]))
+  assert _cells(md, "cifar10 preact")[1:] == ["6.37", "6.00", "ok", "yes"]
+  assert _cells(md, "cifar100 preact")[1:] == ["22.71", "30.00", "ok", "—"]
+  assert ("Agree with the paper on fail / not fail: 1 of 1 rows compared "
+          "(1 without a fail line).") in md
 
 
 def test_crash_without_result_is_not_a_divergence(tmp_path):

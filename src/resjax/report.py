@@ -73,8 +73,8 @@ class RowResult:
   def agree(self) -> bool | None:
     """Whether we match the paper on fail / not fail; None when not comparable yet."""
     paper_claims = self.paper_failed or self.paper_error is not None
-    if self.running or self.failed is None or not paper_claims:
-      return None
+    if self.running or self.failed is None or not paper_claims or math.isinf(self.failure_error):
+      return None  # no fail line for this row (a CIFAR-100 row, say): nothing to agree on
     return self.failed == self.paper_failed
 
 
@@ -271,9 +271,12 @@ def render_markdown(rows: list[RowResult], config) -> str:
   notes = [f"{len(rows) - len(ran)} not run"] if len(ran) < len(rows) else []
   if sum(r.running for r in rows):
     notes.append(f"{sum(r.running for r in rows)} still running")
-  no_claim = sum(1 for r in ran if not r.running and r.failed is not None and r.agree is None)
-  if no_claim:
-    notes.append(f"{no_claim} without a paper value")
+  judged = [r for r in ran if not r.running and r.failed is not None and r.agree is None]
+  no_line = sum(1 for r in judged if math.isinf(r.failure_error))
+  if len(judged) - no_line:
+    notes.append(f"{len(judged) - no_line} without a paper value")
+  if no_line:
+    notes.append(f"{no_line} without a fail line")
   no_eval = sum(1 for r in ran if not r.running and r.failed is None)
   if no_eval:
     notes.append(f"{no_eval} without a result")
