@@ -19,6 +19,18 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 FIG2 = REPO / "experiments" / "resnetv2_fig2.py"
 
 
+# The longest files on 2 cores (pytest --durations=0), longest first. pyproject runs the suite on
+# pytest-xdist workers a file at a time; handing these out first lets the workers finish together.
+# A stale list costs time, never correctness.
+LONGEST_FIRST = ("test_multihost", "test_train", "test_cli", "test_experiments", "test_models",
+                 "test_bench", "test_scale_out", "test_faults")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable otherwise
+
+
 @pytest.fixture(scope="session")
 def compile_cache_dir(tmp_path_factory):
   """A persistent XLA cache: runs of the same config compile their step once per session."""

@@ -7,9 +7,10 @@
 * a run stopped mid log window logs, after its resume, the value of a run never stopped;
 * a workdir in use is refused, a stale lock recovered, and the lock released on every exit;
 * a corrupt newest checkpoint is set aside and the run resumes from the step before;
-* Ctrl-C saves and exits 130, and the rerun resumes.
-In-process runs train fig2's identity row at scale=test (ResNet-14 on digits, 6 steps), sharing
-test_train's compiled step through the session's XLA cache.
+* SIGTERM saves and exits 143, Ctrl-C saves and exits 130, and the rerun resumes.
+In-process runs train fig2's identity row at scale=test (ResNet-14 on digits, 6 steps); the
+command lines (SIGTERM, Ctrl-C, a workdir in use) train it too, and compile it once between them
+through the session's XLA cache.
 """
 
 import copy
@@ -245,6 +246,49 @@ def test_d_a_lock_of_another_host_is_not_taken_over(tmp_path):
 
 
 # ------------------------------------- d and f: a stale lock, then Ctrl-C saves, exits 130, resumes
+
+
+def test_sigterm_saves_exits_143_and_the_rerun_resumes(cli, tmp_path):
+  workdir = tmp_path / "work"
+  run_dir = workdir / "identity" / "seed0"
+  metrics = run_dir / "metrics.jsonl"
+  args = [*ROW, "--workdir", workdir, "--config.checkpoint_every=1000000"]
+  with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+    proc = cli.popen(*args, "--config.schedule.total=100000", stdout=out, stderr=err)
+    try:
+      started = _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, proc)
+      assert started, (tmp_path / "err").read_text()
+      proc.send_signal(signal.SIGTERM)
+      code = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  stderr = (tmp_path / "err").read_text()
+  assert code == 143, stderr
+  assert "Traceback" not in stderr
+  assert "rerun the same command to resume" in stderr
+  assert not (workdir / ".resjax.lock").exists()  # released on the way out
+  summary = _read_json(run_dir / "summary.json")
+  assert summary["status"] == "preempted"
+  stopped = summary["steps"]
+  assert 2 <= stopped < 100000
+  assert f"stopped by SIGTERM at step {stopped}" in summary["reason"]
+  assert summary["final"] == {}
+  # checkpoint_every is never reached: the only checkpoint is the one SIGTERM asked for.
+  assert sorted(os.listdir(run_dir.parent / "ckpt" / "seeds_0")) == [str(stopped)]
+  assert max(m["step"] for m in _read_jsonl(metrics)) == stopped
+  lines_before = len(_read_jsonl(metrics))
+
+  result = cli.run(*args, f"--config.schedule.total={stopped + 2}")
+  assert result.returncode == 0, result.stderr
+  assert "Traceback" not in result.stderr
+  summary = _read_json(run_dir / "summary.json")
+  assert summary["status"] == "ok"
+  assert summary["steps"] == summary["total_steps"] == stopped + 2
+  new = _read_jsonl(metrics)[lines_before:]
+  assert new and min(m["step"] for m in new) > stopped
+  assert max(m["step"] for m in new) == stopped + 2
 
 
 def test_f_ctrl_c_saves_exits_130_and_the_rerun_resumes_d_from_a_stale_lock(cli, tmp_path):

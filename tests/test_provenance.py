@@ -16,6 +16,7 @@ import ml_collections
 import pytest
 
 from resjax import configs, main, models, provenance, report, tasks, train
+from test_scale_out import SMALL
 
 FIG2 = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "resnetv2_fig2.py"
 
@@ -176,7 +177,8 @@ def _entries(cache):
 
 def test_second_run_of_a_row_compiles_nothing_new_and_records_where_it_came_from(cli, tmp_path):
   cache = tmp_path / "xla"
-  args = ["--config", "experiments/resnetv2_fig2.py:scale=test,run=identity"]
+  args = ["--config", "experiments/resnetv2_fig2.py:scale=test,run=identity", *SMALL,
+          "--config.schedule.total=2"]
   summaries = []
   for name in ("first", "second"):
     workdir = tmp_path / name
