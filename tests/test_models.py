@@ -193,8 +193,9 @@ def test_scan_and_loop_compute_the_same_function():
 # ------------------------------------------------------------------------ remat
 
 
+@functools.cache  # the remat="none" program serves every policy's test
 def _loss_and_grads(remat, depth=20, conv_impl="im2col"):
-  """A jitted (loss, grads) of a ResNet (random weights, train mode) under ``remat``, compiled."""
+  """(loss, grads) of a ResNet (random weights, train mode) under ``remat``, and its program."""
   kw = dict(depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option="A"))
   model = randomize_resnet(nnx.eval_shape(lambda: resnet.CifarResNet(
       remat=remat, conv_impl=conv_impl, rngs=make_rngs(), **kw)))
@@ -205,8 +206,8 @@ def _loss_and_grads(remat, depth=20, conv_impl="im2col"):
     logits = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
-  f = jax.jit(jax.value_and_grad(loss))
-  return f(params), f.lower(params).compile()
+  program = jax.jit(jax.value_and_grad(loss)).lower(params).compile()
+  return program(params), program
 
 
 @pytest.mark.parametrize("remat", ["full", "dots_saveable"])
