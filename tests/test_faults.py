@@ -245,7 +245,23 @@ def test_d_a_lock_of_another_host_is_not_taken_over(tmp_path):
   assert json.loads(lock.read_text())["host"] == "elsewhere.invalid"
 
 
-# ------------------------------------- d and f: a stale lock, then Ctrl-C saves, exits 130, resumes
+# ------------------------ SIGTERM, then d and f: a stale lock, then Ctrl-C saves, exits 130, resumes
+
+
+def _stop_mid_run(cli, args, metrics, signum, tmp_path):
+  """Starts a long run, sends ``signum`` once its first metrics are logged: (exit code, stderr)."""
+  with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+    proc = cli.popen(*args, "--config.schedule.total=100000", stdout=out, stderr=err)
+    try:
+      started = _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, proc)
+      assert started, (tmp_path / "err").read_text()
+      proc.send_signal(signum)
+      code = proc.wait(timeout=120)
+    finally:
+      if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+  return code, (tmp_path / "err").read_text()
 
 
 def test_sigterm_saves_exits_143_and_the_rerun_resumes(cli, tmp_path):
@@ -253,18 +269,7 @@ def test_sigterm_saves_exits_143_and_the_rerun_resumes(cli, tmp_path):
   run_dir = workdir / "identity" / "seed0"
   metrics = run_dir / "metrics.jsonl"
   args = [*ROW, "--workdir", workdir, "--config.checkpoint_every=1000000"]
-  with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-    proc = cli.popen(*args, "--config.schedule.total=100000", stdout=out, stderr=err)
-    try:
-      started = _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, proc)
-      assert started, (tmp_path / "err").read_text()
-      proc.send_signal(signal.SIGTERM)
-      code = proc.wait(timeout=120)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  stderr = (tmp_path / "err").read_text()
+  code, stderr = _stop_mid_run(cli, args, metrics, signal.SIGTERM, tmp_path)
   assert code == 143, stderr
   assert "Traceback" not in stderr
   assert "rerun the same command to resume" in stderr
@@ -301,18 +306,7 @@ def test_f_ctrl_c_saves_exits_130_and_the_rerun_resumes_d_from_a_stale_lock(cli,
   (workdir / ".resjax.lock").write_text(json.dumps({"pid": gone.pid,
                                                     "host": socket.gethostname()}))
   args = [*ROW, "--workdir", workdir, "--config.checkpoint_every=1000000"]
-  with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-    proc = cli.popen(*args, "--config.schedule.total=100000", stdout=out, stderr=err)
-    try:
-      started = _wait_for(lambda: metrics.exists() and metrics.read_text().strip(), 300, proc)
-      assert started, (tmp_path / "err").read_text()
-      proc.send_signal(signal.SIGINT)
-      code = proc.wait(timeout=120)
-    finally:
-      if proc.poll() is None:
-        proc.kill()
-        proc.wait()
-  stderr = (tmp_path / "err").read_text()
+  code, stderr = _stop_mid_run(cli, args, metrics, signal.SIGINT, tmp_path)
   assert code == 130, stderr
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   notices = [line for line in stderr.splitlines() if "lock" in line]
