@@ -8,6 +8,8 @@
 * a workdir in use is refused, a stale lock recovered, and the lock released on every exit;
 * a corrupt newest checkpoint is set aside and the run resumes from the step before;
 * SIGTERM saves and exits 143, Ctrl-C saves and exits 130, and the rerun resumes.
+* a disk that fills up stops the run before a checkpoint it cannot hold, in one line, exit 2;
+  the last checkpoint is kept and, with space freed, the rerun resumes.
 In-process runs train fig2's identity row at scale=test (ResNet-14 on digits, 6 steps); the
 command lines (SIGTERM, Ctrl-C, a workdir in use) train it too, and compile it once between them
 through the session's XLA cache.
@@ -328,3 +330,55 @@ def test_f_ctrl_c_saves_exits_130_and_the_rerun_resumes_d_from_a_stale_lock(cli,
   summary = _read_json(run_dir / "summary.json")
   assert summary["status"] == "ok" and summary["steps"] == stopped + 2
   assert max(m["step"] for m in _read_jsonl(metrics)) == stopped + 2
+
+
+# ------------------------------------------------------------------ g: a disk that fills up
+
+FULL_DISK = r"""
+set -u
+mnt=$1 out=$2; shift 2
+mount -t tmpfs -o size=2200k tmpfs "$mnt"  # room for one checkpoint (1.5 MB) and the logs
+"$@" --workdir "$mnt/work" 2> "$out/err1"; echo $? > "$out/rc1"
+cp -a "$mnt/work" "$out/full"
+mount -o remount,size=64m "$mnt"  # space freed
+"$@" --workdir "$mnt/work" 2> "$out/err2"; echo $? > "$out/rc2"
+cp -a "$mnt/work" "$out/rerun"
+"""
+
+
+def _user_namespaces():
+  return shutil.which("unshare") and subprocess.run(
+      ["unshare", "-rm", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _user_namespaces(), reason="needs unshare -rm to mount a small tmpfs")
+def test_g_a_full_disk_mid_checkpoint_keeps_the_last_one_and_the_rerun_resumes(cli, tmp_path):
+  """A real ENOSPC: the workdir on a 2.2 MB tmpfs in a user namespace, checkpoints of 1.5 MB."""
+  (tmp_path / "mnt").mkdir()
+  args = [*ROW, "--config.schedule.total=6", "--config.checkpoint_every=3"]
+  proc = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK, "sh", tmp_path / "mnt", tmp_path,
+                         *cli.argv(*args)], cwd=cli.env.get("PWD"), env=cli.env,
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr
+  err1 = (tmp_path / "err1").read_text()
+  assert (tmp_path / "rc1").read_text().strip() == "2", err1
+  assert "Traceback" not in err1
+  (line,) = [line for line in err1.splitlines() if line.startswith("error: ")]
+  ckpt = tmp_path / "mnt" / "work" / "identity" / "ckpt" / "seeds_0"
+  assert "is full (" in line and "MiB free, the checkpoint of step 6 needs about" in line, line
+  assert len([l for l in err1.splitlines() if l.strip()]) == 1, err1  # orbax never began to write
+  assert f"step 3 in {ckpt} is kept; free space" in line and "rerun the same command" in line
+  assert os.listdir(tmp_path / "full" / "identity" / "ckpt" / "seeds_0") == ["3"]
+  assert not (tmp_path / "full" / "identity" / "seed0" / "summary.json").exists()
+
+  err2 = (tmp_path / "err2").read_text()
+  assert (tmp_path / "rc2").read_text().strip() == "0", err2
+  run_dir = tmp_path / "rerun" / "identity" / "seed0"
+  summary = _read_json(run_dir / "summary.json")
+  assert summary["status"] == "ok" and summary["steps"] == 6
+  # The rerun went on from step 3 and logged steps 4 and 6 again (the report keeps the later
+  # record of a step), with the values the stopped run had logged: nothing was lost.
+  logged = [(m["step"], m["train_loss"]) for m in _read_jsonl(run_dir / "metrics.jsonl")
+            if "train_loss" in m]
+  assert [step for step, _ in logged] == [2, 4, 6, 4, 6]
+  assert logged[3:] == logged[1:3]

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -346,6 +348,16 @@ def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
+  """Saves step ``step`` (asynchronously). On a local disk it first checks that the step fits: a
+  full disk then stops the run before orbax starts a write it cannot finish."""
+  directory = str(manager.directory)
+  if "://" not in directory:
+    manager.wait_until_finished()  # the step before is on disk: the free space is final
+    need = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count() + (64 << 10)
+    free = shutil.disk_usage(directory).free
+    if free < need:
+      raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the checkpoint of step {step} "
+                                  f"needs about {need / 2**20:.1f} MiB")
   manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                                LOOP_ITEM: ocp.args.JsonSave(loop)}))
 
@@ -544,8 +556,43 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
   other seeds start afresh. Returns the per-seed summaries and the final stacked state.
   """
   run, state, record = setup_train_loop(config, group_dir, seeds, task, arrays, progress)
-  state = train_loop(run, state, record)
-  return finalize(run, state, record), state
+  try:
+    state = train_loop(run, state, record)
+    return finalize(run, state, record), state
+  except Exception as e:
+    if _disk_full(e) is None:
+      raise
+    directory = str(run.manager.directory)
+    run.manager.close()  # stop orbax's background threads before the process exits
+    kept = committed_steps(directory)
+    where = f"step {kept[-1]} in {directory} is kept" if kept else "no checkpoint was complete"
+    raise CheckpointError(
+        f"the disk under {group_dir} is full ({_disk_full(e)}) at step {record.step}: {where}; "
+        "free space (or move the workdir) and rerun the same command to resume") from None
+
+
+def _disk_full(e: BaseException) -> str | None:
+  """"No space left on device" (or the quota's message) when that is what ``e`` comes from, else
+  None. Python's writes raise OSError; orbax's array writer (tensorstore) raises a ValueError
+  that quotes the OS error."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    for code in (errno.ENOSPC, errno.EDQUOT):
+      if isinstance(e, OSError) and e.errno == code:
+        return e.strerror or os.strerror(code)
+      if isinstance(e, ValueError) and os.strerror(code) in str(e):
+        return os.strerror(code)
+    e = e.__cause__ or e.__context__
+  return None
+
+
+def committed_steps(directory: str) -> list[int]:
+  """The checkpoint steps in ``directory`` that orbax finished (a step is renamed from its
+  temporary name only once every file is written), in increasing order."""
+  if not fileio.isdir(directory):
+    return []
+  return sorted(int(n) for n in fileio.listdir(directory) if n.isdigit())
 
 
 # ------------------------------------------------------------------------------------------------
