@@ -355,9 +355,14 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
     manager.wait_until_finished()  # the step before is on disk: the free space is final
     need = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count() + (64 << 10)
     free = shutil.disk_usage(directory).free
-    if free < need:
+    fits = free >= need
+    if jax.process_count() > 1:  # all save or none: a process alone in the save would wait forever
+      from jax.experimental import multihost_utils
+      fits = bool(multihost_utils.process_allgather(np.int32(fits)).min())
+    if not fits:
+      each = " on each process's disk" if jax.process_count() > 1 else ""
       raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the checkpoint of step {step} "
-                                  f"needs about {need / 2**20:.1f} MiB")
+                                  f"needs about {need / 2**20:.1f} MiB{each}")
   manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
                                                LOOP_ITEM: ocp.args.JsonSave(loop)}))
 
