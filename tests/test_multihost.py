@@ -20,6 +20,12 @@ import numpy as np
 from test_scale_out import SMALL, _leaves
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# Every process here, and the one-process reference, compiles with LLVM's -O0 (as test_sharding):
+# a third of the compile time, and one program for all of them, so bitwise comparisons hold.
+O0 = "--xla_backend_optimization_level=0"
+TWO_PROCESSES = {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": O0}
+ONE_WITH_TWO_DEVICES = {"JAX_PLATFORMS": "cpu",
+                        "XLA_FLAGS": f"--xla_force_host_platform_device_count=2 {O0}"}
 
 
 # ------------------------------------------------------------------------- two processes
@@ -50,7 +56,7 @@ def _metrics(run_dir):
 def test_two_processes_train_to_the_parameters_of_one_process_with_two_devices(cli, tmp_path):
   args = ["--config", "experiments/resnetv2_fig2.py:scale=test,run=identity", *SMALL,
           "--config.schedule.total=6"]  # the checkpoint below is step 6's
-  env = {**cli.env, "JAX_PLATFORMS": "cpu"}
+  env = {**cli.env, **TWO_PROCESSES}
   port = _free_port()
   procs = []
   for i in range(2):
@@ -59,7 +65,7 @@ def test_two_processes_train_to_the_parameters_of_one_process_with_two_devices(c
                  "--coordinator", f"localhost:{port}", "--num_processes", "2", "--process_id", i),
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
   one = cli.run(*args, "--workdir", tmp_path / "one", timeout=600,
-                env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                env=ONE_WITH_TWO_DEVICES)
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err
@@ -82,7 +88,7 @@ def test_two_processes_train_to_the_parameters_of_one_process_with_two_devices(c
 
 
 def _two_processes(cli, args, workdir, port, out_dir):
-  env = {**cli.env, "JAX_PLATFORMS": "cpu"}
+  env = {**cli.env, **TWO_PROCESSES}
   procs = []
   for i in range(2):
     procs.append(subprocess.Popen(
@@ -143,7 +149,7 @@ def test_sigterm_to_one_of_two_processes_stops_both_at_one_step_and_resumes_exac
   end = [f"--config.schedule.total={stopped + 2}"]
   procs = _two_processes(cli, [*args, *end], workdir, _free_port(), tmp_path / "second")
   one = cli.run(*args, *end, "--workdir", tmp_path / "one", timeout=600,
-                env={"JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                env=ONE_WITH_TWO_DEVICES)
   codes = _finish(procs, 600)
   assert codes == [0, 0], [(tmp_path / "second" / f"err{i}").read_text() for i in range(2)]
   assert one.returncode == 0, one.stderr

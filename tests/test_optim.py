@@ -282,7 +282,7 @@ def _leaves(tree):
 
 
 @pytest.fixture(scope="module")
-def rule_runs(tmp_path_factory):
+def rule_runs(xla_cache, tmp_path_factory):
   root = tmp_path_factory.mktemp("warmup_rule")
   task = ScriptedTask(ERRORS)
 

@@ -50,7 +50,7 @@ def _leaves(tree):
 
 
 @pytest.fixture(scope="module")
-def side_by_side(tmp_path_factory):
+def side_by_side(xla_cache, tmp_path_factory):
   config = _fig2_identity()
   task = tasks.load(config)
   root = tmp_path_factory.mktemp("seeds")
@@ -127,8 +127,12 @@ print(json.dumps({
 
 
 def test_preempted_run_on_a_sharded_mesh_resumes_to_the_uninterrupted_result(tmp_path):
+  # The three runs compile one step: the first writes it to an XLA cache the other two read.
+  # LLVM's -O0 (as test_sharding): a third of the compile time, and the same HLO for all three.
   env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0",
+         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "xla"),
+         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   result = subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(tmp_path), str(REPO / "tests")],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr
