@@ -16,8 +16,8 @@ from resjax.errors import ConfigError
 SCALES = ("paper", "cpu", "test")
 # Shortcut configs: a row may set any key of the form it names (shortcuts.fields), declared or not
 # in the experiment's base config; every other key must be one the base config declares. The forms
-# are imported only then: resjax.models.shortcuts brings JAX and flax, which an experiment file does not
-# otherwise need (importing this module takes 0.07 s without them, 1.7 s with them).
+# are imported only then: resjax.models.shortcuts brings JAX and flax, which an experiment file
+# does not otherwise need (importing this module takes 0.07 s without them, 1.7 s with them).
 SHORTCUT_CONFIGS = ("model.shortcut", "model.value_residual")
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from resjax import configs, fileio, models, provenance, sharding, tasks
 from resjax.errors import CheckpointError, ConfigError, quiet_logs
@@ -351,13 +352,12 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
   """Saves step ``step`` (asynchronously). On a local disk it first checks that the step fits: a
   full disk then stops the run before orbax starts a write it cannot finish."""
   directory = str(manager.directory)
-  if "://" not in directory:
+  if not fileio.is_remote(directory):
     manager.wait_until_finished()  # the step before is on disk: the free space is final
     need = sum(x.nbytes for x in jax.tree.leaves(state)) // jax.process_count() + (64 << 10)
     free = shutil.disk_usage(directory).free
     fits = free >= need
     if jax.process_count() > 1:  # all save or none: a process alone in the save would wait forever
-      from jax.experimental import multihost_utils
       fits = bool(multihost_utils.process_allgather(np.int32(fits)).min())
     if not fits:
       each = " on each process's disk" if jax.process_count() > 1 else ""
@@ -381,7 +381,6 @@ def _restore_step(manager: ocp.CheckpointManager, step: int, abstract) -> tuple[
 def _sync(name: str) -> None:
   """A barrier across processes (nothing with one)."""
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(name)
 
 
@@ -565,14 +564,16 @@ def train(config, group_dir: str, *, seeds: list[int], task, arrays: dict | None
     state = train_loop(run, state, record)
     return finalize(run, state, record), state
   except Exception as e:
-    if _disk_full(e) is None:
+    full = _disk_full(e)
+    if full is None:
       raise
-    directory = str(run.manager.directory)
+    run.manager.reload()  # the steps on disk: orbax lists a step only once it is complete
+    kept = run.manager.latest_step()
     run.manager.close()  # stop orbax's background threads before the process exits
-    kept = committed_steps(directory)
-    where = f"step {kept[-1]} in {directory} is kept" if kept else "no checkpoint was complete"
+    where = (f"step {kept} in {run.manager.directory} is kept" if kept is not None
+             else "no checkpoint was complete")
     raise CheckpointError(
-        f"the disk under {group_dir} is full ({_disk_full(e)}) at step {record.step}: {where}; "
+        f"the disk under {group_dir} is full ({full}) at step {record.step}: {where}; "
         "free space (or move the workdir) and rerun the same command to resume") from None
 
 
@@ -590,14 +591,6 @@ def _disk_full(e: BaseException) -> str | None:
         return os.strerror(code)
     e = e.__cause__ or e.__context__
   return None
-
-
-def committed_steps(directory: str) -> list[int]:
-  """The checkpoint steps in ``directory`` that orbax finished (a step is renamed from its
-  temporary name only once every file is written), in increasing order."""
-  if not fileio.isdir(directory):
-    return []
-  return sorted(int(n) for n in fileio.listdir(directory) if n.isdigit())
 
 
 # ------------------------------------------------------------------------------------------------

@@ -152,6 +152,10 @@ class _MatchedShortcut(nnx.Module):
     """``cfg[key]``, or this form's default for it."""
     return cfg.get(key, self.defaults[key])
 
+  def scalar(self, cfg, key: str) -> ResidualScalar:
+    """A learnable float32 scalar initialised at ``setting(cfg, key)`` (kept out of weight decay)."""
+    return ResidualScalar(jnp.asarray(self.setting(cfg, key), jnp.float32))
+
   def carried(self, x: Array, train: bool) -> Array:
     return self.match(x, train=train)
 
@@ -253,8 +257,8 @@ class LearnableLambda(_MatchedShortcut):
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.lambda1 = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda1_init"), jnp.float32))
-    self.lambda2 = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda2_init"), jnp.float32))
+    self.lambda1 = self.scalar(cfg, "lambda1_init")
+    self.lambda2 = self.scalar(cfg, "lambda2_init")
 
   def __call__(self, x, f, *, train):
     return self.lambda1[...] * f + self.lambda2[...] * self.carried(x, train)
@@ -267,7 +271,7 @@ class Mix(_MatchedShortcut):
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.lam = ResidualScalar(jnp.asarray(self.setting(cfg, "lambda_init"), jnp.float32))
+    self.lam = self.scalar(cfg, "lambda_init")
 
   def __call__(self, x, f, *, train):
     lam = self.lam[...]
@@ -281,7 +285,7 @@ class ReZero(_MatchedShortcut):
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
-    self.alpha = ResidualScalar(jnp.asarray(self.setting(cfg, "alpha_init"), jnp.float32))
+    self.alpha = self.scalar(cfg, "alpha_init")
 
   def __call__(self, x, f, *, train):
     return self.carried(x, train) + self.alpha[...] * f
