@@ -20,10 +20,11 @@ depth per variant and the depth at which each variant's advantage over identity 
     python -m resjax.main --config experiments/caution_depth.py:scale=cpu --workdir runs/caution_cpu
 
 Args: scale=paper|cpu|test, run=NAME, seeds=K, variants=all or names joined by "+"
-(e.g. variants=identity+stacked_lambda).
+(e.g. variants=identity+stacked_lambda). The recipe is resjax.configs.caution_lm, the one
+``python -m resjax.caution`` trains any form on.
 
 scale=paper: width 512 (8 heads), context 256, depths 2 to 256 blocks (4 to 512 additions) on
-byte-level lm1b, 10k steps of AdamW; 2 seeds. The 256-block rows need ~10 GPU-hours each on an H100.
+byte-level lm1b, 10k steps of AdamW; 3 seeds. The 256-block rows need ~10 GPU-hours each on an H100.
 
 scale=cpu: width 32 (2 heads), context 32, 1, 4 and 16 blocks (2, 8, 32 additions) on the Python
 standard-library byte corpus, 200 steps, 3 seeds side by side.
@@ -80,34 +81,14 @@ def get_config(arg=None):
   # Shortcuts keep their default option B, which projects only where the shape changes, which on
   # tokens is never: the identity, value-residual and lambda rows carry x as it is; the dense
   # row's conv1x1 is option C itself.
-  c = configs.lm_recipe(context=256, width=512, depth=2, heads=8)
+  c, depths = configs.caution_lm(arg.scale)  # the recipe python -m resjax.caution trains on
   c.experiment = "Caution at depth: residual variants against identity, Transformer LM"
   c.paper = ("He et al. 2016 (arXiv 1603.05027) Table 1 / Eq. 8, carried to learnable residual "
              "scalars and the value residual")
-  c.scale = arg.scale
   c.run = arg.run
-  c.num_seeds = 2
   c.figure = "against_x"
   c.reference_series = REFERENCE
   c.x_label = "residual additions"
-  c.batch_size = 64
-  c.schedule.update(total=10_000, warmup=500)
-  c.optim.update(lr=1e-3, scalar_lr=0.01)
-  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
-  depths = (2, 8, 32, 128, 256)
-  if arg.scale in ("cpu", "test"):
-    configs.lm_cpu(c, eval_windows=512)
-    c.model.update(context=32, width=32, heads=2)
-    c.batch_size = 32
-    c.schedule.update(total=200, warmup=20)
-    c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
-    depths = (1, 4, 16)
-  if arg.scale == "test":
-    configs.lm_test(c, eval_windows=32)
-    c.model.update(context=8, width=16)
-    c.schedule.update(total=3, warmup=1)
-    c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 3
-    depths = (1, 2)
   if arg.seeds:
     c.num_seeds = arg.seeds
   names = [] if arg.variants == "all" else str(arg.variants).split("+")

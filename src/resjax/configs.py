@@ -102,10 +102,17 @@ def set_dotted(config: ml_collections.ConfigDict, key: str, value) -> None:
     node[leaf] = value
 
 
-def declare_shortcut_keys(config: ml_collections.ConfigDict, keys) -> None:
-  """Declares each shortcut key among ``keys`` (dotted, as ``--config.KEY`` names them) that some
-  form has and ``config`` leaves out, typed as that form's default, so that the command line can
-  set it (``--config.model.shortcut.gate_bias=-5``) whichever forms the rows then name."""
+def declare_shortcut_keys(config: ml_collections.ConfigDict, keys: dict) -> None:
+  """Declares each shortcut key among ``keys`` (dotted, as ``--config.KEY`` names them, mapped to
+  their values) that some form has and ``config`` leaves out, typed as that form's default, so
+  that the command line can set it (``--config.model.shortcut.gate_bias=-5``) whichever forms the
+  rows then name. A user's form named there (``--config.model.shortcut.name=FILE.py:CLASS``) is
+  imported first, so that its own keys can be set the same way."""
+  for key, value in keys.items():
+    if key.rpartition(".")[0] in SHORTCUT_CONFIGS and key.endswith(".name") and value:
+      from resjax.models import shortcuts
+      if shortcuts.is_import_path(value):
+        shortcuts.form(value)
   for key in keys:
     parent, _, leaf = key.rpartition(".")
     if parent not in SHORTCUT_CONFIGS:
@@ -116,7 +123,8 @@ def declare_shortcut_keys(config: ml_collections.ConfigDict, keys) -> None:
     if not isinstance(node, ml_collections.ConfigDict) or leaf in node:
       continue
     from resjax.models import shortcuts
-    typed = [v for form in shortcuts.SHORTCUTS.values()
+    forms = [*shortcuts.SHORTCUTS.values(), *shortcuts.USER_FORMS.values()]
+    typed = [v for form in forms
              for k, v in getattr(form, "defaults", {}).items() if k == leaf and v is not None]
     if typed:
       node[leaf] = placeholder(type(typed[0]))
@@ -323,3 +331,59 @@ def lm_test(c: ml_collections.ConfigDict, *, eval_windows: int = 64) -> None:
   c.batch_size = 8
   c.log_every, c.eval_every, c.checkpoint_every = 2, 4, 4
   c.eval_batch_size = 32
+
+
+# ------------------------------------------------------------------------------------------------
+# The caution at depth: one recipe per family, shared by experiments/caution_depth_resnet.py,
+# experiments/caution_depth.py and ``python -m resjax.caution``, which trains every form on it.
+# ------------------------------------------------------------------------------------------------
+
+def caution_resnet(scale: str) -> tuple[ml_collections.ConfigDict, tuple[int, ...]]:
+  """CIFAR ResNets (post-activation basic units, option A) and their depths in layers.
+
+  paper: ResNet-v2's CIFAR-10 recipe (``cifar_resnet_recipe``, 5 seeds) at 20, 56, 110, 218 and
+  1202 layers, the deepest plain-unit net ResNet-v1 trained (§4.2). cpu: the 8x8 digits with
+  ``digits_cpu`` (3 seeds) at 20, 56, 110. test: ``digits_test`` at 8 and 14, for pytest.
+  """
+  c = cifar_resnet_recipe()
+  c.scale = scale
+  depths = (20, 56, 110, 218, 1202)
+  if scale == "cpu":
+    digits_cpu(c)
+    depths = (20, 56, 110)
+  elif scale == "test":
+    digits_test(c)
+    depths = (8, 14)
+  return c, depths
+
+
+def caution_lm(scale: str) -> tuple[ml_collections.ConfigDict, tuple[int, ...]]:
+  """Pre-LN Transformer LMs (``lm_recipe``) and their depths in blocks.
+
+  paper: width 512 (8 heads), context 256, batch 64, 10k steps of AdamW (500 warm-up, LR 1e-3,
+  scalars 0.01) on byte-level lm1b, 2 to 256 blocks, 3 seeds. cpu: width 32 (2 heads), context 32,
+  batch 32, 200 steps (20 warm-up) on the standard-library corpus (``lm_cpu``), 1, 4, 16 blocks.
+  test: width 16, context 8, 3 steps, 1 and 2 blocks, for pytest.
+  """
+  c = lm_recipe(context=256, width=512, depth=2, heads=8)
+  c.scale = scale
+  c.num_seeds = 3
+  c.batch_size = 64
+  c.schedule.update(total=10_000, warmup=500)
+  c.optim.update(lr=1e-3, scalar_lr=0.01)
+  c.log_every, c.eval_every, c.checkpoint_every = 100, 2000, 2000
+  depths = (2, 8, 32, 128, 256)
+  if scale in ("cpu", "test"):
+    lm_cpu(c, eval_windows=512)
+    c.model.update(context=32, width=32, heads=2)
+    c.batch_size = 32
+    c.schedule.update(total=200, warmup=20)
+    c.log_every, c.eval_every, c.checkpoint_every = 50, 200, 200
+    depths = (1, 4, 16)
+  if scale == "test":
+    lm_test(c, eval_windows=32)
+    c.model.update(context=8, width=16)
+    c.schedule.update(total=3, warmup=1)
+    c.log_every, c.eval_every, c.checkpoint_every = 3, 3, 3
+    depths = (1, 2)
+  return c, depths

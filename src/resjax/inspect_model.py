@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resjax import configs, models, sharding, train
+from resjax.models import shortcuts
 from resjax.errors import ConfigError
 
 # (height, width, channels, classes) of each image dataset, known without reading it.
@@ -44,8 +45,22 @@ def abstract_model(config, model_cfg=None):
                                              in_channels=channels, rngs=nnx.Rngs(0)))
 
 
+def check_user_forms(config) -> None:
+  """Runs each user's shortcut form the model names through ``shortcuts.check_form`` on the
+  inputs its units give it (tokens in a Transformer, images in a ResNet)."""
+  kind = "tokens" if config.data.name in TEXT_SETS else "images"
+  for key in configs.SHORTCUT_CONFIGS:
+    cfg = config
+    for part in key.split("."):
+      cfg = cfg.get(part) if cfg is not None else None
+    name = cfg.get("name") if cfg is not None else None
+    if name not in (None, "none") and shortcuts.is_user_form(name):
+      shortcuts.check_form(cfg, kinds=(kind,))
+
+
 def check(config) -> None:
   """Raises ConfigError for any value that cannot work, before anything is trained."""
+  check_user_forms(config)
   abstract_model(config)
   # Intervals are in steps and the eval batch in examples; 0 would divide by zero mid-run.
   for key in ("batch_size", "log_every", "eval_every", "checkpoint_every", "eval_batch_size"):

@@ -116,11 +116,17 @@ def load_experiment(argument: str) -> ml_collections.ConfigDict:
   return config
 
 
-def config_overrides(argv: list[str]) -> list[str]:
-  """The KEYs of --config.KEY[=VALUE] (and --noconfig.KEY) in ``argv``, as ml_collections reads
-  them."""
+def config_overrides(argv: list[str]) -> dict[str, str | None]:
+  """KEY -> VALUE of each --config.KEY[=VALUE] (and --noconfig.KEY, VALUE None) in ``argv``, as
+  ml_collections reads them; a VALUE given as the next argument is read there."""
   argv = flags.FLAGS.read_flags_from_files(argv, force_gnu=False)  # expands --flagfile
-  return [m.group(1) for m in (re.match(r"-{1,2}(?:no)?config\.([^=]*)", a) for a in argv) if m]
+  out = {}
+  for i, a in enumerate(argv):
+    m = re.match(r"-{1,2}(no)?config\.([^=]*)(=(.*))?", a, re.DOTALL)
+    if m:
+      following = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("-") else None
+      out[m.group(2)] = None if m.group(1) else m.group(4) if m.group(3) else following
+  return out
 
 
 def check_override(config: ml_collections.ConfigDict, key: str, path: str) -> None:
@@ -154,7 +160,9 @@ class ExperimentFileParser(flags.ArgumentParser):
     from resjax import configs
     config = load_experiment(argument)
     keys = config_overrides(sys.argv)
-    configs.declare_shortcut_keys(config, keys)  # a shortcut form's keys, wherever declared
+    # A user's form named on the command line is imported (and checked) here, so that its keys
+    # can be set too; then every form's keys, wherever declared.
+    configs.declare_shortcut_keys(config, keys)
     for key in keys:
       check_override(config, key, argument.partition(":")[0])
     return config
@@ -252,13 +260,18 @@ def check_runs(config, resolved, *, training: bool) -> None:
     claims.check(config)
 
 
-def train_all(config, workdir: str) -> int:
+def train_all(config, workdir: str, resolved=None, task_of=None, *, echo: bool = True) -> int:
+  """Trains every row of ``config`` in ``workdir`` and writes its report. ``resolved`` (from
+  ``resolved_runs``, already checked) and ``task_of`` (``tasks.load_all``'s) are computed here
+  unless given; ``echo``: print results.md at the end."""
   import jax
 
   from resjax import fileio, tasks
-  resolved = resolved_runs(config)
-  check_runs(config, resolved, training=True)
-  task_of = tasks.load_all(rc for _, rc in resolved)  # the data: a dataset not prepared stops here
+  if resolved is None:
+    resolved = resolved_runs(config)
+    check_runs(config, resolved, training=True)
+  if task_of is None:  # the data: a dataset not prepared stops here
+    task_of = tasks.load_all(rc for _, rc in resolved)
   with contextlib.ExitStack() as stack:
     refused = None
     if jax.process_index() == 0:
@@ -274,7 +287,7 @@ def train_all(config, workdir: str) -> int:
     elif refused is not None:
       raise refused
     with sigterm_exits():
-      return train_rows(config, workdir, resolved, task_of)
+      return train_rows(config, workdir, resolved, task_of, echo=echo)
 
 
 @contextlib.contextmanager
@@ -298,7 +311,7 @@ def sigterm_exits():
     signal.signal(signal.SIGTERM, previous)
 
 
-def train_rows(config, workdir: str, resolved, task_of) -> int:
+def train_rows(config, workdir: str, resolved, task_of, *, echo: bool = True) -> int:
   """Trains every row of ``resolved`` in ``workdir`` (locked), then writes the report."""
   import jax
 
@@ -346,7 +359,8 @@ def train_rows(config, workdir: str, resolved, task_of) -> int:
       break
   if is_main:
     md, png = report.write_report(workdir, config)
-    print(f"\n{fileio.read_text(md)}\nwrote {md} and {png} ({time.time() - t_all:.0f} s)")
+    text = f"\n{fileio.read_text(md)}\n" if echo else ""
+    print(f"{text}wrote {md} and {png} ({time.time() - t_all:.0f} s)")
   if preempted:
     print("preempted: checkpoint saved; rerun the same command to resume", file=sys.stderr)
     return EXIT_INTERRUPTED if train.Preemption.signal == "SIGINT" else EXIT_PREEMPTED

@@ -163,7 +163,7 @@ class Unit(nnx.Module):
       kernel = self.convs[-1].kernel
       kernel.set_value(jnp.zeros_like(kernel[...]))
     self.shortcut = shortcuts.make_shortcut(shortcut, in_features, out_features, stride, rngs=rngs)
-    if not projection_norm and self.shortcut.projects:
+    if not projection_norm and self.shortcut.projects and hasattr(self.shortcut, "match"):
       self.shortcut.match.norm = None  # the projection is a 1x1 conv alone
 
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
@@ -271,6 +271,7 @@ class ResNet(nnx.Module):
       stages.append(stage)
       features = stage.out_features
     self.stages = nnx.List(stages)
+    self.residual_additions = sum(counts)  # one per unit (Transformers: two per block)
     self.final_norm = batch_norm(features, rngs) if self.preact else None
     return features
 

@@ -36,10 +36,16 @@ Dense layer for tokens, which are the same operation on the last axis.
 Adding a form is one class and one ``register`` line. A form's ``defaults`` name the config keys
 it reads besides ``name``, with their values when a config leaves them out: an experiment's row may
 set exactly these (``resjax.configs.set_dotted``), so they are declared nowhere else.
+
+A user's form lives in the user's own file: ``config.model.shortcut.name`` names it by import
+path (``my_residuals:GatedScalar`` or ``path/to/file.py:GatedScalar``), or ``resjax.register``
+names it in a notebook. Its ``defaults`` are its config keys, as for resjax's own forms.
+``check_form`` runs it on small arrays before anything trains (examples/my_residuals.py).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Protocol
 
@@ -137,7 +143,7 @@ class Gate(nnx.Module):
 # The forms.
 # ---------------------------------------------------------------------------------------------
 
-class _MatchedShortcut(nnx.Module):
+class MatchedShortcut(nnx.Module):
   """Base for the forms whose x path is ``ShapeMatch``."""
 
   defaults = {"option": "B"}
@@ -160,7 +166,7 @@ class _MatchedShortcut(nnx.Module):
     return self.match(x, train=train)
 
 
-class Identity(_MatchedShortcut):
+class Identity(MatchedShortcut):
   def __call__(self, x, f, *, train):
     return self.carried(x, train) + f
 
@@ -178,10 +184,10 @@ class NoShortcut(nnx.Module):
     return f
 
 
-class Scaling(_MatchedShortcut):
+class Scaling(MatchedShortcut):
   """Constant scaling: ``scale * x + branch_scale * f`` (Table 1 (b): 0/1, 0.5/1, 0.5/0.5)."""
 
-  defaults = {**_MatchedShortcut.defaults, "scale": 0.5, "branch_scale": 1.0}
+  defaults = {**MatchedShortcut.defaults, "scale": 0.5, "branch_scale": 1.0}
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -192,10 +198,10 @@ class Scaling(_MatchedShortcut):
     return self.scale * self.carried(x, train) + self.branch_scale * f
 
 
-class ExclusiveGate(_MatchedShortcut):
+class ExclusiveGate(MatchedShortcut):
   """``(1 - g) x + g f``: the gate is a convex mix of shortcut and branch (Highway's transform gate)."""
 
-  defaults = {**_MatchedShortcut.defaults, "gate_bias": 0.0}
+  defaults = {**MatchedShortcut.defaults, "gate_bias": 0.0}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
@@ -223,14 +229,14 @@ class Conv1x1(Identity):
     super().__init__(cfg, *args, option="C", **kwargs)
 
 
-class DropoutShortcut(_MatchedShortcut):
+class DropoutShortcut(MatchedShortcut):
   """``dropout(x) + f`` without the usual 1/(1-p) rescaling.
 
   Kept units are passed as they are, so in expectation the shortcut is scaled by 1 - p (the paper's
   reading of this form as a stochastic constant scaling); at test time it is scaled by 1 - p exactly.
   """
 
-  defaults = {**_MatchedShortcut.defaults, "dropout_rate": 0.5}
+  defaults = {**MatchedShortcut.defaults, "dropout_rate": 0.5}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
@@ -250,10 +256,10 @@ class DropoutShortcut(_MatchedShortcut):
     return x + f
 
 
-class LearnableLambda(_MatchedShortcut):
+class LearnableLambda(MatchedShortcut):
   """``lambda1 f + lambda2 x`` with both scalars learnable (init 0.5 / 0.5: Table 1 (b) at init)."""
 
-  defaults = {**_MatchedShortcut.defaults, "lambda1_init": 0.5, "lambda2_init": 0.5}
+  defaults = {**MatchedShortcut.defaults, "lambda1_init": 0.5, "lambda2_init": 0.5}
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -264,10 +270,10 @@ class LearnableLambda(_MatchedShortcut):
     return self.lambda1[...] * f + self.lambda2[...] * self.carried(x, train)
 
 
-class Mix(_MatchedShortcut):
+class Mix(MatchedShortcut):
   """``(1 - lambda) x + lambda f`` with one learnable scalar (init 0.5)."""
 
-  defaults = {**_MatchedShortcut.defaults, "lambda_init": 0.5}
+  defaults = {**MatchedShortcut.defaults, "lambda_init": 0.5}
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -278,10 +284,10 @@ class Mix(_MatchedShortcut):
     return (1.0 - lam) * self.carried(x, train) + lam * f
 
 
-class ReZero(_MatchedShortcut):
+class ReZero(MatchedShortcut):
   """``x + alpha f`` with a learnable scalar alpha (0 at init: every unit starts as the identity)."""
 
-  defaults = {**_MatchedShortcut.defaults, "alpha_init": 0.0}
+  defaults = {**MatchedShortcut.defaults, "alpha_init": 0.0}
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -291,10 +297,10 @@ class ReZero(_MatchedShortcut):
     return self.carried(x, train) + self.alpha[...] * f
 
 
-class LayerScale(_MatchedShortcut):
+class LayerScale(MatchedShortcut):
   """``x + gamma * f`` with a learnable per-channel gamma (1e-5 at depth 24, 1e-6 at 36-48 in CaiT)."""
 
-  defaults = {**_MatchedShortcut.defaults, "gamma_init": 1e-5}
+  defaults = {**MatchedShortcut.defaults, "gamma_init": 1e-5}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
@@ -305,10 +311,10 @@ class LayerScale(_MatchedShortcut):
     return self.carried(x, train) + self.gamma[...] * f
 
 
-class DeepNormShortcut(_MatchedShortcut):
+class DeepNormShortcut(MatchedShortcut):
   """``alpha x + f`` with a fixed alpha (DeepNorm's up-weighted shortcut; the unit applies LN after)."""
 
-  defaults = {**_MatchedShortcut.defaults, "alpha": 1.0}
+  defaults = {**MatchedShortcut.defaults, "alpha": 1.0}
 
   def __init__(self, cfg, *args, **kwargs):
     super().__init__(cfg, *args, **kwargs)
@@ -323,7 +329,8 @@ class DeepNormShortcut(_MatchedShortcut):
 # ---------------------------------------------------------------------------------------------
 
 ShortcutFactory = Callable[..., Shortcut]
-SHORTCUTS: dict[str, ShortcutFactory] = {}
+SHORTCUTS: dict[str, ShortcutFactory] = {}  # resjax's own forms
+USER_FORMS: dict[str, ShortcutFactory] = {}  # resjax.register's names and imported FILE.py:CLASS
 
 
 def register(name: str, factory: ShortcutFactory) -> None:
@@ -338,16 +345,136 @@ for _name, _cls in [("identity", Identity), ("none", NoShortcut), ("scaling", Sc
   register(_name, _cls)
 
 
+# ---------------------------------------------------------------------------------------------
+# A user's own form: a class in the user's file, named by import path or registered by name.
+# ---------------------------------------------------------------------------------------------
+
+CONSTRUCTOR = "cls(cfg, in_features, out_features, stride, *, norm, rngs)"
+EXAMPLE = "see examples/my_residuals.py"
+
+
+def is_import_path(name: str) -> bool:
+  """``my_residuals:GatedScalar`` (a module on sys.path) or ``path/to/file.py:GatedScalar``."""
+  return ":" in name
+
+
+def _import_module(where: str, name: str):
+  import importlib
+  import importlib.util
+  import os
+  import sys
+  if where.endswith(".py") or os.sep in where or "/" in where:
+    path = os.path.abspath(where)
+    if not os.path.isfile(path):
+      raise ConfigError(f"cannot import shortcut {name!r}: no file {where}: check the path "
+                        "(FILE.py:CLASS or MODULE:CLASS)")
+    module_name = "resjax_user." + os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+
+    def loader():
+      sys.modules[module_name] = module  # so that inspect and pickle find its classes
+      try:
+        spec.loader.exec_module(module)
+      except BaseException:
+        del sys.modules[module_name]
+        raise
+  else:
+    module = None
+    loader = lambda: importlib.import_module(where)
+    if "" not in sys.path and os.getcwd() not in sys.path:
+      sys.path.insert(0, os.getcwd())  # MODULE:CLASS finds a module in the working directory
+  try:
+    loaded = loader()
+  except ModuleNotFoundError as e:
+    if module is None and e.name == where.split(".")[0]:
+      raise ConfigError(f"cannot import shortcut {name!r}: no module {where!r} on the Python path: "
+                        f"run from the folder holding {where.replace('.', '/')}.py, or name the "
+                        f"file: path/to/{where.split('.')[-1]}.py:CLASS") from None
+    raise ConfigError(f"importing {where} for shortcut {name!r} raised ModuleNotFoundError: {e}: "
+                      "install the module it imports, or fix the import") from None
+  except Exception as e:  # the user's file: report its error, do not crash on it
+    line = ""
+    tb = e.__traceback__
+    while tb is not None:
+      if tb.tb_frame.f_code.co_filename.endswith(os.path.basename(where)):
+        line = f" (line {tb.tb_lineno})"
+      tb = tb.tb_next
+    raise ConfigError(f"importing {where} for shortcut {name!r} raised {type(e).__name__}{line}: "
+                      f"{e}: fix the file") from None
+  return module if module is not None else loaded
+
+
+def check_class(name: str, cls) -> None:
+  """Raises ConfigError unless ``cls`` can be a shortcut form: an nnx.Module subclass whose
+  ``defaults`` (if any) is a dict of its settings."""
+  if not (isinstance(cls, type) and issubclass(cls, nnx.Module)):
+    what = f"a {type(cls).__name__}" if not isinstance(cls, type) else f"class {cls.__name__}"
+    raise ConfigError(f"shortcut {name!r} is {what}, not a flax.nnx.Module subclass: a shortcut is "
+                      f"an nnx.Module built as {CONSTRUCTOR} ({EXAMPLE})")
+  defaults = getattr(cls, "defaults", {})
+  if not (isinstance(defaults, dict) and all(isinstance(k, str) for k in defaults)):
+    raise ConfigError(f"shortcut {name!r}: {cls.__name__}.defaults must be a dict of its settings "
+                      "(name -> default value), e.g. defaults = {'gate_init': 1.0}")
+  if "name" in defaults:
+    raise ConfigError(f"shortcut {name!r}: {cls.__name__}.defaults sets 'name', which is the "
+                      "form's own key: rename that setting")
+
+
+def _load(name: str) -> ShortcutFactory:
+  """Imports the class named by the import path ``name``."""
+  where, _, attr = name.rpartition(":")
+  if not where or not attr.isidentifier():
+    raise ConfigError(f"cannot import shortcut {name!r}: write FILE.py:CLASS or MODULE:CLASS")
+  module = _import_module(where, name)
+  if not hasattr(module, attr):
+    found = sorted(k for k, v in vars(module).items()
+                   if isinstance(v, type) and issubclass(v, nnx.Module) and not k.startswith("_")
+                   and v.__module__ == module.__name__)
+    raise ConfigError(f"{where} has no {attr!r} for shortcut {name!r}: its nnx.Module classes are "
+                      f"{', '.join(found) or 'none'}")
+  cls = getattr(module, attr)
+  check_class(name, cls)
+  return cls
+
+
+def register_user(name: str, cls) -> None:
+  """``resjax.register``: a user's form under a name of the user's choice, for notebooks."""
+  if not isinstance(name, str) or not name or is_import_path(name):
+    raise ConfigError(f"register({name!r}, ...): a form's name is a non-empty string without ':'")
+  if name in SHORTCUTS:
+    raise ConfigError(f"register({name!r}, ...): {name!r} is one of resjax's own forms: choose "
+                      "another name")
+  check_class(name, cls)
+  USER_FORMS[name] = cls
+
+
+def form(name: str) -> ShortcutFactory:
+  """The class of the form ``name``: resjax's own, a registered one, or an import path."""
+  if name in SHORTCUTS:
+    return SHORTCUTS[name]
+  if name in USER_FORMS:
+    return USER_FORMS[name]
+  if isinstance(name, str) and is_import_path(name):
+    USER_FORMS[name] = _load(name)
+    return USER_FORMS[name]
+  registered = f"; registered: {', '.join(sorted(USER_FORMS))}" if USER_FORMS else ""
+  raise ConfigError(f"unknown shortcut {name!r}: set config.model.shortcut.name to one of "
+                    f"{', '.join(sorted(SHORTCUTS))}{registered}, or to a form of your own as "
+                    "FILE.py:CLASS or MODULE:CLASS")
+
+
 def check_name(name: str) -> None:
-  if name not in SHORTCUTS:
-    raise ConfigError(f"unknown shortcut {name!r}: set config.model.shortcut.name to one of "
-                      f"{', '.join(sorted(SHORTCUTS))}")
+  form(name)
+
+
+def is_user_form(name: str) -> bool:
+  return name not in SHORTCUTS
 
 
 def fields(name: str) -> dict:
   """The config keys of the form ``name``: ``name`` itself and the form's ``defaults``."""
-  check_name(name)
-  return {"name": name, **getattr(SHORTCUTS[name], "defaults", {})}
+  return {"name": name, **getattr(form(name), "defaults", {})}
 
 
 def make_shortcut(cfg, in_features: int, out_features: int, stride: int = 1, *, norm: bool = True,
@@ -356,8 +483,59 @@ def make_shortcut(cfg, in_features: int, out_features: int, stride: int = 1, *, 
 
   ``norm``: whether a projection is followed by BatchNorm (ResNets) or carries a bias (Transformers).
   """
-  check_name(cfg.name)
-  return SHORTCUTS[cfg.name](cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
+  return form(cfg.name)(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)
+
+
+# The probes ``check_form`` runs a user's form through: (what, x shape, f shape, stride, norm).
+PROBES = {
+    "tokens": [("tokens, width 8", (2, 3, 8), (2, 3, 8), 1, False)],
+    "images": [("images, 8 channels, stride 1", (2, 4, 4, 8), (2, 4, 4, 8), 1, True),
+               ("images, 8 -> 16 channels, stride 2", (2, 4, 4, 8), (2, 2, 2, 16), 2, True)],
+}
+
+
+def check_form(cfg, kinds=("tokens", "images")) -> None:
+  """Raises ConfigError unless the form of the shortcut config ``cfg`` builds as the units build
+  it and returns the branch's shape, in training and in evaluation, on each kind of input in
+  ``kinds`` (tokens for Transformers, NHWC images for ResNets). resjax's own forms are tested in
+  tests/test_shortcuts.py; this runs a user's form on small arrays before anything trains."""
+  name = cfg.name
+  cls = form(name)
+  for kind in kinds:
+    for what, x_shape, f_shape, stride, norm in PROBES[kind]:
+      case = f"({what})"
+      try:
+        s = cls(cfg, x_shape[-1], f_shape[-1], stride, norm=norm, rngs=nnx.Rngs(0))
+      except ConfigError:
+        raise
+      except Exception as e:
+        raise ConfigError(f"shortcut {name!r} could not be built {case}: {type(e).__name__}: {e}: "
+                          f"the units build it as {CONSTRUCTOR}") from None
+      if not isinstance(s, nnx.Module):
+        raise ConfigError(f"shortcut {name!r} built a {type(s).__name__}, not an nnx.Module "
+                          f"({EXAMPLE})")
+      if not isinstance(getattr(s, "projects", None), bool):
+        raise ConfigError(f"shortcut {name!r} has no boolean `projects` attribute {case}: set "
+                          "self.projects (True where x goes through a learned projection, which "
+                          "pre-activation units then feed activated; False otherwise)")
+      x = jnp.linspace(-1.0, 1.0, math.prod(x_shape), dtype=jnp.float32).reshape(x_shape)
+      f = jnp.linspace(1.0, -1.0, math.prod(f_shape), dtype=jnp.float32).reshape(f_shape)
+      for train in (True, False):
+        try:
+          y = s(x, f, train=train)
+        except ConfigError:
+          raise
+        except Exception as e:
+          raise ConfigError(f"shortcut {name!r} raised {type(e).__name__} on x {x_shape} and f "
+                            f"{f_shape} {case}, train={train}: {e}: it is called as "
+                            "shortcut(x, f, *, train) and returns f's shape") from None
+        shape = getattr(y, "shape", None)
+        if shape != f_shape:
+          hint = (": map x to f's shape where they differ (subclass resjax.MatchedShortcut and "
+                  "use self.carried(x, train))" if x_shape != f_shape else
+                  ": it must return f's shape")
+          raise ConfigError(f"shortcut {name!r} returned shape {shape} for a branch of shape "
+                            f"{f_shape} {case}, train={train}{hint}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,7 +579,7 @@ class ConvGate(nnx.Module):
     return jax.nn.sigmoid(self.norms[1](self.convs[1](h), use_running_average=not train))
 
 
-class Highway(_MatchedShortcut):
+class Highway(MatchedShortcut):
   """``(1 - T) x + T f``, exclusive gating with T from a convolutional branch (``ConvGate``).
 
   Config: ``gate`` (conv | two_conv), ``gate_kernel``, ``gate_bias`` (b_T, negative so that
@@ -409,7 +587,7 @@ class Highway(_MatchedShortcut):
   ``option`` for the carried x where the shape changes.
   """
 
-  defaults = {**_MatchedShortcut.defaults, "gate": "conv", "gate_kernel": 3, "gate_bias": None}
+  defaults = {**MatchedShortcut.defaults, "gate": "conv", "gate_kernel": 3, "gate_bias": None}
 
   def __init__(self, cfg, in_features, out_features, stride, *, norm, rngs):
     super().__init__(cfg, in_features, out_features, stride, norm=norm, rngs=rngs)

@@ -292,10 +292,12 @@ class Transformer(nnx.Module):
 
     value_residual = (None if value_residual is None or value_residual.get("name", "none") == "none"
                       else value_residual)
-    if value_residual is not None and value_residual.name not in shortcuts.SHORTCUTS:
-      raise ConfigError(f"unknown value residual {value_residual.name!r}: set "
-                        "config.model.value_residual.name to 'none' or a shortcut: "
-                        f"{', '.join(sorted(shortcuts.SHORTCUTS))}")
+    if value_residual is not None:
+      try:
+        shortcuts.check_name(value_residual.name)
+      except ConfigError as e:
+        raise ConfigError(f"value residual: {e} (config.model.value_residual.name; 'none' for "
+                          "none)") from None
     embed = None
     if embed_shortcut:
       a, b = embed_shortcut_init
