@@ -34,7 +34,7 @@ import time
 import numpy as np
 
 from resjax import claims, configs
-from resjax.errors import UserError
+from resjax.errors import DatasetNotPrepared, UserError
 
 FAMILIES = {"resnet": "ResNet", "transformer": "Transformer"}
 REFERENCE = "identity"
@@ -59,7 +59,8 @@ class Point:
   n: int = 0
   mean: float | None = None
   sd: float | None = None
-  relative: float | None = None  # mean advantage in % of identity's mean
+  ratio: float | None = None  # the form's mean over identity's: below 1, the form is ahead
+  ratio_sd: float | None = None  # sd of the per-seed ratios
   p: float | None = None  # two-sided paired t-test
   p_holm: float | None = None
   decision: str = "not run"  # helps | hurts | undecided | not run
@@ -85,8 +86,11 @@ def compare(point: Point) -> Point:
   d = np.array([point.base[s] - point.form[s] for s in seeds], dtype=float)
   point.mean = float(d.mean())
   point.sd = float(d.std(ddof=1)) if len(d) > 1 else None
-  base_mean = float(np.mean([point.base[s] for s in seeds]))
-  point.relative = 100.0 * point.mean / base_mean if base_mean else None
+  base = np.array([point.base[s] for s in seeds], dtype=float)
+  form = np.array([point.form[s] for s in seeds], dtype=float)
+  point.ratio = float(form.mean() / base.mean()) if base.mean() else None
+  if len(d) > 1 and np.all(base != 0):
+    point.ratio_sd = float(np.std(form / base, ddof=1))
   point.decision = "undecided"
   if len(d) < MIN_SEEDS:
     point.note = f"{len(d)} paired seed{'s' * (len(d) != 1)}, {MIN_SEEDS} needed"
@@ -123,10 +127,10 @@ def sign_changes(points: list[Point]) -> list[tuple[int, int, int]]:
 
 
 def _at(points: list[Point], family_label) -> str:
-  """'9, 27 (ResNet-20, ResNet-56)': the points' additions and what they are."""
+  """'9, 27 residual additions (ResNet-20, ResNet-56)': where the points are on the shared axis."""
   pts = sorted(points, key=lambda p: (p.additions, p.family))
   adds = ", ".join(dict.fromkeys(str(p.additions) for p in pts))
-  return f"{adds} ({', '.join(family_label(p) for p in pts)})"
+  return f"{adds} residual additions ({', '.join(family_label(p) for p in pts)})"
 
 
 def verdict(label: str, points: list[Point], family_label, *, alpha: float = ALPHA) -> str:
@@ -136,27 +140,29 @@ def verdict(label: str, points: list[Point], family_label, *, alpha: float = ALP
   parts = []
   helps, hurts = by["helps"], by["hurts"]
   if helps and hurts and max(p.additions for p in helps) < min(p.additions for p in hurts):
+    where = lambda pts: ", ".join(f"{family_label(p)} at {p.additions}"
+                                  for p in sorted(pts, key=lambda p: (p.additions, p.family)))
     parts.append(f"helps up to {max(p.additions for p in helps)} residual additions "
-                 f"({_at(helps, family_label)}) and hurts from {min(p.additions for p in hurts)} "
-                 f"on ({_at(hurts, family_label)})")
+                 f"({where(helps)}) and hurts from {min(p.additions for p in hurts)} on "
+                 f"({where(hurts)})")
   else:
-    parts += [f"{word} at {_at(by[word], family_label)} residual additions"
-              for word in ("helps", "hurts") if by[word]]
+    parts += [f"{word} at {_at(by[word], family_label)}" for word in ("helps", "hurts")
+              if by[word]]
   if by["undecided"]:
     every = not helps and not hurts
     parts.append(("undecided at every depth: " if every else "undecided at ")
-                 + _at(by["undecided"], family_label).replace(" (", " additions (", 1))
+                 + _at(by["undecided"], family_label))
   missing = [p for p in points if p.decision == "not run"]
   if missing:
-    parts.append(f"not run yet at {_at(missing, family_label)}".replace(" (", " additions (", 1))
+    parts.append(f"not run yet at {_at(missing, family_label)}")
   diverged = [p for p in points if "diverged in" in p.note and p.decision == "hurts"]
   seeds = max((p.n for p in points), default=0)
   text = (f"{label}, against identity over {seeds} paired seeds (paired t-tests, Holm-adjusted "
           f"over its {sum(p.p is not None for p in points)} tested depths, alpha {alpha:g}): "
           + "; ".join(parts) + ".")
   if diverged:
-    text += (f" Its loss diverged (NaN or inf) at {_at(diverged, family_label)} additions, "
-             "counted as a failure there.")
+    text += (f" Its loss diverged (NaN or inf) at {_at(diverged, family_label)}, counted as a "
+             "failure there.")
   families = dict.fromkeys(p.family for p in points)
   for family in families:
     changes = sign_changes([p for p in points if p.family == family])
@@ -233,7 +239,7 @@ def make_forms(names: list[str], settings: dict) -> list[Form]:
   unused = sorted(set(settings) - used)
   if unused:
     raise UserError(f"--set {unused[0]}: no form given has that setting (their settings: "
-                    + "; ".join(f"{f.key}: {', '.join(sorted(shortcuts.fields(f.name))[1:]) or '-'}"
+                    + "; ".join(f"{f.key}: {', '.join(sorted(set(shortcuts.fields(f.name)) - {'name'})) or '-'}"
                                 for f in forms) + ")")
   return forms
 
@@ -337,19 +343,20 @@ def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | 
                f"(final, lower is better); recipe resjax.configs.caution_{'resnet' if family == 'resnet' else 'lm'}"
                f"; every row in {family}/results.md")
   out += ["", "Advantage: identity's final metric minus the form's, seed by seed (positive: the "
-          "form is ahead), as mean ± sd over the paired seeds, and in % of identity's mean. p: "
+          "form is ahead), as mean ± sd over the paired seeds; form / identity: the ratio of their "
+          "means (below 1: the form is ahead), the scale of verdict.png. p: "
           "two-sided paired t-test; Holm: adjusted over the form's depths in both families. A "
           "form whose loss diverged where identity's did not fails at that depth.", ""]
   for form in forms:
     pts = points[form.key]
     label_of = lambda p: depth_label(p.family, p.depth)
     out += [f"## {form.label}", "", verdict(form.label, pts, label_of), "",
-            "| Family | Depth | Residual additions | Identity | Form | Advantage | Relative | p | "
+            "| Family | Depth | Residual additions | Identity | Form | Advantage | Form / identity | p | "
             "p (Holm) | At this depth |", "|---|---|---|---|---|---|---|---|---|---|"]
     for p in sorted(pts, key=lambda p: (p.additions, p.family)):
       adv = "—" if p.mean is None else (f"{p.mean:+.4g}" + (f" ± {p.sd:.2g}" if p.sd is not None
                                                             else "") + f" (n={p.n})")
-      rel = "—" if p.relative is None else f"{p.relative:+.1f}%"
+      rel = "—" if p.ratio is None else f"{p.ratio:.4g}"
       at = p.decision + (f" ({p.note})" if p.note else "")
       out.append(f"| {FAMILIES[p.family]} | {depth_label(p.family, p.depth)} | {p.additions} | "
                  f"{_mean_sd(list(p.base.values()))} | {_mean_sd(list(p.form.values()))} | {adv} "
@@ -362,45 +369,47 @@ def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | 
 
 
 def plot(forms: list[Form], points: dict, path) -> None:
-  """verdict.png: relative advantage against residual additions, both families on one axis."""
+  """verdict.png: the form's final metric over identity's against residual additions (both log
+  scales), both families on one axis. Below 1 the form is ahead."""
   import matplotlib
   from matplotlib.backends.backend_agg import FigureCanvasAgg
   from matplotlib.figure import Figure
   fig = Figure(figsize=(8, 5), layout="constrained")
   FigureCanvasAgg(fig)
   ax = fig.subplots()
-  ax.axhline(0.0, color="black", lw=0.8)
+  ax.axhline(1.0, color="black", lw=0.8)
   palette = matplotlib.colormaps["tab10"].colors
-  markers = {"resnet": "o", "transformer": "s"}
-  lows = []
+  styles = {"resnet": ("o", "-"), "transformer": ("s", "--")}
+  diverged = []
   for i, form in enumerate(forms):
     color = palette[i % 10]
-    for family, marker in markers.items():
+    for family, (marker, line) in styles.items():
       pts = sorted([p for p in points[form.key] if p.family == family], key=lambda p: p.additions)
-      pts_v = [p for p in pts if p.relative is not None]
       if not pts:
         continue
-      xs = [p.additions for p in pts_v]
-      ys = [p.relative for p in pts_v]
-      base = [float(np.mean(list(p.base.values()))) for p in pts_v]
-      es = [100.0 * p.sd / b if p.sd is not None and b else 0.0 for p, b in zip(pts_v, base)]
-      ax.errorbar(xs, ys, yerr=es, color=color, marker=marker, capsize=3, ls="-" if
-                  family == "resnet" else "--", mfc="white", label=f"{form.label}, {FAMILIES[family]}")
-      decided = [p for p in pts_v if p.decision in ("helps", "hurts")]
-      ax.scatter([p.additions for p in decided], [p.relative for p in decided], color=color,
+      valued = [p for p in pts if p.ratio is not None]
+      ax.errorbar([p.additions for p in valued], [p.ratio for p in valued],
+                  yerr=[p.ratio_sd or 0.0 for p in valued], color=color, marker=marker, ls=line,
+                  mfc="white", capsize=3, label=f"{form.label}, {FAMILIES[family]}")
+      decided = [p for p in valued if p.decision in ("helps", "hurts")]
+      ax.scatter([p.additions for p in decided], [p.ratio for p in decided], color=color,
                  marker=marker, zorder=3)
-      lows += ys
-      bad = [p for p in pts if p.relative is None and p.decision == "hurts"]
-      if bad:
-        lows.append(min(lows + [0.0]) - 5.0)
-        ax.scatter([p.additions for p in bad], [min(lows)] * len(bad), color=color, marker="x",
-                   s=60, zorder=3, label=f"{form.label}, {FAMILIES[family]}: diverged")
+      diverged += [(p.additions, color, f"{form.label}, {FAMILIES[family]}: diverged")
+                   for p in pts if p.ratio is None and p.decision == "hurts"]
+  if diverged:  # drawn above everything else: a diverged form is the worst outcome
+    top = max([1.0] + [y for line in ax.lines for y in line.get_ydata()]) * 2.0
+    for x, color, label in diverged:
+      ax.scatter([x], [top], color=color, marker="x", s=70, zorder=3, label=label)
   ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
   ax.set(xlabel="residual additions (ResNet unit = 1, Transformer block = 2)",
-         ylabel="advantage over identity, % of identity's final metric")
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=8)
-  ax.set_title("Filled: decided (Holm-adjusted paired t-test); hollow: undecided", fontsize=9)
+         ylabel="form's final metric / identity's (below 1: the form is ahead)")
+  ax.grid(True, alpha=0.3, which="both")
+  handles, labels = ax.get_legend_handles_labels()
+  unique = dict(zip(labels, handles))
+  ax.legend(unique.values(), unique.keys(), fontsize=8)
+  ax.set_title("Filled: decided (Holm-adjusted paired t-test); hollow: undecided; bars: sd of "
+               "the per-seed ratios", fontsize=9)
   fig.savefig(path, format="png", dpi=100)
 
 
@@ -443,9 +452,12 @@ def run(shortcuts_: list[str], *, scale: str = "cpu", workdir: str | None = None
     resolved = [(r, configs.run_config(c, r)) for r in c.runs]
     main.check_runs(c, resolved, training=True)
     plan.append((family, c, depths, additions))
-    checked.append((resolved, tasks.load_all(rc for _, rc in resolved)))
+    try:
+      checked.append((resolved, tasks.load_all(rc for _, rc in resolved)))
+    except DatasetNotPrepared as e:  # the offline fix is a scale here, not a config key
+      raise DatasetNotPrepared(str(e).split(", or set config.data.name=")[0]
+                               + ", or pass --scale cpu to run offline") from None
   recorded = check_fingerprints(workdir, forms)
-  main.use_compile_cache(True)
   fileio.makedirs(workdir)
   train.write_json(os.path.join(workdir, FORMS_FILE), recorded)
   t0 = time.time()
@@ -491,10 +503,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-  from resjax.main import EXIT_USER_ERROR
+  from resjax.main import EXIT_INTERRUPTED, EXIT_USER_ERROR, use_compile_cache
   argv = sys.argv[1:] if argv is None else argv
   try:
     args = parse(argv)
+    use_compile_cache(True)  # as python -m resjax.main: a rerun skips its compiles
     run(args.shortcut, scale=args.scale, workdir=args.workdir, seeds=args.seeds,
         families=tuple(f.strip() for f in args.families.split(",") if f.strip()),
         settings=parse_settings(args.settings),
@@ -505,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
     return EXIT_USER_ERROR
   except KeyboardInterrupt:  # outside the training loop, or twice inside it
     print("interrupted: rerun the same command to resume", file=sys.stderr)
-    return 128 + 2
+    return EXIT_INTERRUPTED
   return 0
 
 
