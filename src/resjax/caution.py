@@ -238,9 +238,9 @@ def make_forms(names: list[str], settings: dict) -> list[Form]:
     forms.append(Form(name, key, key, mine))
   unused = sorted(set(settings) - used)
   if unused:
+    theirs = lambda f: ", ".join(sorted(set(shortcuts.fields(f.name)) - {"name"})) or "none"
     raise UserError(f"--set {unused[0]}: no form given has that setting (their settings: "
-                    + "; ".join(f"{f.key}: {', '.join(sorted(set(shortcuts.fields(f.name)) - {'name'})) or '-'}"
-                                for f in forms) + ")")
+                    + "; ".join(f"{f.key}: {theirs(f)}" for f in forms) + ")")
   return forms
 
 
@@ -304,9 +304,8 @@ def check_fingerprints(workdir: str, forms: list[Form]) -> dict:
   return recorded
 
 
-def points_of(workdir: str, config, family: str, depths, additions, form: Form) -> list[Point]:
-  from resjax import report
-  rows = {r.name: r for r in report.collect_rows(workdir, config)}
+def points_of(rows: dict, family: str, depths, additions, form: Form) -> list[Point]:
+  """The form against identity at each depth of one family (``rows``: name -> RowResult)."""
 
   def finished(name: str) -> dict[int, float]:  # seed -> final metric; inf where it diverged
     return {s.seed: s.error for s in rows[name].seeds
@@ -314,6 +313,11 @@ def points_of(workdir: str, config, family: str, depths, additions, form: Form) 
 
   return [compare(Point(family, d, additions[d], finished(f"{REFERENCE}_d{d}"),
                         finished(f"{form.key}_d{d}"))) for d in depths]
+
+
+def _sd(x: float) -> str:
+  """Two significant digits, trailing zeros kept: 0.0060, 1.0, 10."""
+  return f"{x:#.2g}".rstrip(".")
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -326,7 +330,7 @@ def _mean_sd(values) -> str:
     return "diverged" if values else "—"
   out = f"{np.mean(vals):.4g}"
   if len(vals) > 1:
-    out += f" ± {np.std(vals, ddof=1):.2g}"
+    out += f" ± {_sd(np.std(vals, ddof=1))}"
   return out + (f" ({len(values) - len(vals)} diverged)" if len(vals) < len(values) else "")
 
 
@@ -337,11 +341,12 @@ def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | 
          f"Command: `{command}`  ", f"Scale: {plan[0][1].scale} · paired seeds: "
          f"{', '.join(map(str, seeds)) or 'none yet'}"]
   for family, c, depths, _ in plan:
+    recipe = "caution_resnet" if family == "resnet" else "caution_lm"
     out.append(f"- {FAMILIES[family]}s: {c.data.name}, "
                f"{', '.join(depth_label(family, d) for d in depths)}, {c.schedule.total} "
                f"{c.schedule.unit} at batch {c.batch_size}, metric {c.get('metric', 'test_error')} "
-               f"(final, lower is better); recipe resjax.configs.caution_{'resnet' if family == 'resnet' else 'lm'}"
-               f"; every row in {family}/results.md")
+               f"(final, lower is better); recipe resjax.configs.{recipe}; every row in "
+               f"{family}/results.md")
   out += ["", "Advantage: identity's final metric minus the form's, seed by seed (positive: the "
           "form is ahead), as mean ± sd over the paired seeds; form / identity: the ratio of their "
           "means (below 1: the form is ahead), the scale of verdict.png. p: "
@@ -351,11 +356,11 @@ def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | 
     pts = points[form.key]
     label_of = lambda p: depth_label(p.family, p.depth)
     out += [f"## {form.label}", "", verdict(form.label, pts, label_of), "",
-            "| Family | Depth | Residual additions | Identity | Form | Advantage | Form / identity | p | "
-            "p (Holm) | At this depth |", "|---|---|---|---|---|---|---|---|---|---|"]
+            "| Family | Depth | Residual additions | Identity | Form | Advantage | "
+            "Form / identity | p | p (Holm) | At this depth |", "|---" * 10 + "|"]
     for p in sorted(pts, key=lambda p: (p.additions, p.family)):
-      adv = "—" if p.mean is None else (f"{p.mean:+.4g}" + (f" ± {p.sd:.2g}" if p.sd is not None
-                                                            else "") + f" (n={p.n})")
+      spread = f" ± {_sd(p.sd)}" if p.sd is not None else ""
+      adv = "—" if p.mean is None else f"{p.mean:+.4g}{spread} (n={p.n})"
       rel = "—" if p.ratio is None else f"{p.ratio:.4g}"
       at = p.decision + (f" ({p.note})" if p.note else "")
       out.append(f"| {FAMILIES[p.family]} | {depth_label(p.family, p.depth)} | {p.additions} | "
@@ -415,15 +420,20 @@ def plot(forms: list[Form], points: dict, path) -> None:
 
 def write(workdir: str, plan, forms, command: str, wall_s: float | None) -> tuple[str, str, dict]:
   from resjax import report
+  rows = {family: report.collect_rows(os.path.join(workdir, family), c) for family, c, _, _ in plan}
   points = {}
   for form in forms:
     pts = []
-    for family, c, depths, additions in plan:
-      pts += points_of(os.path.join(workdir, family), c, family, depths, additions, form)
+    for family, _, depths, additions in plan:
+      pts += points_of({r.name: r for r in rows[family]}, family, depths, additions, form)
     points[form.key] = decide(pts)
   md = os.path.join(workdir, "results.md")
   png = os.path.join(workdir, "verdict.png")
   text = render(plan, forms, points, command, wall_s)
+  # How the rows were made (commit, versions, device, command), as every results.md ends.
+  footer = report.render_provenance([r for rs in rows.values() for r in rs],
+                                    os.path.join(workdir, plan[0][0]))
+  text = text.rstrip("\n") + ("\n\n" + "\n".join(footer) if footer else "") + "\n"
   report._atomic_write(md, lambda f: f.write(text.encode("utf-8")))
   report._atomic_write(png, lambda f: plot(forms, points, f))
   return md, png, points
