@@ -291,9 +291,11 @@ def lm_recipe(**model) -> ml_collections.ConfigDict:
   c.metric = "test_loss"
   c.report = "compare"
   c.failure_error = None
+  # val_tokens is read by data.name=fineweb alone (None: the record's 10,485,760); declared here
+  # so that --config.data.val_tokens can set it.
   c.data = ml_collections.ConfigDict(dict(
       name="lm1b", data_dir=placeholder(str), max_train_bytes=2_000_000_000,
-      max_test_bytes=20_000_000, max_eval_windows=2048))
+      max_test_bytes=20_000_000, max_eval_windows=2048, val_tokens=placeholder(int)))
   c.model = ml_collections.ConfigDict(dict(
       name="transformer", vocab_size=placeholder(int), context=1024, width=768, depth=12, heads=12,
       mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from resjax import configs, models, sharding, train
+from resjax.data import fineweb
 from resjax.models import shortcuts
 from resjax.errors import ConfigError
 
@@ -23,16 +24,18 @@ IMAGE_SPECS = {"digits": (8, 8, 1, 10), "cifar10": (32, 32, 3, 10), "cifar100": 
                "imagenet2012": (224, 224, 3, 1000)}
 TEXT_SETS = ("stdlib", "tiny_shakespeare", "lm1b")
 BYTE_VOCAB = 256
+TOKEN_VOCABS = {"fineweb": fineweb.VOCAB_SIZE}  # token streams: name -> the model's vocabulary
 
 
 def input_spec(config) -> tuple[jax.ShapeDtypeStruct, int, int]:
   """(one example's input, number of classes or vocabulary, input channels) of ``config.data``."""
   name = config.data.name
-  if name in TEXT_SETS:
-    return jax.ShapeDtypeStruct((config.model.context,), jnp.int32), BYTE_VOCAB, 0
+  if name in TEXT_SETS or name in TOKEN_VOCABS:
+    vocab = TOKEN_VOCABS.get(name, BYTE_VOCAB)
+    return jax.ShapeDtypeStruct((config.model.context,), jnp.int32), vocab, 0
   if name not in IMAGE_SPECS:
     raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of "
-                      f"{', '.join(list(IMAGE_SPECS) + list(TEXT_SETS))}")
+                      f"{', '.join(list(IMAGE_SPECS) + list(TEXT_SETS) + list(TOKEN_VOCABS))}")
   h, w, c, classes = IMAGE_SPECS[name]
   if name == "imagenet2012":
     h = w = config.data.get("image_size", 224)
@@ -48,7 +51,8 @@ def abstract_model(config, model_cfg=None):
 def check_user_forms(config) -> None:
   """Runs each user's shortcut form the model names through ``shortcuts.check_form`` on the
   inputs its units give it (tokens in a Transformer, images in a ResNet)."""
-  kind = "tokens" if config.data.name in TEXT_SETS else "images"
+  sequence = config.data.name in TEXT_SETS or config.data.name in TOKEN_VOCABS
+  kind = "tokens" if sequence else "images"
   for key in configs.SHORTCUT_CONFIGS:
     cfg = config
     for part in key.split("."):

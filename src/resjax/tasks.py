@@ -8,8 +8,8 @@ A task turns ``config.data`` into three things the trainer needs and nothing els
   step, they turn that batch and the device-resident ``arrays`` into model inputs and targets;
 * ``eval_batches(batch_size)``: the test split as padded batches with a validity mask.
 
-The loss is cross-entropy over the last axis for every task (a class per image, a byte per token),
-so one training step serves ResNets and Transformers alike.
+The loss is cross-entropy over the last axis for every task (a class per image, a byte or a GPT-2
+token per position), so one training step serves ResNets and Transformers alike.
 
 ==================  ===============================================  ================================
 config.data.name    data                                             task
@@ -17,6 +17,7 @@ config.data.name    data                                             task
 digits, cifar10/100 held on the device as uint8, augmented in JAX    ``ImageTask``
 imagenet2012        decoded and augmented on the host, streamed      ``StreamImageTask``
 stdlib, tiny_sh...  bytes held on the device, random windows         ``TextTask``
+fineweb             GPT-2 token shards mapped on the host, streamed  ``TokenStreamTask``
 ==================  ===============================================  ================================
 """
 
@@ -31,12 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from resjax.data import imagenet, images, text
+from resjax.data import fineweb, imagenet, images, text
 from resjax.errors import ConfigError, quiet_logs
 
 IMAGE_SETS = ("digits", "cifar10", "cifar100")
 STREAMED_IMAGE_SETS = ("imagenet2012",)
 TEXT_SETS = ("stdlib", "tiny_shakespeare", "lm1b")
+TOKEN_STREAMS = ("fineweb",)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -177,6 +179,66 @@ class TextTask:
     return text.gather_windows(arrays["test"], starts, self.context)
 
 
+class TokenStreamTask:
+  """Language modelling on FineWeb's GPT-2 tokens, read as the modded-nanogpt record reads them.
+
+  The shards stay on the host, memory-mapped; each step's windows are cut there from the step
+  alone (``fineweb.TrainStream``) and sent to the device, the same for every seed of a row. Of
+  ``config.data`` it reads ``data_dir`` and ``val_tokens``; the byte sets' caps (max_*_bytes,
+  max_eval_windows) do not apply.
+  """
+
+  kind = "tokens"  # losses in nats per token; no bits per byte
+  sequence = True
+  host_local_batches = False  # each process cuts the whole batch (1 MB at the record's)
+
+  def __init__(self, data_cfg, context: int, batch_size: int | None = None):
+    data_dir = fineweb.check_data_dir(data_cfg.get("data_dir", None))
+    self.context = int(context)
+    self.train = fineweb.Shards(data_dir, "train")
+    self.val = fineweb.ValWindows(fineweb.Shards(data_dir, "val"), self.context,
+                                  fineweb.check_val_tokens(data_cfg.get("val_tokens", None)))
+    self.num_classes = fineweb.VOCAB_SIZE
+    self.in_channels = 0
+    # One "example" is one window; epochs in the schedule count windows of the train shards.
+    self.train_size = self.train.num_tokens // self.context
+    self.test_size = self.val.count
+    self.input_shape = (self.context,)
+    self._streams: dict[int, fineweb.TrainStream] = {}
+    if batch_size:  # a shard shorter than one batch is reported now, not at the first step
+      self._stream(int(batch_size))
+
+  def _stream(self, batch_size: int) -> fineweb.TrainStream:
+    if batch_size not in self._streams:
+      self._streams[batch_size] = fineweb.TrainStream(self.train, batch_size, self.context)
+    return self._streams[batch_size]
+
+  def device_arrays(self) -> dict:
+    return {}
+
+  def train_batch(self, seed: int, step: int, batch_size: int) -> np.ndarray:
+    del seed  # one stream for every seed: paired seeds differ only in their initialisation
+    return self._stream(batch_size).batch(step)
+
+  def train_inputs(self, arrays, windows, key):
+    del arrays, key
+    return shifted(windows)
+
+  def eval_batches(self, batch_size: int):
+    for idx, valid in _padded(self.val.count, batch_size):
+      yield self.val.windows(idx), valid
+
+  def eval_inputs(self, arrays, windows):
+    del arrays
+    return shifted(windows)
+
+
+def shifted(windows):
+  """Windows [B, T + 1] of token ids -> inputs and next-token targets, int32 [B, T] each."""
+  windows = jnp.asarray(windows).astype(jnp.int32)
+  return windows[:, :-1], windows[:, 1:]
+
+
 def load(config):
   """The task of ``config`` (raises DatasetNotPrepared / ConfigError with the fix in one line)."""
   name = config.data.name
@@ -186,7 +248,9 @@ def load(config):
     return StreamImageTask(config.data)
   if name in TEXT_SETS:
     return TextTask(config.data, text.load_text(config.data), config.model.context)
-  known = IMAGE_SETS + STREAMED_IMAGE_SETS + TEXT_SETS
+  if name in TOKEN_STREAMS:
+    return TokenStreamTask(config.data, config.model.context, config.get("batch_size", None))
+  known = IMAGE_SETS + STREAMED_IMAGE_SETS + TEXT_SETS + TOKEN_STREAMS
   raise ConfigError(f"unknown dataset {name!r}: set config.data.name to one of {', '.join(known)}")
 
 
