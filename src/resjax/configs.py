@@ -298,10 +298,12 @@ def lm_recipe(**model) -> ml_collections.ConfigDict:
       max_test_bytes=20_000_000, max_eval_windows=2048, val_tokens=placeholder(int)))
   c.model = ml_collections.ConfigDict(dict(
       name="transformer", vocab_size=placeholder(int), context=1024, width=768, depth=12, heads=12,
-      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", parallel=False,
-      shortcut=dict(name="identity"), value_residual=dict(name="none"), embed_shortcut=False,
+      mlp_ratio=4, positions="learned", tie_head=True, norm="pre", norm_kind="layernorm",
+      embed_norm=False, activation="gelu", qk_norm=False, bias=True, parallel=False,
+      shortcut=dict(name="identity"), value_residual=dict(name="none"),
+      value_residual_first=False, embed_shortcut=False, embed_shortcut_first=False,
       embed_shortcut_init=(1.0, 0.0), dropout=0.0, scan=True, remat="none", dtype="float32",
-      scaled_out_init=None))
+      init="gpt2", scaled_out_init=None, zero_init_out=False, zero_init_head=False))
   c.model.update(model)
   c.batch_size = 512
   c.schedule = ml_collections.ConfigDict(dict(unit="iterations", total=3200, warmup=200,
