@@ -174,7 +174,7 @@ def to_steps(amount: float, unit: str, *, train_size: int, batch_size: int) -> i
 
 
 def schedule_steps(config, train_size: int) -> dict[str, object]:
-  """Total, warm-up and decay boundaries of ``config.schedule`` in steps.
+  """Total, warm-up, warm-down and decay boundaries of ``config.schedule`` in steps.
 
   ``warmup_until_error`` (a training error in %, optional) is ResNet-v1's warm-up rule: the warm-up
   LR is held until the running training error falls below it, and ``warmup`` becomes the cap.
@@ -182,6 +182,7 @@ def schedule_steps(config, train_size: int) -> dict[str, object]:
   s = config.schedule
   conv = lambda v: to_steps(v, s.unit, train_size=train_size, batch_size=config.batch_size)
   out = {"total": conv(s.total), "warmup": conv(s.get("warmup", 0) or 0),
+         "warmdown": conv(s.get("warmdown", 0) or 0),
          "boundaries": [conv(b) for b in s.get("boundaries", ())],
          "warmup_until_error": s.get("warmup_until_error", None)}
   until = out["warmup_until_error"]
@@ -314,6 +315,26 @@ def lm_recipe(**model) -> ml_collections.ConfigDict:
   c.log_every, c.eval_every, c.checkpoint_every = 50, 400, 400
   c.eval_batch_size = 64
   return c
+
+
+# The optimizer of the modded-nanogpt record of 2024-11-06 (``resjax.optim``): Muon on the blocks'
+# matrices, Adam on the token embedding, the untied head and the blocks' scalars, no weight decay,
+# no clipping; its schedule holds every group's LR, then a linear warm-down to 0 over the last 914
+# of 3200 steps. make_optimizer takes these values for the keys a muon config leaves out.
+MUON = dict(name="muon", lr=0.02, momentum=0.95, nesterov=True, embed_lr=0.3, head_lr=0.002,
+            scalar_lr=0.02, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay="linear_warmdown")
+RECORD_WARMDOWN, RECORD_STEPS = 914, 3200
+
+
+def muon_optim(c: ml_collections.ConfigDict) -> None:
+  """The record's optimizer and schedule on an LM recipe, after its ``schedule.total`` is set:
+  config.optim becomes ``MUON``, no warm-up, the warm-down the record's share of the run (914 of
+  3200 steps)."""
+  c.optim = ml_collections.ConfigDict(MUON)
+  warmdown = c.schedule.total * RECORD_WARMDOWN / RECORD_STEPS
+  if c.schedule.unit in ("iterations", "steps"):
+    warmdown = round(warmdown)
+  c.schedule.update(warmup=0, warmdown=warmdown)
 
 
 def lm_cpu(c: ml_collections.ConfigDict, *, eval_windows: int = 1024) -> None:

@@ -33,6 +33,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from resjax import configs, fileio, models, provenance, sharding, tasks
+from resjax import optim as optim_lib
 from resjax.errors import CheckpointError, ConfigError, quiet_logs
 from resjax.models import shortcuts
 
@@ -122,35 +123,49 @@ def init_state(config, task, seeds: list[int], tx, warmup: WarmupRule | None = N
 # Optimizer.
 # ------------------------------------------------------------------------------------------------
 
-def learning_rate(optim, steps: dict) -> optax.Schedule:
+def learning_rate(optim, steps: dict, peak: float | None = None) -> optax.Schedule:
   """Warm-up (constant at warmup_lr as in the ResNet papers, or linear from 0), then the decay,
-  joined from optax's schedules.
+  joined from optax's schedules, peaking at ``peak`` (default: the weights' LR, config.optim.lr).
+
+  ``linear_warmdown`` is the modded-nanogpt record's trapezoid: the peak until the last
+  ``warmdown`` steps (config.schedule.warmdown), then linearly to final_lr_fraction (default 0):
+  lr (total - step) / warmdown in them.
 
   Under the warm-up rule (``steps["warmup_until_error"]``) each replica decides in the step when
   its warm-up ends (``WarmupRule``); this is then the schedule after the warm-up: step decays at
   their boundaries, cosine and linear decays from the cap, wherever the warm-up ended.
   """
   warmup, total = steps["warmup"], steps["total"]
-  decay = optim.get("decay", "step")
+  lr = _setting(optim, "lr") if peak is None else peak
+  muon = optim.get("name", "sgd") == "muon"
+  decay = optim.get("decay", configs.MUON["decay"] if muon else "step")
   span = max(total - warmup, 1)  # the cosine and linear decays run from the warm-up's end
   floor = optim.get("final_lr_fraction", 0.0)
   if decay == "step":  # boundaries in absolute steps, whatever the warm-up
     factor = optim.get("decay_factor", 0.1)
-    main = optax.piecewise_constant_schedule(optim.lr, {b: factor for b in steps["boundaries"]})
+    main = optax.piecewise_constant_schedule(lr, {b: factor for b in steps["boundaries"]})
   elif decay == "cosine":
-    main = optax.join_schedules([optax.constant_schedule(optim.lr),
-                                 optax.cosine_decay_schedule(optim.lr, span, alpha=floor,
-                                                             exponent=1)],
+    main = optax.join_schedules([optax.constant_schedule(lr),
+                                 optax.cosine_decay_schedule(lr, span, alpha=floor, exponent=1)],
                                 [warmup])
   elif decay == "linear":
-    main = optax.join_schedules([optax.constant_schedule(optim.lr),
-                                 optax.linear_schedule(optim.lr, optim.lr * floor, span)],
+    main = optax.join_schedules([optax.constant_schedule(lr),
+                                 optax.linear_schedule(lr, lr * floor, span)],
                                 [warmup])
+  elif decay == "linear_warmdown":
+    warmdown = steps.get("warmdown", 0)
+    if not 0 < warmdown <= total - warmup:
+      raise ConfigError(f"config.schedule.warmdown is {warmdown} steps: linear_warmdown needs 1 to "
+                        f"{total - warmup} (the steps after the warm-up); set it in the schedule's "
+                        "unit")
+    main = optax.join_schedules([optax.constant_schedule(lr),
+                                 optax.linear_schedule(lr, lr * floor, warmdown)],
+                                [total - warmdown])
   elif decay == "constant":
-    main = optax.constant_schedule(optim.lr)
+    main = optax.constant_schedule(lr)
   else:
     raise ConfigError(f"unknown LR decay {decay!r}: set config.optim.decay to step, cosine, "
-                      "linear or constant")
+                      "linear, linear_warmdown or constant")
   shape = optim.get("warmup_shape", "constant")
   if steps.get("warmup_until_error") is not None:
     if shape != "constant":
@@ -160,9 +175,9 @@ def learning_rate(optim, steps: dict) -> optax.Schedule:
   if not warmup:
     return main
   if shape == "linear":  # lr (s + 1) / warmup at step s: the peak at step warmup - 1
-    warm = optax.linear_schedule(optim.lr / warmup, optim.lr, warmup - 1)
+    warm = optax.linear_schedule(lr / warmup, lr, warmup - 1)
   else:
-    warm = optax.constant_schedule(optim.get("warmup_lr", optim.lr))
+    warm = optax.constant_schedule(optim.get("warmup_lr", lr))
   # join_schedules counts each part from its boundary; `main` counts from 0, as `steps` does.
   return optax.join_schedules([warm, lambda s: main(s + warmup)], [warmup])
 
@@ -229,6 +244,78 @@ def warmup_rule(optim, steps: dict) -> WarmupRule | None:
                     groups=("weights", "scalars") if follows else ("weights",))
 
 
+def _setting(optim, key: str):
+  """config.optim[key]; a muon config may leave a key out for the record's (``configs.MUON``)."""
+  if optim.get("name", "sgd") == "muon":
+    return optim.get(key, configs.MUON[key])
+  return optim[key]
+
+
+# The muon optimizer's groups, by the Transformer's attribute names (resjax.models.transformer).
+# The record has no position table (it uses rotary positions); GPT-2's learned one goes with the
+# token embedding, the other lookup table. Every other weight outside the blocks (the final norm)
+# is 0-D or 1-D and goes with the scalars.
+EMBEDDINGS = ("token_embed", "position_embed")
+HEAD = "head"  # a Dense only when tie_head=False
+BLOCKS = ("first", "rest")  # block 1; blocks 2..L, stacked on a leading axis under scan
+
+
+def muon_groups(params) -> dict:
+  """The muon optimizer's group of each leaf of ``{"weights", "scalars"}`` (a Transformer's split):
+  ``muon`` (a matrix in a block, or a stack of them), ``embed``, ``head``, or ``scalars`` (the
+  learnable residual scalars and every 0-D or 1-D weight: biases, norm gains)."""
+
+  def weight(path, x):
+    names = sharding.path_names(path)
+    if names[0] in EMBEDDINGS:
+      return "embed"
+    if names[0] == HEAD:
+      return "head"
+    # Blocks 2..L under scan are one Block whose leaves carry a leading (L - 1) axis; unscanned
+    # they are a list, whose next key is an index.
+    stacked = names[0] == "rest" and len(names) > 1 and not names[1].isdigit()
+    matrix = x.ndim - stacked >= 2
+    if names[0] in BLOCKS and matrix:
+      return "muon"
+    if matrix:
+      raise ConfigError(f"the muon optimizer has no group for the matrix {'/'.join(names)}: use "
+                        "config.optim.name=adamw for this model")
+    return "scalars"
+
+  return {"weights": jax.tree_util.tree_map_with_path(weight, params["weights"]),
+          "scalars": jax.tree.map(lambda _: "scalars", params["scalars"])}
+
+
+def _muon_transforms(optim, steps: dict, model) -> dict:
+  """The record's four groups, each at its own LR on the one schedule (warm-down included)."""
+  get = lambda k: _setting(optim, k)
+  if model is not None and model.get("name") != "transformer":
+    raise ConfigError(f"config.optim.name=muon groups a Transformer's parameters, not "
+                      f"{model.get('name')!r}'s: use config.optim.name=sgd or adamw")
+  if "warmup_lr" in optim:
+    raise ConfigError("config.optim.warmup_lr is one LR; muon's groups warm up from their own: "
+                      "drop it (warmup_shape=linear ramps every group)")
+  if steps.get("warmup_until_error") is not None:
+    raise ConfigError("config.schedule.warmup_until_error holds one warm-up LR; muon has four: set "
+                      "it to None")
+  for k in ("embed_lr", "head_lr", "scalar_lr"):
+    if not (get(k) >= 0 and math.isfinite(get(k))):
+      raise ConfigError(f"config.optim.{k}={get(k)} must be a finite number >= 0")
+  for k in ("momentum", "b1", "b2"):
+    if not 0 <= get(k) < 1:
+      raise ConfigError(f"config.optim.{k}={get(k)} must be in [0, 1)")
+  if not (get("eps") > 0 and math.isfinite(get("eps"))):
+    raise ConfigError(f"config.optim.eps={get('eps')} must be a finite number > 0")
+  if not isinstance(get("nesterov"), bool):
+    raise ConfigError(f"config.optim.nesterov={get('nesterov')!r} must be True or False")
+  lr = lambda k: learning_rate(optim, steps, peak=get(k))
+  wd, adam = get("weight_decay"), dict(b1=get("b1"), b2=get("b2"), eps=get("eps"))
+  return {"muon": optim_lib.muon(lr("lr"), get("momentum"), get("nesterov"), weight_decay=wd),
+          "embed": optax.adamw(lr("embed_lr"), weight_decay=wd, **adam),
+          "head": optax.adamw(lr("head_lr"), weight_decay=wd, **adam),
+          "scalars": optax.adam(lr("scalar_lr"), **adam)}
+
+
 def _decay_mask(weights):
   """AdamW decays matrices and kernels; biases, norm scales and gains stay undecayed."""
   return jax.tree.map(lambda x: x.ndim >= 2, weights)
@@ -240,26 +327,33 @@ def make_optimizer(config, steps: dict) -> optax.GradientTransformation:
   ``sgd``: momentum SGD with L2 weight decay added to the gradient, as the ResNet papers applied it.
   ``adamw``: Adam with decoupled weight decay on matrices, gradient clipping by global norm.
   The scalars get their own optimizer: SGD at the weights' LR, or Adam at ``scalar_lr``.
+  ``muon``: the modded-nanogpt record's four groups of a Transformer (``muon_groups``): Muon
+  (``resjax.optim``) at ``lr`` on the blocks' matrices, Adam at ``embed_lr`` on the embeddings, at
+  ``head_lr`` on an untied head, at ``scalar_lr`` on the scalars; every group on the schedule, and
+  the keys a config leaves out at the record's values (``configs.MUON``).
   """
   optim = config.optim
   name = optim.get("name", "sgd")
   for k in ("lr", "weight_decay"):
-    if not (optim[k] >= 0 and math.isfinite(optim[k])):
-      raise ConfigError(f"config.optim.{k}={optim[k]} must be a finite number >= 0")
+    if not (_setting(optim, k) >= 0 and math.isfinite(_setting(optim, k))):
+      raise ConfigError(f"config.optim.{k}={_setting(optim, k)} must be a finite number >= 0")
   lr = learning_rate(optim, steps)
   if name == "sgd":
     weights = optax.chain(optax.add_decayed_weights(optim.weight_decay),
                           optax.sgd(lr, momentum=optim.momentum))
-    scalars = optax.sgd(lr, momentum=optim.momentum)
+    groups = {"weights": weights, "scalars": optax.sgd(lr, momentum=optim.momentum)}
   elif name == "adamw":
     b1, b2, eps = optim.get("b1", 0.9), optim.get("b2", 0.95), optim.get("eps", 1e-8)
     weights = optax.adamw(lr, b1=b1, b2=b2, eps=eps, weight_decay=optim.weight_decay,
                           mask=_decay_mask)
     scalar_lr = optim.get("scalar_lr", None) or lr
-    scalars = optax.adam(scalar_lr, b1=b1, b2=b2, eps=eps)
+    groups = {"weights": weights, "scalars": optax.adam(scalar_lr, b1=b1, b2=b2, eps=eps)}
+  elif name == "muon":
+    groups = _muon_transforms(optim, steps, config.get("model"))
   else:
-    raise ConfigError(f"unknown optimizer {name!r}: set config.optim.name to sgd or adamw")
-  tx = optax.multi_transform({"weights": weights, "scalars": scalars}, lambda p: {k: k for k in p})
+    raise ConfigError(f"unknown optimizer {name!r}: set config.optim.name to sgd, adamw or "
+                      "muon")
+  tx = optax.multi_transform(groups, muon_groups if name == "muon" else lambda p: {k: k for k in p})
   clip = optim.get("clip_norm", None)
   return optax.chain(optax.clip_by_global_norm(clip), tx) if clip else tx
 
