@@ -1,56 +1,72 @@
-"""The value residual: modded-nanogpt's ablation chain, several seeds per row, t-tests vs baseline.
+"""The value-residual chain on the record's own model: modded-nanogpt's record of 2024-11-06.
 
-ResFormer (Zhou et al. 2024, arXiv 2410.17897) mixes every layer's attention values with the first
-layer's, V_n <- 0.5 V_n + 0.5 V_1. The modded-nanogpt record of 2024-11-06 (GPT-2 small, FineWeb,
-3200 steps) made the mix learnable and added an embedding shortcut x <- a x + b x0:
+The record (records/track_1_short/2024-11-06_ShortcutsTweaks in KellerJordan/modded-nanogpt, its
+train_gpt2.py logs) added, one at a time, to the model of the 11/03 record trained 3200 steps:
 
-    baseline 3.3274 -> + fixed value residual 3.3151 -> + learnable lambda 3.3065
-                    -> + embedding shortcut 3.2972       (validation loss, nats per GPT-2 token)
+    baseline 3.3274 -> + value residual, fixed 0.5 / 0.5 3.3151 -> + learnable lambda 3.3065
+                    -> + embedding shortcut 3.2972   (validation loss, nats per GPT-2 token, 1 run)
 
-Each row adds one change to the row above, as the record's chain did. A fifth row swaps the
-one-lambda mix for the two-lambda form y = lambda1 V_n + lambda2 V_1 (both learnable, init 0.5).
-Every form is a Shortcut on the value stream (x = V_1, f = V_n): ``scaling`` 0.5/0.5, ``mix``
-((1 - lambda) x + lambda f, init 0.5; the record's (1 - lambda) V_n + lambda V_1 is the same family
-with lambda -> 1 - lambda) and ``lambda``. Learnable scalars train with Adam at their own LR and
-no weight decay.
+Every choice below is the record's, read from its train_gpt2.py (resjax.configs.RECORD_MODEL,
+record_recipe, MUON):
+- model: 12 blocks, width 768, 6 heads of 128, MLP 4 x 768 with ReLU^2, rotary positions,
+  RMSNorm without a gain (eps: float32's, F.rms_norm's default) before each branch, on the token
+  embedding and before the head, QK-norm, no biases, nn.Linear / nn.Embedding default init,
+  zero-initialised attention-out, MLP-out and head, untied head, vocabulary 50304;
+- the value residual: v <- (1 - lambda) v + lambda v1 in every block, lambda learnable from 0.5
+  (resjax's ``mix`` with V_1 as the carried input: the same family, lambda -> 1 - lambda);
+- the embedding shortcut: x <- a x + b x0 at the input of every block, x0 the normed embedding,
+  (a, b) learnable from (1, 0);
+- optimizer: Muon (LR 0.02, momentum 0.95, Nesterov, 5 Newton-Schulz steps) on the blocks'
+  matrices; Adam (betas 0.9 / 0.95) on the embedding (LR 0.3), the head (0.002) and the scalars
+  (0.02); no weight decay; no warm-up, constant, linear warm-down to 0 over the last 914 of 3200
+  steps, every group (scalars included);
+- data: FineWeb GPT-2 tokens (``data.name=fineweb``, README "Data"), 3200 steps of 8 x 64
+  sequences of 1024 tokens, validation on the first 10,485,760 val tokens.
+Departures: the record orthogonalises in bfloat16 (here float32); the record's step is bfloat16
+autocast (here bfloat16 matmuls, float32 norms and logits, ``dtype=bfloat16``); the baseline row is
+the 11/06 model without the three changes, read from the chain's logs, not the 11/03 file itself.
 
     python -m resjax.main --config experiments/value_residual.py:scale=cpu --workdir runs/vr_cpu
-    python -m resjax.main --config experiments/value_residual.py:scale=paper --workdir gs://B/vr
+    python -m resjax.main --config experiments/value_residual.py:scale=paper \
+        --config.data.data_dir=/path/to/modded-nanogpt/data/fineweb10B --workdir runs/vr
 
 Args: scale=paper|cpu|test, run=NAME, seeds=K.
 
-scale=paper: GPT-2 small (12 layers, width 768, 12 heads, context 1024, tied head, Pre-LN) for
-3200 steps of 512 x 1024 tokens, AdamW (LR 6e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0,
-200 warm-up steps, cosine decay), scalars at LR 0.02. Data: TFDS lm1b, read as UTF-8 bytes (a
-256-byte vocabulary, so the model has 85M parameters rather than 124M): the largest English corpus
-TFDS serves through data_source without a manual download; FineWeb is not in TFDS. Prepare it with
-`python -m resjax.data.prepare --dataset lm1b`. Losses are nats per byte, not per GPT-2 token, so
-the paper's numbers are a reference, not a target; the differences between rows are the
-comparable fact. 5 rows x 3 seeds (side by side) is about 20 GPU-hours on one H100.
+scale=paper: the record's recipe on one host with 8 GPUs (the batch is split over all local
+devices); 4 rows x 3 seeds, one seed at a time, about 8.5 minutes each on 8 H100s at the record's
+152 ms per step (its log), so about 2 GPU-hours on 8 GPUs in all. ``--mode=describe`` gives the
+parameters (162,201,636), FLOPs per token and per step, and the MFU the record's logged step time
+implies on 8 H100s.
 
-scale=cpu: 4 blocks of width 64 on the byte corpus of Python's own standard library (offline,
-split by file), context 64, batch 16, 3 seeds side by side per row, 200 steps. Expect
-differences of a few thousandths of a nat; the paired test over seeds says whether they are real.
+scale=cpu: the same model at width 64 (2 heads of 32), 4 blocks, context 64, batch 16, 200 steps
+(warm-down over the last 57) on the byte corpus of Python's standard library, 3 paired seeds side
+by side, with the record's learning rates as they are (not tuned at this size).
+
+The same tricks on GPT-2 with AdamW are the second series, experiments/value_residual_gpt2.py.
 """
 
 from resjax import claims, configs
 from resjax.configs import row
 
 PAPER = "modded-nanogpt record 2024-11-06 (value residual of ResFormer, arXiv 2410.17897)"
+# The record's logged step: 151.96 ms a step on 8 x H100 SXM (05b29e54...txt, step 3200), and the
+# H100 SXM's dense bfloat16 peak, 989 TFLOP/s (NVIDIA's data sheet), for describe's MFU.
+RECORD_STEP = dict(seconds=0.15196, devices=8, peak_flops=989e12, device="H100 SXM")
 
 
 def rows():
-  fixed = {"model.value_residual.name": "scaling", "model.value_residual.scale": 0.5,
+  none = {"model.value_residual.name": "none", "model.value_residual_first": False,
+          "model.embed_shortcut": False, "model.embed_shortcut_first": False}
+  fixed = {**none, "model.value_residual.name": "scaling", "model.value_residual.scale": 0.5,
            "model.value_residual.branch_scale": 0.5}
-  mix = {"model.value_residual.name": "mix"}
+  mix = {**none, "model.value_residual.name": "mix", "model.value_residual_first": True}
   return [
-      row("baseline", "baseline (GPT-2, Pre-LN)", paper=3.3274),
+      row("baseline", "baseline (the record's model without the three)", none, paper=3.3274),
       row("fixed_vr", "+ value residual, fixed 0.5 / 0.5", fixed, paper=3.3151),
-      row("learnable_vr", "+ learnable lambda per layer (init 0.5)", mix, paper=3.3065),
-      row("embed_shortcut", "+ embedding shortcut a x + b x0 (init 1, 0)",
-          {**mix, "model.embed_shortcut": True}, paper=3.2972),
-      row("two_lambdas", "two learnable lambdas (init 0.5 / 0.5) + embedding shortcut",
-          {"model.value_residual.name": "lambda", "model.embed_shortcut": True}),
+      row("learnable_vr", "+ learnable lambda per block (init 0.5)", mix, paper=3.3065),
+      row("embed_shortcut", "+ embedding shortcut a x + b x0 at every block (init 1, 0)",
+          {**mix, "model.embed_shortcut": True, "model.embed_shortcut_first": True},
+          paper=3.2972),
   ]
 
 
@@ -65,22 +81,26 @@ def paper_claims():
 
 def get_config(arg=None):
   arg = configs.parse_arg(arg, scale="cpu", run="", seeds=0)
-  c = configs.lm_recipe()
-  c.experiment = "Value residual: modded-nanogpt's ablation chain"
+  c = configs.record_recipe()
+  c.experiment = "Value residual: modded-nanogpt's chain on the record's model and optimizer"
   c.paper = PAPER
   c.scale = arg.scale
   c.run = arg.run
   c.baseline = "baseline"
+  c.reference_step = RECORD_STEP
   if arg.scale in ("cpu", "test"):
     configs.lm_cpu(c)
-    c.model.update(context=64, width=64, depth=4, heads=4)
+    c.model.update(context=64, width=64, depth=4, heads=2, dtype="float32")
     c.batch_size = 16
-    c.schedule.update(total=200, warmup=20)
+    c.schedule.total = 200
+    configs.muon_optim(c)  # the record's LRs and its share of warm-down, on the new length
+    c.seeds_side_by_side = True
     c.log_every, c.eval_every, c.checkpoint_every = 20, 40, 100
   if arg.scale == "test":
     configs.lm_test(c)
     c.model.update(context=16, width=16, depth=2, heads=2)
-    c.schedule.update(total=4, warmup=1)
+    c.schedule.total = 4
+    configs.muon_optim(c)
   if arg.seeds:
     c.num_seeds = arg.seeds
   c.runs = rows()

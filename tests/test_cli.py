@@ -30,7 +30,7 @@ def _lines(text):
 NOT_PREPARED = "{EMPTY}"
 TWO_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
 ONE_DEVICE = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-TEXT = "experiments/value_residual.py:scale=test"
+TEXT = "experiments/value_residual_gpt2.py:scale=test"
 FIX_FILE = "get_config(arg=None)"
 CASES = {
     # The rows of fig2 each set model.shortcut.name; total=0 stops a run that ignored the flag.
@@ -62,7 +62,7 @@ CASES = {
     "unknown_parent_key": ([f"{FIG2}:scale=test", "--config.optimizer.lr=0.1"],
                            ["config has no 'optimizer'", "optim"]),
     "key_set_to_none": ([TEXT, "--config.failure_error=5"],
-                        ["--config.failure_error", "value_residual.py", "placeholder(int)"]),
+                        ["--config.failure_error", "value_residual_gpt2.py", "placeholder(int)"]),
     "override_of_the_wrong_type": ([f"{FIG2}:scale=test", "--config.batch_size=abc"],
                                    ["--config.batch_size=abc", "'abc'"]),
     "unknown_flag": ([f"{FIG2}:scale=test", "--wrkdir=elsewhere"], ["'wrkdir'", "workdir"]),
@@ -219,7 +219,8 @@ def test_user_error_writes_nothing_to_the_workdir(user_errors, name):
     assert not os.path.exists(workdir)
 
 
-@pytest.mark.parametrize("experiment", ["value_residual", "preln_postln", "caution_depth"])
+@pytest.mark.parametrize("experiment", ["value_residual", "value_residual_gpt2", "preln_postln",
+                                        "caution_depth"])
 def test_text_byte_caps_can_be_set_from_the_command_line_at_every_scale(experiment):
   # None at cpu and test scale, yet typed: ml_collections parses an int override for them.
   from resjax import main

@@ -105,8 +105,27 @@ def test_results_md_shows_the_papers_number_on_its_row(stem, tmp_path):
   assert float(line.split("|")[2]) == pytest.approx(value)
 
 
+def test_describe_reports_the_records_model_and_its_utilisation(cli):
+  result = cli.run("--config", "experiments/value_residual.py:scale=paper,run=embed_shortcut",
+                   "--mode=describe")
+  assert result.returncode == 0, result.stderr
+  (row,) = json.loads(result.stdout)
+  assert row["params"] == 162_201_636  # derived module by module in tests/test_record_model.py
+  fwd = row["forward_flops_per_example"]
+  assert row["forward_flops_per_token"] == pytest.approx(fwd / 1024)
+  assert row["train_flops_per_step"] == pytest.approx(3 * fwd * 512)
+  ref = row["reference_step"]
+  assert (ref["seconds"], ref["devices"]) == (0.15196, 8)
+  assert row["mfu_at_reference_step"] == pytest.approx(
+      3 * fwd * 512 / (ref["seconds"] * ref["devices"] * ref["peak_flops"]))
+  # 2 x 3 FLOPs per matmul parameter (all but the embedding table, a lookup), plus attention's
+  # QK^T and AV counted in full (XLA counts the causal mask's zeros): 2 x 2 T d per block, times 3.
+  matmuls = 6 * (162_201_636 - 50304 * 768) + 3 * 12 * 4 * 1024 * 768
+  assert matmuls <= row["train_flops_per_token"] <= 1.01 * matmuls  # the rest: norms, rotary
+
+
 def test_describe_reports_gpt2_small_parameters(cli):
-  result = cli.run("--config", "experiments/value_residual.py:scale=paper,run=baseline",
+  result = cli.run("--config", "experiments/value_residual_gpt2.py:scale=paper,run=baseline",
                    "--config.model.vocab_size=50257", "--mode=describe")
   assert result.returncode == 0, result.stderr
   (row,) = json.loads(result.stdout)

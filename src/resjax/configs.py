@@ -280,10 +280,11 @@ def digits_test(c: ml_collections.ConfigDict) -> None:
 
 
 def lm_recipe(**model) -> ml_collections.ConfigDict:
-  """GPT-2 small as the modded-nanogpt record of 2024-11-06 trained it, on byte-level lm1b: Pre-LN,
-  learned positions, tied head, context 1024, 3200 steps at batch 512, AdamW (LR 6e-4, betas
-  0.9/0.95, weight decay 0.1, clip 1.0, 200 linear warm-up steps, cosine decay to a tenth),
-  learnable residual scalars at LR 0.02; 3 seeds; test loss in nats per byte, no failure line.
+  """GPT-2 small with AdamW on byte-level lm1b (not the modded-nanogpt record's model or optimizer:
+  those are ``record_recipe``): Pre-LN, learned positions, tied head, context 1024, 3200 steps at
+  batch 512, AdamW (LR 6e-4, betas 0.9/0.95, weight decay 0.1, clip 1.0, 200 linear warm-up
+  steps, cosine decay to a tenth), learnable residual scalars at LR 0.02; 3 seeds; test loss in
+  nats per byte, no failure line.
   ``model``: what differs from GPT-2 small (``resjax.models.transformer`` documents every key).
   """
   c = ml_collections.ConfigDict()
@@ -321,6 +322,18 @@ def lm_recipe(**model) -> ml_collections.ConfigDict:
 # matrices, Adam on the token embedding, the untied head and the blocks' scalars, no weight decay,
 # no clipping; its schedule holds every group's LR, then a linear warm-down to 0 over the last 914
 # of 3200 steps. make_optimizer takes these values for the keys a muon config leaves out.
+# The Transformer of the modded-nanogpt record of 2024-11-06 (records/track_1_short/
+# 2024-11-06_ShortcutsTweaks, train_gpt2.py) as lm_recipe's model keys: 12 blocks of width 768, 6
+# heads of 128, rotary, RMSNorm without gain (also on the embedding), QK-norm, ReLU^2, no biases,
+# PyTorch's default init, zero-initialised output projections and untied head, the value residual
+# (mix, in every block) and the embedding shortcut x <- a x + b x0 at every block.
+RECORD_MODEL = dict(
+    context=1024, width=768, depth=12, heads=6, mlp_ratio=4, positions="rotary", tie_head=False,
+    norm="pre", norm_kind="rmsnorm", embed_norm=True, activation="relu2", qk_norm=True,
+    bias=False, init="pytorch", zero_init_out=True, zero_init_head=True,
+    shortcut=dict(name="identity"), value_residual=dict(name="mix"), value_residual_first=True,
+    embed_shortcut=True, embed_shortcut_first=True, embed_shortcut_init=(1.0, 0.0))
+
 MUON = dict(name="muon", lr=0.02, momentum=0.95, nesterov=True, embed_lr=0.3, head_lr=0.002,
             scalar_lr=0.02, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay="linear_warmdown")
 RECORD_WARMDOWN, RECORD_STEPS = 914, 3200
@@ -335,6 +348,24 @@ def muon_optim(c: ml_collections.ConfigDict) -> None:
   if c.schedule.unit in ("iterations", "steps"):
     warmdown = round(warmdown)
   c.schedule.update(warmup=0, warmdown=warmdown)
+
+
+def record_recipe(**model) -> ml_collections.ConfigDict:
+  """The modded-nanogpt record of 2024-11-06 as it trained: its Transformer (``RECORD_MODEL``) in
+  bfloat16 matmuls (the record's autocast) on FineWeb GPT-2 tokens (``data.name=fineweb``; set
+  ``data.data_dir``), 3200 steps of 8 x 64 sequences of 1024 tokens, validation on the first
+  10,485,760 val tokens, Muon and three Adams with no warm-up and a linear warm-down over the last
+  914 steps (``muon_optim``); 3 seeds, one after another (one seed's 512 x 1024 x 50304 float32
+  logits are 105 GB across the devices already). ``model``: what differs from the record's."""
+  c = lm_recipe(**{**RECORD_MODEL, "dtype": "bfloat16", **model})
+  c.data.name = "fineweb"
+  c.batch_size = 512
+  c.schedule.update(total=RECORD_STEPS, warmup=0)
+  muon_optim(c)
+  c.seeds_side_by_side = False
+  c.log_every, c.eval_every, c.checkpoint_every = 50, 125, 400  # the record's val_loss_every
+  c.eval_batch_size = 64
+  return c
 
 
 def lm_cpu(c: ml_collections.ConfigDict, *, eval_windows: int = 1024) -> None:

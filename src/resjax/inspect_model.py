@@ -145,4 +145,19 @@ def describe(config) -> dict:
   model = abstract_model(config)
   params = train.count_params(model)
   flops = flops_at_depth(config.model, lambda cfg: forward_flops(config, cfg))
-  return {"params": params, "forward_flops_per_example": flops, "model": config.model.to_dict()}
+  out = {"params": params, "forward_flops_per_example": flops}
+  if config.model.name == "transformer" and config.get("reference_step", None):
+    out.update(step_utilisation(flops, config))
+  return {**out, "model": config.model.to_dict()}
+
+
+def step_utilisation(forward_flops: float, config) -> dict:
+  """FLOPs per token and per training step (backward = 2 x forward, the usual count), and the
+  model FLOPs utilisation they imply at ``config.reference_step``: a logged step time on
+  ``devices`` devices of ``peak_flops`` each (an experiment file names its source)."""
+  ref = config.reference_step
+  per_token = forward_flops / config.model.context
+  step = 3.0 * forward_flops * config.batch_size
+  return {"forward_flops_per_token": per_token, "train_flops_per_token": 3.0 * per_token,
+          "train_flops_per_step": step, "reference_step": ref.to_dict(),
+          "mfu_at_reference_step": step / (ref.seconds * ref.devices * ref.peak_flops)}

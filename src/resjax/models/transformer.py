@@ -169,12 +169,7 @@ ROTARY_BASE = 10000.0
 # The model of the modded-nanogpt speedrun record of 2024-11-06 as ``config.model`` keys (the rest
 # as ``default_config``): ``configs.lm_recipe(**RECORD_2024_11_06)``. The record's vocabulary is
 # 50304 (GPT-2's 50257 padded to a multiple of 128); vocab_size None takes the data's.
-RECORD_2024_11_06 = dict(
-    context=1024, width=768, depth=12, heads=6, mlp_ratio=4, positions="rotary", tie_head=False,
-    norm="pre", norm_kind="rmsnorm", embed_norm=True, activation="relu2", qk_norm=True,
-    bias=False, init="pytorch", zero_init_out=True, zero_init_head=True,
-    shortcut=dict(name="identity"), value_residual=dict(name="mix"), value_residual_first=True,
-    embed_shortcut=True, embed_shortcut_first=True, embed_shortcut_init=(1.0, 0.0))
+RECORD_2024_11_06 = configs.RECORD_MODEL
 
 
 def default_config() -> ml_collections.ConfigDict:
