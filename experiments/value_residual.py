@@ -23,8 +23,11 @@ record_recipe, MUON):
 - data: FineWeb GPT-2 tokens (``data.name=fineweb``, README "Data"), 3200 steps of 8 x 64
   sequences of 1024 tokens, validation on the first 10,485,760 val tokens.
 Departures: the record orthogonalises in bfloat16 (here float32); the record's step is bfloat16
-autocast (here bfloat16 matmuls, float32 norms and logits, ``dtype=bfloat16``); the baseline row is
-the 11/06 model without the three changes, read from the chain's logs, not the 11/03 file itself.
+autocast (here bfloat16 matmuls, float32 norms and logits, ``dtype=bfloat16``). The baseline row
+is the 11/06 model without the three changes: the record's README lists its steps (shorter run,
+value residual, learnable lambda, embedding shortcut, then momentum warm-up and tanh logit capping,
+which this file leaves out), so everything else was the 11/03 model's; the 11/03 file itself was
+not read.
 
     python -m resjax.main --config experiments/value_residual.py:scale=cpu --workdir runs/vr_cpu
     python -m resjax.main --config experiments/value_residual.py:scale=paper \
