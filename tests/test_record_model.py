@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import F32_EPS, assert_f32_close, f32_tol, make_rngs
+from conftest import (F32_EPS, abstract_transformer, assert_f32_close, f32_tol,
+                      initialised_transformer)
 from resjax import configs, train
 from resjax.errors import ConfigError
 from resjax.models import transformer
@@ -34,13 +35,8 @@ def _record(**fields):
   return _cfg(**{**transformer.RECORD_2024_11_06, **size, **fields})
 
 
-def _abstract(cfg):
-  return nnx.eval_shape(lambda: transformer.from_config(cfg, num_classes=0, in_channels=0,
-                                                        rngs=make_rngs()))
-
-
-def _initialised(cfg):
-  return transformer.from_config(cfg, num_classes=0, in_channels=0, rngs=make_rngs())
+_abstract = abstract_transformer
+_initialised = initialised_transformer
 
 
 def _randomize(model, seed=0):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import assert_f32_close, f32_tol, make_rngs
+from conftest import (abstract_transformer, assert_f32_close, f32_tol, initialised_transformer)
 from resjax import train
 from resjax.errors import ConfigError
 from resjax.models import shortcuts, transformer
@@ -26,15 +26,8 @@ def _cfg(**fields):
   return c
 
 
-def _abstract(cfg):
-  return nnx.eval_shape(lambda: transformer.from_config(cfg, num_classes=0, in_channels=0,
-                                                        rngs=make_rngs()))
-
-
-def _initialised(cfg):
-  # Eagerly: XLA compiles each normal sampler of a jitted init separately (about 0.1 s each on
-  # CPU), while eager calls reuse one compiled sampler per shape across models.
-  return transformer.from_config(cfg, num_classes=0, in_channels=0, rngs=make_rngs())
+_abstract = abstract_transformer
+_initialised = initialised_transformer
 
 
 def _randomize(model, seed=0):

@@ -55,6 +55,13 @@ def trains(run: str) -> dict:
   return {"kind": "trains", "run": run}
 
 
+def chain(steps, *, paper: bool = True) -> list:
+  """An ablation chain: for each (row, the row before, what it adds), "adding WHAT lowers the
+  loss" (lower is better), with the paper's verdict ``paper``."""
+  return [claim(f"adding {what} lowers the loss", less(new, old), paper=paper)
+          for new, old, what in steps]
+
+
 def claim(text: str, *parts: dict, paper: bool) -> ml_collections.ConfigDict:
   """A statement that holds when all its parts hold; ``paper``: whether the paper found it holds.
 
