@@ -389,3 +389,22 @@ def test_the_readmes_form_is_the_examples_form():
   lines = [line.split("  #")[0].rstrip() for line in block.splitlines()]
   for line in filter(None, lines):
     assert line in example, line
+
+
+def test_a_module_on_the_path_is_found_from_the_working_directory(tmp_path, monkeypatch):
+  """MODULE:CLASS imports a module of the working directory, as `python -m` runs from there."""
+  import ml_collections
+
+  from resjax.models import shortcuts
+  (tmp_path / "my_forms_in_cwd.py").write_text(FORMS)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+  monkeypatch.delitem(sys.modules, "my_forms_in_cwd", raising=False)
+  name = "my_forms_in_cwd:Gate"
+  try:
+    assert shortcuts.form(name).__name__ == "Gate"
+    assert shortcuts.fields(name)["gate_init"] == 1.0
+    shortcuts.check_form(ml_collections.ConfigDict({"name": name, "gate_init": 0.5}))
+  finally:
+    shortcuts.USER_FORMS.pop(name, None)
+    sys.modules.pop("my_forms_in_cwd", None)
