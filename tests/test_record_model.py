@@ -32,7 +32,7 @@ def _cfg(**fields):
 def _record(**fields):
   """The record's model at test size: width 16, 2 heads of 8, 3 blocks, a vocabulary of 11."""
   size = dict(vocab_size=VOCAB, width=WIDTH, heads=HEADS, context=CONTEXT, depth=DEPTH)
-  return _cfg(**{**transformer.RECORD_2024_11_06, **size, **fields})
+  return _cfg(**{**configs.RECORD_MODEL, **size, **fields})
 
 
 _abstract = abstract_transformer
@@ -299,7 +299,7 @@ def test_record_model_matches_a_hand_written_reference(scan):
 def test_record_model_has_the_records_parameter_count():
   """12 x 768, 6 heads, vocabulary 50304, context 1024, rotary, untied head, no biases, no norm
   gains, the mix value residual and the embedding shortcut at every block (abstract: no memory)."""
-  cfg = configs.lm_recipe(**transformer.RECORD_2024_11_06).model
+  cfg = configs.lm_recipe(**configs.RECORD_MODEL).model
   model = nnx.eval_shape(lambda: transformer.from_config(cfg, num_classes=50304, in_channels=0,
                                                          rngs=nnx.Rngs(0)))
   # By hand, from the record's modules:

@@ -240,7 +240,7 @@ def test_empty_workdir_still_writes_both_files(tmp_path):
   assert os.path.getsize(png_path) > 0
 
 
-def test_atomic_write_keeps_old_file_on_failure(tmp_path):
+def testatomic_write_keeps_old_file_on_failure(tmp_path):
   path = str(tmp_path / "results.md")
   with open(path, "w") as f:
     f.write("old")
@@ -250,7 +250,7 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path):
     raise RuntimeError("crash mid-write")
 
   with pytest.raises(RuntimeError):
-    report._atomic_write(path, broken)
+    report.atomic_write(path, broken)
   assert open(path).read() == "old"
   assert os.listdir(tmp_path) == ["results.md"]
 

@@ -95,8 +95,8 @@ def compare(point: Point) -> Point:
   if len(d) < MIN_SEEDS:
     point.note = f"{len(d)} paired seed{'s' * (len(d) != 1)}, {MIN_SEEDS} needed"
     return point
-  up, down = claims.one_sided_p(d)
-  point.p = min(1.0, 2.0 * min(up, down))
+  from resjax import report
+  point.p, _ = report.paired_p(point.base, point.form)
   return point
 
 
@@ -182,8 +182,7 @@ def verdict(label: str, points: list[Point], family_label, *, alpha: float = ALP
 @dataclasses.dataclass
 class Form:
   name: str  # as given: a built-in name, a registered name or an import path
-  key: str  # the row and directory name
-  label: str
+  key: str  # the row and directory name, and the form's label in the report
   settings: dict
 
   def fingerprint(self) -> dict:
@@ -235,7 +234,7 @@ def make_forms(names: list[str], settings: dict) -> list[Form]:
     cfg = ml_collections.ConfigDict({**known, **mine})
     if shortcuts.is_user_form(name):
       shortcuts.check_form(cfg, kinds=("tokens", "images"))
-    forms.append(Form(name, key, key, mine))
+    forms.append(Form(name, key, mine))
   unused = sorted(set(settings) - used)
   if unused:
     theirs = lambda f: ", ".join(sorted(set(shortcuts.fields(f.name)) - {"name"})) or "none"
@@ -258,7 +257,7 @@ def family_config(family: str, scale: str, forms: list[Form], seeds: int | None)
     c.num_seeds = seeds
   c.num_seeds = max(c.num_seeds, MIN_SEEDS)
   c.experiment = (f"Caution at depth, {FAMILIES[family]}s: "
-                  + ", ".join(f.label for f in forms) + " against identity")
+                  + ", ".join(f.key for f in forms) + " against identity")
   c.paper = ("none: a user's form; the recipe is experiments/caution_depth"
              + ("_resnet" if family == "resnet" else "") + ".py's")
   c.run = ""
@@ -273,12 +272,12 @@ def family_config(family: str, scale: str, forms: list[Form], seeds: int | None)
     probe = configs.run_config(c, configs.row("probe", "probe", {"model.depth": depth}))
     additions[depth] = int(inspect_model.abstract_model(probe).residual_additions)
   rows = []
-  for form in [Form(REFERENCE, REFERENCE, REFERENCE, {}), *forms]:
+  for form in [Form(REFERENCE, REFERENCE, {}), *forms]:
     for depth in depths:
       overrides = {"model.depth": depth, "model.shortcut.name": form.name,
                    **{f"model.shortcut.{k}": v for k, v in form.settings.items()}}
-      rows.append(configs.row(f"{form.key}_d{depth}", f"{form.label}, {depth_label(family, depth)}",
-                              overrides, series=form.label, x=additions[depth]))
+      rows.append(configs.row(f"{form.key}_d{depth}", f"{form.key}, {depth_label(family, depth)}",
+                              overrides, series=form.key, x=additions[depth]))
   c.runs = rows
   return c, depths, additions
 
@@ -337,7 +336,7 @@ def _mean_sd(values) -> str:
 def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | None) -> str:
   """WORKDIR/results.md: per form, the verdict paragraph and the table of depths."""
   seeds = sorted({s for pts in points.values() for p in pts for s in p.base})
-  out = [f"# Does {', '.join(f.label for f in forms)} survive depth?", "",
+  out = [f"# Does {', '.join(f.key for f in forms)} survive depth?", "",
          f"Command: `{command}`  ", f"Scale: {plan[0][1].scale} · paired seeds: "
          f"{', '.join(map(str, seeds)) or 'none yet'}"]
   for family, c, depths, _ in plan:
@@ -355,7 +354,7 @@ def render(plan, forms: list[Form], points: dict, command: str, wall_s: float | 
   for form in forms:
     pts = points[form.key]
     label_of = lambda p: depth_label(p.family, p.depth)
-    out += [f"## {form.label}", "", verdict(form.label, pts, label_of), "",
+    out += [f"## {form.key}", "", verdict(form.key, pts, label_of), "",
             "| Family | Depth | Residual additions | Identity | Form | Advantage | "
             "Form / identity | p | p (Holm) | At this depth |", "|---" * 10 + "|"]
     for p in sorted(pts, key=lambda p: (p.additions, p.family)):
@@ -395,11 +394,11 @@ def plot(forms: list[Form], points: dict, path) -> None:
       valued = [p for p in pts if p.ratio is not None]
       ax.errorbar([p.additions for p in valued], [p.ratio for p in valued],
                   yerr=[p.ratio_sd or 0.0 for p in valued], color=color, marker=marker, ls=line,
-                  mfc="white", capsize=3, label=f"{form.label}, {FAMILIES[family]}")
+                  mfc="white", capsize=3, label=f"{form.key}, {FAMILIES[family]}")
       decided = [p for p in valued if p.decision in ("helps", "hurts")]
       ax.scatter([p.additions for p in decided], [p.ratio for p in decided], color=color,
                  marker=marker, zorder=3)
-      diverged += [(p.additions, color, f"{form.label}, {FAMILIES[family]}: diverged")
+      diverged += [(p.additions, color, f"{form.key}, {FAMILIES[family]}: diverged")
                    for p in pts if p.ratio is None and p.decision == "hurts"]
   if diverged:  # drawn above everything else: a diverged form is the worst outcome
     top = max([1.0] + [y for line in ax.lines for y in line.get_ydata()]) * 2.0
@@ -434,8 +433,8 @@ def write(workdir: str, plan, forms, command: str, wall_s: float | None) -> tupl
   footer = report.render_provenance([r for rs in rows.values() for r in rs],
                                     os.path.join(workdir, plan[0][0]))
   text = text.rstrip("\n") + ("\n\n" + "\n".join(footer) if footer else "") + "\n"
-  report._atomic_write(md, lambda f: f.write(text.encode("utf-8")))
-  report._atomic_write(png, lambda f: plot(forms, points, f))
+  report.atomic_write(md, lambda f: f.write(text.encode("utf-8")))
+  report.atomic_write(png, lambda f: plot(forms, points, f))
   return md, png, points
 
 

@@ -334,6 +334,12 @@ RECORD_MODEL = dict(
     shortcut=dict(name="identity"), value_residual=dict(name="mix"), value_residual_first=True,
     embed_shortcut=True, embed_shortcut_first=True, embed_shortcut_init=(1.0, 0.0))
 
+# The record's ablation chain: (row, the row before it, what the row adds); each step lowered the
+# validation loss (one run each). experiments/value_residual.py and value_residual_gpt2.py claim it.
+RECORD_CHAIN = (("fixed_vr", "baseline", "the fixed value residual"),
+                ("learnable_vr", "fixed_vr", "a learnable lambda"),
+                ("embed_shortcut", "learnable_vr", "the embedding shortcut"))
+
 MUON = dict(name="muon", lr=0.02, momentum=0.95, nesterov=True, embed_lr=0.3, head_lr=0.002,
             scalar_lr=0.02, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0, decay="linear_warmdown")
 RECORD_WARMDOWN, RECORD_STEPS = 914, 3200

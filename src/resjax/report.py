@@ -351,7 +351,7 @@ def plot_figure(rows: list[RowResult], config, path) -> None:
   fig.savefig(path, format="png", dpi=100)
 
 
-def _atomic_write(path: str, write) -> None:
+def atomic_write(path: str, write) -> None:
   """Calls write(file) on an in-memory buffer, then writes it to ``path`` atomically."""
   buf = io.BytesIO()
   write(buf)
@@ -634,6 +634,6 @@ def write_report(workdir: str, config) -> tuple[str, str]:
   if footer:
     text = text.rstrip("\n") + "\n\n" + "\n".join(footer)
   plot = plot_against_x if config.get("figure", "curves") == "against_x" else plot_figure
-  _atomic_write(md_path, lambda f: f.write(text.encode("utf-8")))
-  _atomic_write(png_path, lambda f: plot(rows, config, f))
+  atomic_write(md_path, lambda f: f.write(text.encode("utf-8")))
+  atomic_write(png_path, lambda f: plot(rows, config, f))
   return md_path, png_path

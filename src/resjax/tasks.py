@@ -222,7 +222,7 @@ class TokenStreamTask:
 
   def train_inputs(self, arrays, windows, key):
     del arrays, key
-    return shifted(windows)
+    return text.split_windows(windows)
 
   def eval_batches(self, batch_size: int):
     for idx, valid in _padded(self.val.count, batch_size):
@@ -230,13 +230,7 @@ class TokenStreamTask:
 
   def eval_inputs(self, arrays, windows):
     del arrays
-    return shifted(windows)
-
-
-def shifted(windows):
-  """Windows [B, T + 1] of token ids -> inputs and next-token targets, int32 [B, T] each."""
-  windows = jnp.asarray(windows).astype(jnp.int32)
-  return windows[:, :-1], windows[:, 1:]
+    return text.split_windows(windows)
 
 
 def load(config):

@@ -201,8 +201,13 @@ def gather_windows(tokens, starts, context: int):
   inputs shifted by one: targets[b, t] = tokens[starts[b] + t + 1].
   """
   offsets = jnp.arange(context + 1, dtype=jnp.int32)
-  windows = jnp.asarray(tokens)[jnp.asarray(starts, jnp.int32)[:, None] + offsets[None, :]]
-  windows = windows.astype(jnp.int32)
+  return split_windows(jnp.asarray(tokens)[jnp.asarray(starts, jnp.int32)[:, None]
+                                           + offsets[None, :]])
+
+
+def split_windows(windows):
+  """Windows [B, T + 1] of token ids -> inputs and next-token targets, int32 [B, T] each."""
+  windows = jnp.asarray(windows).astype(jnp.int32)
   return windows[:, :-1], windows[:, 1:]
 
 

@@ -125,7 +125,7 @@ zero_init_out         attention-out and MLP-out projections start at 0
 zero_init_head        the untied head starts at 0 (needs tie_head=False)
 ====================  ========================================================================
 
-The Transformer of the modded-nanogpt speedrun record of 2024-11-06 is ``RECORD_2024_11_06``:
+The Transformer of the modded-nanogpt speedrun record of 2024-11-06 is ``configs.RECORD_MODEL``:
 12 blocks of width 768, 6 heads of 128, rotary positions, RMSNorm without gains (Pre-norm, on
 the embedding and before the untied head), QK-norm, ReLU^2, no biases, PyTorch's init with the
 output projections and the head at 0, the ``mix`` value residual and the embedding shortcut at
@@ -165,11 +165,6 @@ INIT_STD = 0.02  # GPT-2
 LN_EPSILON = 1e-5  # GPT-2
 RMS_EPSILON = float(jnp.finfo(jnp.float32).eps)  # 2^-23: F.rms_norm's default on float32 inputs
 ROTARY_BASE = 10000.0
-
-# The model of the modded-nanogpt speedrun record of 2024-11-06 as ``config.model`` keys (the rest
-# as ``default_config``): ``configs.lm_recipe(**RECORD_2024_11_06)``. The record's vocabulary is
-# 50304 (GPT-2's 50257 padded to a multiple of 128); vocab_size None takes the data's.
-RECORD_2024_11_06 = configs.RECORD_MODEL
 
 
 def default_config() -> ml_collections.ConfigDict:
