@@ -464,8 +464,7 @@ def run(shortcuts_: list[str], *, scale: str = "cpu", workdir: str | None = None
     try:
       checked.append((resolved, tasks.load_all(rc for _, rc in resolved)))
     except DatasetNotPrepared as e:  # the offline fix is a scale here, not a config key
-      raise DatasetNotPrepared(str(e).split(", or set config.data.name=")[0]
-                               + ", or pass --scale cpu to run offline") from None
+      raise DatasetNotPrepared(e.message, offline="pass --scale cpu") from None
   recorded = check_fingerprints(workdir, forms)
   fileio.makedirs(workdir)
   train.write_json(os.path.join(workdir, FORMS_FILE), recorded)

@@ -10,7 +10,13 @@ class UserError(Exception):
 
 
 class DatasetNotPrepared(UserError):
-  """A TFDS dataset is not on disk yet."""
+  """A dataset is not on disk yet. ``offline``: the change that runs without it ("set
+  config.data.name=digits"), kept apart from ``message`` so that a command with its own way to run
+  offline (``python -m resjax.caution --scale cpu``) can name that one instead."""
+
+  def __init__(self, message: str, offline: str | None = None):
+    self.message, self.offline = message, offline
+    super().__init__(message + (f", or {offline} to run offline" if offline else ""))
 
 
 class ConfigError(UserError):

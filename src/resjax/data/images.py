@@ -132,8 +132,7 @@ def _load_digits():
 def not_prepared_message(name, data_dir) -> str:
   """The one line telling the user how to prepare `name` in `data_dir`."""
   return (f"{name} is not prepared in {data_dir}: run 'python -m resjax.data.prepare "
-          f"--dataset {name} --data_dir {data_dir}' (needs: pip install 'resjax[prepare]'), "
-          "or set config.data.name=digits to run offline")
+          f"--dataset {name} --data_dir {data_dir}' (needs: pip install 'resjax[prepare]')")
 
 
 def _load_tfds(name, data_dir, train_size, test_size):
@@ -149,7 +148,8 @@ def _load_tfds(name, data_dir, train_size, test_size):
     builder = tfds.builder(name, data_dir=data_dir)
     root = os.fspath(builder.data_dir_root)
     if not builder.is_prepared():
-      raise DatasetNotPrepared(not_prepared_message(name, root)) from None
+      raise DatasetNotPrepared(not_prepared_message(name, root),
+                               offline="set config.data.name=digits") from None
     formats = builder.info.available_file_formats()
     if formats & set(tfds.core.FileFormat.with_random_access()):
       raise  # Readable files are there, so the error is not about preparation.

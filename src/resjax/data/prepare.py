@@ -125,15 +125,14 @@ def prepare_command(name: str, data_dir: str) -> str:
   return f"python -m resjax.data.prepare --dataset {name}{manual} --data_dir {data_dir}"
 
 
-def not_prepared_message(name: str, root: str, offline_name: str | None = None) -> str:
+def not_prepared_message(name: str, root: str) -> str:
   """The one line telling the user how to prepare `name` in the TFDS data dir `root`."""
   fetch = ""
   if name in MANUAL_FILES:
     fetch = (f'download {" and ".join(MANUAL_FILES[name])} from {MANUAL_SOURCES[name]} into a '
              'folder MANUAL_DIR, then ')
-  offline = f", or set config.data.name={offline_name} to run offline" if offline_name else ""
   return (f"{name} is not prepared in {root}: {fetch}run '{prepare_command(name, root)}' "
-          f"(needs: pip install 'resjax[prepare]'){offline}")
+          f"(needs: pip install 'resjax[prepare]')")
 
 
 def open_data_source(name: str, split, data_dir: str | None, *, offline_name: str | None = None,
@@ -155,7 +154,8 @@ def open_data_source(name: str, split, data_dir: str | None, *, offline_name: st
     builder = tfds.builder(name, data_dir=data_dir)
     root = os.fspath(builder.data_dir_root)
     if not builder.is_prepared():
-      raise DatasetNotPrepared(not_prepared_message(name, root, offline_name)) from None
+      offline = f"set config.data.name={offline_name}" if offline_name else None
+      raise DatasetNotPrepared(not_prepared_message(name, root), offline=offline) from None
     formats = builder.info.available_file_formats()
     if formats & set(tfds.core.FileFormat.with_random_access()):
       raise  # Readable files are there, so the error is not about preparation.
