@@ -83,11 +83,11 @@ def compare(point: Point) -> Point:
     point.decision = "hurts"
     point.note = f"diverged in {len(form_div)} of {len(seeds)} seeds"
     return point
-  d = np.array([point.base[s] - point.form[s] for s in seeds], dtype=float)
-  point.mean = float(d.mean())
-  point.sd = float(d.std(ddof=1)) if len(d) > 1 else None
   base = np.array([point.base[s] for s in seeds], dtype=float)
   form = np.array([point.form[s] for s in seeds], dtype=float)
+  d = base - form
+  point.mean = float(d.mean())
+  point.sd = float(d.std(ddof=1)) if len(d) > 1 else None
   point.ratio = float(form.mean() / base.mean()) if base.mean() else None
   if len(d) > 1 and np.all(base != 0):
     point.ratio_sd = float(np.std(form / base, ddof=1))
