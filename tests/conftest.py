@@ -25,6 +25,11 @@ if O0 not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {O0}".strip()
 FIG2 = REPO / "experiments" / "resnetv2_fig2.py"
 
+# The suite runs on the matmul convolutions whether or not a developer built oneDNN's into the
+# default directory: conv_impl="auto" looks in this directory, which nothing creates (and so do the
+# command lines the tests start). tests/test_kernels.py builds its own and tests that path.
+os.environ["RESJAX_KERNELS_DIR"] = str(REPO / "tests" / "no-kernels")
+
 
 # The longest files on 2 cores (pytest --durations=0), longest first. pyproject runs the suite on
 # pytest-xdist workers a file at a time; handing these out first lets the workers finish together.

@@ -200,7 +200,8 @@ def main(argv=None) -> int:
   p.add_argument("--threads", type=int,
                  help="CPU cores for XLA and PyTorch (children pinned to them; default: all)")
   p.add_argument("--unrolled", action="store_true", help="a Python loop instead of lax.scan")
-  p.add_argument("--conv-impl", choices=("auto", "im2col", "xla"), help="override conv_impl")
+  p.add_argument("--conv-impl", choices=("auto", "im2col", "onednn", "xla"),
+                 help="override conv_impl")
   p.add_argument("--default-malloc", action="store_true",
                  help="leave glibc malloc as it is (see MALLOC_TUNABLES)")
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall",

@@ -1,10 +1,11 @@
 """Layers whose implementation resjax chooses itself.
 
-``Conv2D`` keeps an HWIO kernel and computes either with XLA's convolution (``impl="xla"``: cuDNN on
-GPU, the MXU path on TPU) or, on CPU, as matrix multiplies (``impl="im2col"``). XLA:CPU compiles
-the backward pass of a convolution inside a ``lax.scan`` body to a slow generic loop (in a probe
-here: 60 s against 2.6 s for three scanned 16-channel 3x3 convolutions at 128x32x32), so every
-CPU convolution is a matrix multiply:
+``Conv2D`` keeps an HWIO kernel and computes with XLA's convolution (``impl="xla"``: cuDNN on GPU,
+the MXU path on TPU) or, on CPU, with oneDNN's (``impl="onednn"``, ``resjax.kernels``: built on
+request) or as matrix multiplies (``impl="im2col"``). ``"auto"`` is XLA's off CPU, and on CPU
+oneDNN's where its library is built, else the matmuls. XLA:CPU compiles the backward pass of its own
+convolution inside a ``lax.scan`` body to a slow generic loop (README, Speed), hence the two CPU
+paths. The matmul path:
 
 * 1x1: subsample, then one matmul over channels;
 * k x k, stride 1 (almost all of a ResNet): ``conv_rows``. The k column shifts of the padded
@@ -24,9 +25,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from resjax import kernels
 from resjax.errors import ConfigError
+from resjax.kernels import conv as onednn
 
-CONV_IMPLS = ("auto", "im2col", "xla")
+CONV_IMPLS = ("auto", "im2col", "onednn", "xla")
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
@@ -34,8 +37,17 @@ def resolve_conv_impl(impl: str) -> str:
   if impl not in CONV_IMPLS:
     raise ConfigError(f"unknown conv implementation {impl!r}: set config.model.conv_impl to one of "
                       f"{', '.join(CONV_IMPLS)}")
+  on_cpu = jax.default_backend() == "cpu"
   if impl == "auto":
-    return "im2col" if jax.default_backend() == "cpu" else "xla"
+    return ("onednn" if kernels.available() else "im2col") if on_cpu else "xla"
+  if impl == "onednn":
+    if not on_cpu:
+      raise ConfigError(f"conv_impl='onednn' is a CPU kernel, and this is {jax.default_backend()}: "
+                        f"set config.model.conv_impl to auto or xla")
+    try:
+      kernels.require()
+    except kernels.NotBuilt as e:
+      raise ConfigError(f"{e} (or set config.model.conv_impl to auto)") from None
   return impl
 
 
@@ -129,7 +141,9 @@ class Conv2D(nnx.Module):
     w = self.kernel[...]
     if self.dtype is not None:
       x, w = x.astype(self.dtype), w.astype(self.dtype)
-    if self.impl == "im2col":
+    if self.impl == "onednn" and x.dtype == jnp.float32:
+      return onednn.conv(x, w, self.stride)
+    if self.impl in ("im2col", "onednn"):  # oneDNN's is float32 only: other dtypes take the matmuls
       return matmul_conv(x, w, self.stride)
     p = self.k // 2
     return jax.lax.conv_general_dilated(x, w, (self.stride, self.stride), ((p, p), (p, p)),

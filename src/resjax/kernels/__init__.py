@@ -1,0 +1,139 @@
+"""Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``).
+
+    pip install -e '.[onednn]'          # oneDNN's CPU build (OpenMP) and its headers, x86-64 Linux
+    python -m resjax.kernels build      # compiles onednn_conv.cc against them and jaxlib's FFI
+    python -m resjax.kernels status     # where the library is, or why it is not there
+
+XLA:CPU turns a convolution's backward pass inside ``lax.scan`` into a slow generic loop (README,
+Speed), so resjax's CPU convolutions were matrix multiplies over shifted copies of the input
+(``layers.conv_rows``). With this library built, ``conv_impl="auto"`` on CPU is ``"onednn"``: the
+forward pass, data gradient and weight gradient are oneDNN's direct convolutions on the NHWC
+arrays in place, called from inside the compiled program, scan or not. It is never used on GPU
+or TPU (the targets are registered for CPU only, and ``"auto"`` picks XLA's convolution there).
+Without the library, ``"auto"`` stays the matmul path.
+
+The library lands in ``$RESJAX_KERNELS_DIR`` (default ``~/.cache/resjax/kernels``) under a name
+that hashes its source, jaxlib's version and oneDNN's, so a stale build is never loaded (the compiler's flags are in the hash too).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the runtime and its headers (PyPI)
+TARGETS = {  # FFI target name -> symbol in the library
+    "resjax_onednn_conv_fwd": "ResjaxOnednnConvFwd",
+    "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
+    "resjax_onednn_conv_bwd_weights": "ResjaxOnednnConvBwdWeights",
+}
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+INSTALL_HINT = "pip install -e '.[onednn]' && python -m resjax.kernels build"
+
+
+class NotBuilt(RuntimeError):
+  """The oneDNN library is not built for this source, jaxlib and oneDNN."""
+
+
+def kernels_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache"))
+  return pathlib.Path(os.environ.get("RESJAX_KERNELS_DIR", default / "resjax" / "kernels"))
+
+
+def _version(dist: str) -> str | None:
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+def library_path() -> pathlib.Path:
+  """Where the library for this source, jaxlib and installed oneDNN is (or would be) built."""
+  tag = hashlib.sha256(SOURCE.read_bytes())
+  tag.update(f"{FLAGS} jaxlib {_version('jaxlib')} onednn {_version(ONEDNN[0])}".encode())
+  return kernels_dir() / f"onednn_conv-{tag.hexdigest()[:16]}.so"
+
+
+def _installed_file(dist: str, name: str) -> pathlib.Path:
+  """A file of an installed distribution whose path ends in ``name`` (the oneDNN wheels put
+  theirs under the environment's prefix)."""
+  try:
+    files = importlib.metadata.distribution(dist).files or []
+  except importlib.metadata.PackageNotFoundError:
+    raise NotBuilt(f"{dist} is not installed: {INSTALL_HINT}") from None
+  for f in files:
+    path = pathlib.Path(f.locate()).resolve()
+    if path.as_posix().endswith("/" + name):
+      return path
+  raise NotBuilt(f"{dist} has no {name}: reinstall it ({INSTALL_HINT})")
+
+
+def build(verbose: bool = False) -> pathlib.Path:
+  """Compiles the library if this source, jaxlib and oneDNN have none yet; returns its path."""
+  out = library_path()
+  if out.exists():
+    return out
+  import jax  # its FFI headers
+
+  header = _installed_file(ONEDNN[1], "include/oneapi/dnnl/dnnl.hpp")
+  runtime = _installed_file(ONEDNN[0], "lib/libdnnl.so.3")
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if compiler is None:
+    raise NotBuilt("no C++ compiler found: install g++ (or set CXX), then python -m resjax.kernels "
+                   "build")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
+    pass
+  cmd = [compiler, *FLAGS, str(SOURCE),
+         "-I", jax.ffi.include_dir(), "-I", str(header.parents[2]), str(runtime),
+         f"-Wl,-rpath,{runtime.parent}", "-o", tmp.name]
+  if verbose:
+    print(" ".join(cmd), file=sys.stderr)
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode:
+    os.unlink(tmp.name)
+    raise NotBuilt(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
+  os.replace(tmp.name, out)  # another process building the same library writes the same bytes
+  _load.cache_clear()
+  return out
+
+
+@functools.cache
+def _load() -> ctypes.CDLL | NotBuilt:
+  path = library_path()
+  if not path.exists():
+    return NotBuilt(f"the oneDNN convolution is not built for this jaxlib and oneDNN: "
+                    f"{INSTALL_HINT}")
+  import jax
+
+  lib = ctypes.CDLL(str(path))
+  for target, symbol in TARGETS.items():
+    jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  return lib
+
+
+def available() -> bool:
+  """Whether the oneDNN convolution is built here (loading and registering it if so)."""
+  return not isinstance(_load(), NotBuilt)
+
+
+def require() -> ctypes.CDLL:
+  """The loaded library, or NotBuilt saying how to build it."""
+  lib = _load()
+  if isinstance(lib, NotBuilt):
+    raise lib
+  return lib
+
+
+def onednn_version() -> str:
+  v = require().resjax_onednn_version()
+  return f"{v // 10000}.{v // 100 % 100}.{v % 100}"

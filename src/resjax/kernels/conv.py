@@ -1,0 +1,54 @@
+"""``conv(x, w, stride)``: oneDNN's convolution as a differentiable JAX function (CPU only).
+
+NHWC ``x``, HWIO ``w`` of odd or even size k, zero padding k // 2 on every side, as
+``lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), ("NHWC", "HWIO", "NHWC"))``
+computes. float32 only. Its VJP keeps only ``x`` and ``w``; the data and weight gradients are
+oneDNN's backward convolutions. Under ``vmap`` (resjax's seed replicas) each replica's
+convolution is its own oneDNN call inside one custom call (leading dimensions are replicas).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from resjax import kernels
+
+
+def out_shape(x_shape, w_shape, stride: int) -> tuple[int, int, int, int]:
+  b, h, wd, _ = x_shape
+  k, o = w_shape[0], w_shape[-1]
+  p = k // 2
+  return b, (h + 2 * p - k) // stride + 1, (wd + 2 * p - k) // stride + 1, o
+
+
+def _call(target: str, shape, *args, stride: int, k: int):
+  kernels.require()
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                          vmap_method="expand_dims")(*args, stride=stride, pad=k // 2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def conv(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
+  """oneDNN's forward convolution of float32 NHWC ``x`` with HWIO ``w``."""
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32:
+    raise TypeError(f"the oneDNN convolution is float32 only, got {x.dtype} and {w.dtype}")
+  return _call("resjax_onednn_conv_fwd", out_shape(x.shape, w.shape, stride), x, w,
+               stride=stride, k=w.shape[0])
+
+
+def _fwd(x, w, stride):
+  return conv(x, w, stride), (x, w)
+
+
+def _bwd(stride, residuals, g):
+  x, w = residuals
+  k = w.shape[0]
+  dx = _call("resjax_onednn_conv_bwd_data", x.shape, g, w, stride=stride, k=k)
+  dw = _call("resjax_onednn_conv_bwd_weights", w.shape, x, g, stride=stride, k=k)
+  return dx, dw
+
+
+conv.defvjp(_fwd, _bwd)

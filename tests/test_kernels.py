@@ -1,0 +1,190 @@
+"""oneDNN's CPU convolution (resjax.kernels): built here from the project's own files, then checked
+against XLA's convolution, forward and both gradients, inside lax.scan and vmap, and in a ResNet
+training step against the matmul path."""
+
+import importlib.metadata
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import REPO, assert_f32_close, f32_tol
+from resjax import kernels, models, train
+from resjax.errors import ConfigError
+from resjax.kernels import conv as onednn
+from resjax.models import layers
+
+
+def _installed(dist):
+  try:
+    return importlib.metadata.version(dist)
+  except importlib.metadata.PackageNotFoundError:
+    return None
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  """The library, compiled into a directory of this module's own; the rest of the suite runs on
+  the matmul path (conftest points RESJAX_KERNELS_DIR at an empty directory), so it is unloaded
+  again afterwards."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("a CPU kernel")
+  if not all(_installed(d) for d in kernels.ONEDNN):
+    pytest.skip(f"oneDNN's wheels are not installed ({kernels.INSTALL_HINT}; x86-64 Linux only)")
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setenv("RESJAX_KERNELS_DIR", str(tmp_path_factory.mktemp("kernels")))
+    kernels._load.cache_clear()
+    path = kernels.build()
+    kernels.require()
+    yield path
+  kernels._load.cache_clear()
+
+
+def _normal(shape, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), jnp.float32)
+
+
+def _xla(stride):
+  return lambda x, w: jax.lax.conv_general_dilated(
+      x, w, (stride, stride), ((w.shape[0] // 2,) * 2,) * 2,
+      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# Every geometry a resjax ResNet uses (3x3 stride 1 and 2, 1x1 stride 1 and 2, the ImageNet
+# stem's 7x7 stride 2), odd and even sizes, channel counts off oneDNN's vector widths.
+CASES = [(3, 1, (2, 8, 8, 4), 5), (3, 1, (3, 5, 7, 2), 3), (3, 2, (2, 8, 8, 16), 32),
+         (3, 2, (2, 7, 9, 3), 6), (1, 1, (2, 6, 6, 8), 24), (1, 2, (2, 8, 8, 16), 32),
+         (7, 2, (2, 16, 16, 3), 8), (5, 1, (2, 9, 6, 3), 4)]
+
+
+@pytest.mark.parametrize("k, stride, shape, out", CASES)
+def test_forward_and_gradients_are_xla_convolutions(built, k, stride, shape, out):
+  x, w = _normal(shape), _normal((k, k, shape[-1], out), seed=1)
+  forward = k * k * shape[-1]  # terms of each output's sum
+  y = _xla(stride)(x, w)
+  ours = onednn.conv(x, w, stride)
+  assert ours.shape == y.shape
+  assert_f32_close(ours, y, terms=forward)
+  # The cotangent cos(y) moves by up to f32_tol(forward) max|y| (a gain of max|y| on values of
+  # size 1); then one backward sum: over every output position (for w) or the kernel taps (for x).
+  n, h, wd, _ = shape
+  backward = max(n * h * wd, k * k * out)
+  tol = f32_tol(forward) * float(jnp.abs(y).max()) + f32_tol(backward)
+  grad = lambda f: jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), argnums=(0, 1))(x, w)
+  for a, b, name in zip(grad(lambda x, w: onednn.conv(x, w, stride)), grad(_xla(stride)), "xw"):
+    assert a.shape == b.shape
+    np.testing.assert_allclose(a, b, rtol=0, atol=tol * float(jnp.abs(b).max()), err_msg=name)
+
+
+def test_inside_scan_and_vmap(built):
+  """Nine residual units of a 3x3 convolution under lax.scan, over two seed replicas under vmap
+  (each replica its own kernels): the loss's gradient is XLA's unrolled one."""
+  units, c = 9, 8
+  x = _normal((2, 4, 8, 8, c))
+  ws = 0.2 * _normal((2, units, 3, 3, c, c), seed=1)
+
+  def loss(conv, x, ws):
+    h, _ = jax.lax.scan(lambda h, w: (h + jnp.tanh(conv(h, w)), None), x, ws)
+    return jnp.sum(h ** 2)
+
+  grad = lambda conv: jax.jit(jax.vmap(jax.grad(lambda x, w: loss(conv, x, w), argnums=(0, 1))))
+  ours = grad(lambda h, w: onednn.conv(h, w, 1))(x, ws)
+  ref = grad(_xla(1))(x, ws)
+  # Nine chained units, each a 72-term sum; the gradient runs back through all nine.
+  for a, b in zip(ours, ref):
+    assert_f32_close(a, b, terms=9 * c * 9, depth=2 * units, gain=4)
+
+
+def test_resnet_training_step_matches_the_matmul_path(built):
+  """One SGD step of a scanned ResNet-20 (CIFAR shapes at 8x8): loss and updated parameters equal
+  those of the matmul convolutions to float32 rounding, and the step's program calls oneDNN."""
+  results = {}
+  for impl in ("onednn", "im2col"):
+    cfg = ml_collections.ConfigDict({"name": "cifar_resnet", "depth": 20, "unit": "basic",
+                                     "placement": "post", "scan": True, "conv_impl": impl,
+                                     "shortcut": {"name": "identity", "option": "A"}})
+    model = nnx.jit(lambda: models.build(cfg, num_classes=10, in_channels=3,
+                                         rngs=nnx.Rngs(params=train.key(0))))()
+    x, labels = _normal((8, 8, 8, 3), seed=2), jnp.arange(8) % 10
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params, rest):
+      logits = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+          logits, labels[:, None], -1)[:, 0])
+
+    step = jax.jit(jax.value_and_grad(loss_fn))
+    if impl == "onednn":
+      assert "resjax_onednn_conv_bwd_weights" in step.lower(params, rest).as_text()
+    loss, grads = step(params, rest)
+    results[impl] = (loss, jax.tree.leaves(grads))
+  (l1, g1), (l2, g2) = results["onednn"], results["im2col"]
+  # 19 convolutions of up to 3*3*64 terms between the input and the loss, each through BatchNorm.
+  assert_f32_close(l1, l2, terms=576, depth=19, gain=10)
+  for a, b in zip(g1, g2):
+    assert_f32_close(a, b, terms=576, depth=2 * 19, gain=100, scale=float(jnp.abs(b).max()))
+
+
+def test_auto_is_onednn_once_built_and_float32_only(built):
+  assert layers.resolve_conv_impl("auto") == "onednn"
+  conv = layers.Conv2D(4, 6, 3, 1, impl="onednn", rngs=nnx.Rngs(params=0))
+  y = conv(_normal((2, 8, 8, 4)).astype(jnp.bfloat16).astype(jnp.float32))
+  assert y.dtype == jnp.float32
+  conv.dtype = jnp.bfloat16  # bf16 compute takes the matmul path, same function
+  yb = conv(_normal((2, 8, 8, 4)))
+  assert yb.dtype == jnp.bfloat16
+  # bf16 keeps 8 bits: the kernel's rounding in each of 36 terms, and the output's.
+  bf16_tol = 2.0 ** -8 * (np.sqrt(36) + 1) * float(jnp.abs(y).max())
+  np.testing.assert_allclose(yb.astype(jnp.float32), y, rtol=0, atol=bf16_tol)
+  with pytest.raises(TypeError, match="float32 only"):
+    onednn.conv(_normal((2, 8, 8, 4)).astype(jnp.bfloat16), conv.kernel[...], 1)
+
+
+def test_not_built_is_one_line_naming_the_build(tmp_path, monkeypatch):
+  monkeypatch.setenv("RESJAX_KERNELS_DIR", str(tmp_path))
+  kernels._load.cache_clear()
+  try:
+    assert not kernels.available()
+    assert layers.resolve_conv_impl("auto") == ("im2col" if jax.default_backend() == "cpu"
+                                                else "xla")
+    with pytest.raises(ConfigError, match=r"python -m resjax.kernels build.*conv_impl to auto"):
+      layers.resolve_conv_impl("onednn")
+    env = {**os.environ, "RESJAX_KERNELS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "resjax.kernels", "status"], capture_output=True,
+                         text=True, env=env, cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "python -m resjax.kernels build" in out.stderr
+    assert not list(tmp_path.iterdir())  # status builds nothing
+  finally:
+    kernels._load.cache_clear()
+
+
+def test_library_name_follows_source_and_versions(tmp_path, monkeypatch):
+  monkeypatch.setenv("RESJAX_KERNELS_DIR", str(tmp_path))
+  a = kernels.library_path()
+  assert a.parent == tmp_path and a.name.startswith("onednn_conv-")
+  monkeypatch.setattr(kernels, "_version", lambda dist: "0.0.0")
+  assert kernels.library_path() != a  # another jaxlib or oneDNN: another file, never a stale one
+
+
+def test_main_trains_with_it_and_reuses_the_compiled_step(built, cli, tmp_path):
+  """python -m resjax.main with conv_impl=onednn: the targets are registered before the step
+  compiles, and a second process that loads the step from the XLA cache gets the same numbers."""
+  env = {"RESJAX_KERNELS_DIR": str(built.parent)}
+  fig2 = REPO / "experiments" / "resnetv2_fig2.py"
+  args = ["--config", f"{fig2}:scale=test,run=identity,seeds=1", "--config.schedule.total=3",
+          "--config.model.conv_impl=onednn"]
+  summaries = []
+  for name in ("first", "second"):
+    out = cli.run(*args, "--workdir", tmp_path / name, env=env)
+    assert out.returncode == 0, out.stderr
+    summaries.append(json.loads(next((tmp_path / name).glob("identity/**/summary.json"))
+                                .read_text()))
+  assert summaries[0]["final"] == summaries[1]["final"]
