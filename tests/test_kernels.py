@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from conftest import REPO, assert_f32_close, f32_tol
-from resjax import kernels, models, train
+from resjax import kernels, models, provenance, train
 from resjax.errors import ConfigError
 from resjax.kernels import conv as onednn
 from resjax.models import layers
@@ -122,7 +122,7 @@ def test_resnet_training_step_matches_the_matmul_path(built):
 
     step = jax.jit(jax.value_and_grad(loss_fn))
     if impl == "onednn":
-      assert "resjax_onednn_conv_bwd_weights" in step.lower(params, rest).as_text()
+      assert "resjax_onednn_conv_bwd" in step.lower(params, rest).as_text()
     loss, grads = step(params, rest)
     results[impl] = (loss, jax.tree.leaves(grads))
   (l1, g1), (l2, g2) = results["onednn"], results["im2col"]
@@ -188,3 +188,9 @@ def test_main_trains_with_it_and_reuses_the_compiled_step(built, cli, tmp_path):
     summaries.append(json.loads(next((tmp_path / name).glob("identity/**/summary.json"))
                                 .read_text()))
   assert summaries[0]["final"] == summaries[1]["final"]
+
+
+def test_provenance_names_the_onednn_that_auto_uses(built):
+  versions = provenance.gather.__wrapped__()["versions"]
+  assert versions["onednn"] == kernels.onednn_version()
+  assert int(versions["onednn"].split(".")[0]) >= 3  # the v3 API the kernel is written against

@@ -17,6 +17,8 @@ import sys
 
 import jax
 
+from resjax import kernels
+
 # The libraries whose versions change the numbers (kernels, initialisers, optimizers, checkpoints).
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint")
 SOURCE_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -60,9 +62,12 @@ def gather() -> dict:
   """This process's provenance (after jax.distributed.initialize(), which jax.devices() needs)."""
   devices = jax.devices()
   commit, dirty = git_state(SOURCE_DIR)
+  versions = {**{p: version(p) for p in PACKAGES}, "resjax": version("resjax"),
+              "python": platform.python_version()}
+  if devices[0].platform == "cpu" and kernels.available():
+    versions["onednn"] = kernels.onednn_version()  # the CPU convolutions of conv_impl="auto"
   return {
-      "versions": {**{p: version(p) for p in PACKAGES}, "resjax": version("resjax"),
-                   "python": platform.python_version()},
+      "versions": versions,
       "device": {"platform": devices[0].platform, "kind": devices[0].device_kind,
                  "count": len(devices)},
       "process_count": jax.process_count(),

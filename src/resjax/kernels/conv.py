@@ -2,8 +2,8 @@
 
 NHWC ``x``, HWIO ``w`` of odd or even size k, zero padding k // 2 on every side, as
 ``lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), ("NHWC", "HWIO", "NHWC"))``
-computes. float32 only. Its VJP keeps only ``x`` and ``w``; the data and weight gradients are
-oneDNN's backward convolutions. Under ``vmap`` (resjax's seed replicas) each replica's
+computes. float32 only. Its VJP keeps only ``x`` and ``w``; both gradients come from
+one call of oneDNN's backward convolutions. Under ``vmap`` (resjax's seed replicas) each replica's
 convolution is its own oneDNN call inside one custom call (leading dimensions are replicas).
 """
 
@@ -24,10 +24,11 @@ def out_shape(x_shape, w_shape, stride: int) -> tuple[int, int, int, int]:
   return b, (h + 2 * p - k) // stride + 1, (wd + 2 * p - k) // stride + 1, o
 
 
-def _call(target: str, shape, *args, stride: int, k: int):
+def _call(target: str, shapes, *args, stride: int, k: int):
   kernels.require()
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                          vmap_method="expand_dims")(*args, stride=stride, pad=k // 2)
+  out = [jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+  return jax.ffi.ffi_call(target, out, vmap_method="expand_dims")(*args, stride=stride,
+                                                                  pad=k // 2)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -35,8 +36,9 @@ def conv(x: jax.Array, w: jax.Array, stride: int = 1) -> jax.Array:
   """oneDNN's forward convolution of float32 NHWC ``x`` with HWIO ``w``."""
   if x.dtype != jnp.float32 or w.dtype != jnp.float32:
     raise TypeError(f"the oneDNN convolution is float32 only, got {x.dtype} and {w.dtype}")
-  return _call("resjax_onednn_conv_fwd", out_shape(x.shape, w.shape, stride), x, w,
-               stride=stride, k=w.shape[0])
+  (y,) = _call("resjax_onednn_conv_fwd", [out_shape(x.shape, w.shape, stride)], x, w,
+                stride=stride, k=w.shape[0])
+  return y
 
 
 def _fwd(x, w, stride):
@@ -45,9 +47,8 @@ def _fwd(x, w, stride):
 
 def _bwd(stride, residuals, g):
   x, w = residuals
-  k = w.shape[0]
-  dx = _call("resjax_onednn_conv_bwd_data", x.shape, g, w, stride=stride, k=k)
-  dw = _call("resjax_onednn_conv_bwd_weights", w.shape, x, g, stride=stride, k=k)
+  dx, dw = _call("resjax_onednn_conv_bwd", [x.shape, w.shape], x, w, g, stride=stride,
+                 k=w.shape[0])
   return dx, dw
 
 
