@@ -184,7 +184,11 @@ def header_lines(info: dict, argv: list[str]) -> list[str]:
   return [title, "",
           f"`python tools/gpu_bench.py {' '.join(argv)}` at commit {info['commit']}; Python "
           f"{info['python']}, {pkgs}; {torch_line}"
-          + (f"; nvidia-smi: {info['nvidia_smi']}" if info.get("nvidia_smi") else "") + ".", ""]
+          + (f"; nvidia-smi: {info['nvidia_smi']}" if info.get("nvidia_smi") else "") + ".", "",
+          "float32 rows may use TF32 tensor cores in both frameworks (XLA's default precision; "
+          "cuDNN's default for PyTorch's convolutions, and the GPT twin sets matrix multiplies to "
+          "match); MFU divides by the dense bf16 peak at both dtypes. Tokens/s: the GPT-2 rows' "
+          "examples/s times their context.", ""]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -223,8 +227,8 @@ def write_outputs(out: pathlib.Path, info: dict, args: dict, names, dtypes, runs
   if measured:
     text += cli.report(*cli.merge([str(raw)]))
   if skipped:
-    text += (f"\nNot measured: the budget of {args['budget']:.0f} s was spent before "
-             f"{', '.join(skipped)}.\n")
+    text += ("\n" if measured else "") + (f"Not measured: the budget of {args['budget']:.0f} s "
+                                           f"was spent before {', '.join(skipped)}.\n")
   (out / "gpu_bench.md").write_text(text)
   return text
 
