@@ -141,7 +141,38 @@ def markdown(results: dict, *, peak: float | None) -> str:
     for n, d, i, r in torch_rows:
       lines.append(f"| {rows.ROWS[n].label} | {d} | {i[6:]} | {r['examples_per_s']:.1f} | "
                    f"{r['step_s'] * 1e3:.1f} | {r['compile_s']:.1f} | {r['peak_gib']:.2f} |")
+  lines += token_table(results, peak)
   return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def token_table(results: dict, peak: float | None) -> list[str]:
+  """Text rows in tokens per second (examples/s x context) and each implementation's MFU, from
+  resjax's FLOPs per example (the same net): markdown lines, none without a text row."""
+  lines = []
+  for (name, dtype), by_impl in results.items():
+    row = rows.ROWS[name]
+    if not row.tokens:
+      continue
+    j = by_impl.get("resjax")
+    flops = j.get("flops_per_example") if j and "error" not in j else None
+    ok = [r for r in by_impl.values() if r and "error" not in r]
+    tokens = ok[0].get("tokens_per_example", row.tokens) if ok else row.tokens  # --size: fewer
+    tok, use = [], []
+    for impl in IMPLS:
+      r = by_impl.get(impl)
+      if r is None or "error" in r:
+        tok.append(_cell(r, "examples_per_s", ".1f"))
+        use.append("-")
+        continue
+      tok.append(f"{r['examples_per_s'] * tokens:,.0f}")
+      u = rows.mfu(flops, r["examples_per_s"], peak) if flops else None
+      use.append("n/a" if u is None else f"{u:.1%}")
+    lines.append(f"| {row.label} | {dtype} | {tokens} | {' | '.join(tok + use)} |")
+  if not lines:
+    return []
+  return ["", "| model | dtype | tokens/example | resjax tok/s | torch eager tok/s | "
+          "torch.compile tok/s | resjax MFU | eager MFU | compile MFU |",
+          "|---|---|---|---|---|---|---|---|---|", *lines]
 
 
 def compile_ratio(results: dict, deep: str = "resnet1001", shallow: str = "resnet110") -> float | None:
@@ -188,7 +219,8 @@ def main(argv=None) -> int:
   p.add_argument("--rows", default=",".join(rows.DEFAULT_ROWS),
                  help=f"any of {', '.join(rows.ROWS)}")
   p.add_argument("--batch", type=int, help="default: each row's (128 for CIFAR; see rows.py)")
-  p.add_argument("--size", type=int, help="image side instead of the row's (e.g. 8: a quick check)")
+  p.add_argument("--size", type=int, help="image side instead of the row's; a text row's context "
+                 "and width, 2 blocks (e.g. 8 or 16: a quick check)")
   p.add_argument("--steps", type=int, help="timed steps per measurement (default 10; see rows.py)")
   p.add_argument("--repeats", type=int, default=1, help="alternating runs of each implementation")
   p.add_argument("--dtypes", default="auto", help="float32,bfloat16; auto: bf16 on accelerators")

@@ -1,8 +1,9 @@
 """The benchmark's rows and the devices' peak FLOP/s: plain data, no JAX or PyTorch imported.
 
 A new row is one ``Row``: its ``config.model``, its data (image shape, classes and whether the
-step augments, or a text context and vocabulary) and, where PyTorch has the same net, the
-``torch_twin.measure`` arguments that build it (None: resjax alone).
+step augments, or a text context and vocabulary), its optimizer if not the bench's SGD, and, where
+PyTorch has the same net, the arguments of ``torch_twin.measure`` (images) or ``measure_gpt``
+(text) that build it (None: resjax alone).
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ class Row:
   batch: int = 128
   cpu_batch: int | None = None  # on CPU, when --batch is not given (memory, minutes per step)
   cpu_steps: int | None = None  # on CPU, when --steps is not given
+  optim: dict | None = None  # config.optim; None: SGD, momentum 0.9, L2 1e-4 (the ResNet recipe)
+
+  @property
+  def tokens(self) -> int:
+    """Tokens per example: the context of a text row, 0 for images."""
+    return self.data["context"] if self.data["kind"] == "text" else 0
 
 
 def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
@@ -38,6 +45,15 @@ def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str
 
 
 CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10, "augment": True}
+
+# GPT-2 small as configs.lm_recipe builds it (Pre-LN, learned positions, tied head, GELU, biases;
+# the Transformer's defaults) on GPT-2 tokens: 50257 padded to a multiple of 128, as FineWeb's
+# loader (data.fineweb.VOCAB_SIZE) and nanoGPT pad it; 124M parameters. Its optimizer is
+# lm_recipe's AdamW with clipping; the bench's schedule (no warm-up) changes nothing a step costs.
+GPT2_VOCAB = 50304
+GPT2 = {"name": "transformer", "context": 1024, "width": 768, "depth": 12, "heads": 12}
+GPT2_ADAMW = {"name": "adamw", "lr": 6e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8,
+              "weight_decay": 0.1, "clip_norm": 1.0, "decay": "cosine", "final_lr_fraction": 0.1}
 ROWS = {
     # ResNet-v1 Section 4.2: basic units, post-activation, option A shortcuts.
     "resnet20": Row("ResNet-20", _cifar(20), CIFAR, {"depth": 20}, 40.6e6),
@@ -58,17 +74,33 @@ ROWS = {
     "transformer": Row("Transformer 6x256, T=256", {"name": "transformer", "context": 256,
                                                     "width": 256, "depth": 6, "heads": 4},
                        {"kind": "text", "context": 256, "classes": 256}),
+    # GPT-2 small's training step at context 1024 (accelerators; on CPU one sequence a step).
+    # Batch 16: XLA's attention keeps B x heads x T x T float32 scores of every block for the
+    # backward pass; the step's temporaries are 46 GiB at 16 and 91 GiB at 32 (XLA:CPU's buffer
+    # assignment), against JAX's default 75% of an H100's 80 GB or an H200's 141 GB.
+    "gpt2": Row("GPT-2 small, T=1024", GPT2,
+                {"kind": "text", "context": GPT2["context"], "classes": GPT2_VOCAB},
+                {k: GPT2[k] for k in ("width", "depth", "heads")}, batch=16, cpu_batch=1,
+                cpu_steps=2, optim=GPT2_ADAMW),
 }
 DEFAULT_ROWS = ("resnet20", "resnet110", "resnet1001")
 
 
 def resolve_row(name: str, size: int | None = None) -> Row:
-  """``ROWS[name]``, with its images ``size`` x ``size`` if given (small sizes: quick checks)."""
+  """``ROWS[name]``, shrunk for quick checks where ``size`` is given: images ``size`` x ``size``;
+  a text row's context and width ``size``, 2 blocks of 2 heads (its vocabulary kept)."""
   if name not in ROWS:
     raise ConfigError(f"unknown bench row {name!r}: use --rows with any of {', '.join(ROWS)}")
   row = ROWS[name]
   if size and row.data["kind"] == "image":
     row = dataclasses.replace(row, data={**row.data, "shape": (size, size, row.data["shape"][2])})
+  elif size:
+    if size % 2:
+      raise ConfigError(f"--size {size} for the text row {name!r}: use an even size (2 heads)")
+    shape = {"context": size, "width": size, "depth": 2, "heads": 2}
+    row = dataclasses.replace(
+        row, model={**row.model, **shape}, data={**row.data, "context": size},
+        torch=None if row.torch is None else {**row.torch, **{k: shape[k] for k in row.torch}})
   return row
 
 

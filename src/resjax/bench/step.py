@@ -37,16 +37,16 @@ def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None)
   return ml_collections.ConfigDict({
       "model": model, "data": data, "batch_size": batch,
       "schedule": {"unit": "iterations", "total": 64_000, "boundaries": (32_000,), "warmup": 0},
-      "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}})
+      "optim": row.optim or {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4}})
 
 
 def synthetic_task(row: Row, config, batch: int):
   """A task over random data held on the device, shaped as the row's dataset."""
   rng = np.random.default_rng(0)
   if row.data["kind"] == "text":
-    n = max(batch * 4, 64) * (row.data["context"] + 1)
-    tokens = lambda k: rng.integers(0, row.data["classes"], k, dtype=np.uint8)
-    return tasks.TextTask(config.data, TextSplits("synthetic", tokens(n), tokens(n)),
+    n, vocab = max(batch * 4, 64) * (row.data["context"] + 1), row.data["classes"]
+    tokens = lambda k: rng.integers(0, vocab, k, dtype=np.uint8 if vocab <= 256 else np.uint16)
+    return tasks.TextTask(config.data, TextSplits("synthetic", tokens(n), tokens(n), vocab),
                           row.data["context"])
   n, shape, classes = max(batch * 4, 64), tuple(row.data["shape"]), row.data["classes"]
   images = lambda k: rng.integers(0, 256, (k, *shape), dtype=np.uint8)
@@ -133,6 +133,8 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
          "jax": jax.__version__}
   out["examples_per_s"] = batch / out["step_s"]
+  if row.tokens:
+    out["tokens_per_example"] = row.tokens
   if flops:  # training = forward + backward (twice the forward's matmuls): 3x the forward
     x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
     example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
@@ -145,6 +147,12 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
 def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
                   threads: int | None, channels_last: bool = True) -> dict:
   # Here, not at the top: PyTorch is an optional extra ('.[bench]'), and resjax rows run without it.
+  if row.data["kind"] == "text":
+    from resjax.bench import torch_gpt
+    out = torch_gpt.measure_gpt(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
+                                context=row.data["context"], vocab_size=row.data["classes"],
+                                **row.torch)
+    return {**out, "impl": f"torch-{mode}", "tokens_per_example": row.tokens}
   from resjax.bench import torch_twin
   out = torch_twin.measure(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
                             size=row.data["shape"][0], num_classes=row.data["classes"],
