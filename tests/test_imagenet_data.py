@@ -142,12 +142,12 @@ def records(mock_tfds):
 
 
 def _source(tmp_path, split="train", **fields):
-  fields = {"image_size": SIZE, "num_workers": 2, "data_dir": str(tmp_path), **fields}
+  fields = {"image_size": SIZE, "num_workers": 0, "data_dir": str(tmp_path), **fields}
   return imagenet.ImageNetSource(_cfg(**fields), split)
 
 
 def test_train_batches_shapes_and_determinism(mock_tfds, records, tmp_path):
-  with _source(tmp_path) as source, _source(tmp_path, prefetch=False, num_workers=1) as other:
+  with _source(tmp_path) as source, _source(tmp_path, prefetch=False) as other:
     assert source.num_examples == NUM_EXAMPLES and source.num_classes == 1000
     assert source.mean.shape == source.std.shape == (3,)
     assert source.train_short_side == (37, 69) and source.eval_short_side == 37
