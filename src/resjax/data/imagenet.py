@@ -16,9 +16,11 @@ Resizing is Pillow's antialiased bilinear filter, evaluated only on the crop's b
 pixels as resizing the whole image and cropping); JPEGs are first decoded at a reduced scale
 (`draft`) when the target is at most half their size. Records are read by random access with
 their JPEG bytes left encoded (`tfds.data_source`, no TensorFlow). A grain MapDataset maps each
-step to its batch; `config.data.num_workers` grain worker processes make the batches (worker w of
-W makes the steps w, w + W, ..., and the trainer takes them in step order), each a batch ahead;
-0 workers make them in the trainer's process, a batch ahead on one thread (`prefetch`).
+step to its batch, and `config.data.num_workers` grain worker processes make the batches: of W
+workers, worker w makes every W-th batch from the stream's w-th, holding one done while it makes
+the next, and the trainer takes them in step order. Each seed's stream (a replica of the run) has
+its own workers. With 0 workers the trainer's process makes them, the next one on a thread
+(`prefetch`).
 
 Every batch is a fixed function of its arguments, never of history, worker count or timing: the
 training stream visits the examples in a permutation drawn from (seed, epoch), step k takes
@@ -208,6 +210,12 @@ class Batches:
   def __getstate__(self):
     return {**self.__dict__, "_orders": {}}  # A worker draws its own permutations.
 
+  def _read(self, indices: list[int]) -> list:
+    read_many = getattr(self.records, "__getitems__", None)  # A TFDS source's batched read.
+    if read_many is None or not indices:
+      return [self.records[i] for i in indices]
+    return list(read_many(indices))
+
   def order(self, seed: int, epoch: int) -> np.ndarray:
     """The training stream's permutation of the records in `epoch`."""
     order = self._orders.get((seed, epoch))
@@ -233,7 +241,7 @@ class Batches:
     """This host's part of the global batch of `step`: (uint8 [b, S, S, 3], int32 [b])."""
     indices = self.train_indices(seed, step, batch_size, process_index, process_count)
     first = process_index * len(indices)  # Position in the global batch of this host's first.
-    records = [self.records[i] for i in indices.tolist()]
+    records = self._read(indices.tolist())
     images = np.empty((len(indices), self.image_size, self.image_size, 3), np.uint8)
     for j, record in enumerate(records):
       rng = np.random.default_rng([seed, _AUGMENT_STREAM, step, first + j])
@@ -246,7 +254,7 @@ class Batches:
     """This host's part of global eval batch `k`: (uint8 images, int32 labels, bool valid)."""
     part = _check_hosts(batch_size, process_index, process_count)
     positions = k * batch_size + process_index * part + np.arange(part, dtype=np.int64)
-    records = [self.records[i] for i in positions[positions < self.num_examples].tolist()]
+    records = self._read(positions[positions < self.num_examples].tolist())
     images = np.zeros((part, self.image_size, self.image_size, 3), np.uint8)
     labels = np.zeros((part,), np.int32)
     valid = np.zeros((part,), bool)
