@@ -368,8 +368,9 @@ class ImageNetSource:
 
   `cfg` is config.data: data_dir (None: TFDS's default), image_size (224), train_short_side
   ((256, 480) scaled to image_size), eval_short_side (256 scaled), lighting_std (0.1),
-  num_workers (grain worker processes, each seed's stream its own; 0: decode in this process;
-  the CPU count), prefetch (True: make the next batch while the trainer runs a step).
+  num_workers (grain worker processes for each seed's stream and for each evaluation, which
+  start their own; 0: decode in this process; default the CPU count), prefetch (True: with 0
+  workers, make the next batch on a thread while the trainer runs a step).
   `records`, if given, stands for the TFDS split: a random-access sequence of
   {"image": encoded bytes or a uint8 array, "label": int} (the loader bench feeds it so).
 
