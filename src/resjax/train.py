@@ -470,14 +470,15 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop: dict, data=None
 def _restore_step(manager: ocp.CheckpointManager, step: int, abstract,
                   data=None) -> tuple[Any, dict]:
   items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
-  # Checkpoints written before the loop item existed hold the state alone; those of other tasks,
-  # or written before the data item existed, hold no data item (the streams then start afresh at
-  # the step, with the same batches).
+  # Checkpoints written before the loop item existed hold the state alone. Those of other tasks,
+  # or from before the data item, hold no data item, and another process count wrote other files
+  # (grain's, one per process): the streams then start afresh at the step, with the same batches.
   where = os.path.join(fileio.absolute(manager.directory), str(step))
   has_loop = fileio.exists(os.path.join(where, LOOP_ITEM))
   if has_loop:
     items[LOOP_ITEM] = ocp.args.JsonRestore()
-  if data is not None and fileio.exists(os.path.join(where, DATA_ITEM)):
+  mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if data is not None and fileio.exists(os.path.join(where, DATA_ITEM, mine)):
     import grain
     items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data)  # restored into ``data``
   with quiet_logs():  # orbax logs its own errors; resjax reports them in one line
