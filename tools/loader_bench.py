@@ -12,7 +12,8 @@ the loader of the commit before grain (`--old`, read from git: ThreadPoolExecuto
 one batch of prefetch) and today's (N grain worker processes, or 0: in the trainer's process
 with a batch prefetched on one thread). After --warmup batches (which start the workers), it
 times --batches batches: images/s is their images over the wall time, and images per CPU-second
-counts the CPU time of the process and its workers (less sensitive to other load). "function"
+counts the CPU time of the process and its workers (less sensitive to other load, though a busy
+sibling hyperthread still slows it). Each row runs --repeats times and shows its best. "function"
 is `train_image` called in a loop, the work without any loader.
 
 The cores a host needs to feed one accelerator is --rate / (images/s per core of the best row).
@@ -150,6 +151,7 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=64)
   parser.add_argument("--batches", type=int, default=8, help="timed batches per row")
   parser.add_argument("--warmup", type=int, default=2, help="untimed batches first")
+  parser.add_argument("--repeats", type=int, default=2, help="runs of each row; the best is shown")
   parser.add_argument("--rate", type=float, default=None,
                       help="an accelerator's training rate, images/s: prints the cores to feed it")
   parser.add_argument("--old", default=OLD_COMMIT, help="the commit of the thread-pool loader")
@@ -174,19 +176,25 @@ def main(argv=None):
     plan = [("function", 0, 1)]
     for c in cores:
       plan += [("old", c, c)] + ([("grain", 0, 1)] if c == 1 else []) + [("grain", c, c)]
-    rows = []
-    for loader, workers, c in plan:
-      out = subprocess.run(
-          [sys.executable, __file__, "--measure", f"{loader},{workers},{c},{path}",
-           "--batch", str(args.batch), "--batches", str(args.batches), "--warmup",
-           str(args.warmup), "--old", args.old],
-          check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-      rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-      print(f"  {rows[-1]}", file=sys.stderr, flush=True)
+    runs = {row: [] for row in plan}
+    for _ in range(args.repeats):  # Rounds over all rows: slow spells of the machine spread out.
+      for loader, workers, c in plan:
+        out = subprocess.run(
+            [sys.executable, __file__, "--measure", f"{loader},{workers},{c},{path}",
+             "--batch", str(args.batch), "--batches", str(args.batches), "--warmup",
+             str(args.warmup), "--old", args.old],
+            check=True, capture_output=True, text=True,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+        runs[(loader, workers, c)].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"  {runs[(loader, workers, c)][-1]}", file=sys.stderr, flush=True)
+    rows = [{**measured[0], **{k: max(m[k] for m in measured)
+                               for k in ("images_per_s", "per_core", "per_cpu_s")}}
+            for measured in runs.values()]
   load = os.getloadavg()[0]
   print(f"{args.images} synthetic JPEGs ({kib:.0f} KiB mean, {SIZES[0][1]}x{SIZES[0][0]} and "
         f"{SIZES[1][1]}x{SIZES[1][0]}, quality 90), train recipe at 224, batch {args.batch}, "
-        f"{args.batches} timed batches a row; load average {load:.1f} on {os.cpu_count()} CPUs.\n")
+        f"{args.batches} timed batches a row, best of {args.repeats}; load average {load:.1f} on "
+        f"{os.cpu_count()} CPUs.\n")
   print(table(rows))
   best = max((r for r in rows if r["loader"] == "grain"), key=lambda r: r["per_core"])
   per_cpu = max(r["per_cpu_s"] for r in rows if r["loader"] == "grain")
