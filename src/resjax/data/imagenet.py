@@ -318,13 +318,6 @@ def _owned(batch):
   return tuple(np.array(x) for x in batch)
 
 
-def _close(iterator):
-  """Stops a grain iterator's workers and threads, and frees the batches it held."""
-  iterator.close()
-  del iterator
-  gc.collect()  # Grain's iterators hold reference cycles, and with them shared memory.
-
-
 class TrainStream:
   """One seed's training batches (this host's part) from step `start` on, made ahead by grain.
 
@@ -357,7 +350,10 @@ class TrainStream:
             "step": self.step, "grain": self._iterator.get_state()}
 
   def close(self):
-    _close(self._iterator)
+    """Stops its workers and threads; frees the batches they held."""
+    self._iterator.close()
+    self._iterator = None
+    gc.collect()  # Grain's iterators hold reference cycles, and with them shared memory.
 
 
 # --------------------------------------------------------------------------------- source
@@ -502,4 +498,6 @@ class ImageNetSource:
       for _ in range(count):
         yield _owned(next(iterator))
     finally:
-      _close(iterator)
+      iterator.close()
+      del iterator
+      gc.collect()  # As in TrainStream.close.
