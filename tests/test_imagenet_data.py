@@ -1,6 +1,7 @@
 """Tests for resjax.data.imagenet: the ResNet-paper crops, exact batches per host, and errors."""
 
 import io
+import json
 import sys
 import time
 
@@ -12,6 +13,7 @@ from PIL import Image
 
 from conftest import assert_f32_close, mocked_tfds
 from resjax.data import imagenet
+from resjax import train
 from resjax.data import prepare
 from resjax.errors import ConfigError, DatasetNotPrepared, UserError
 
@@ -142,12 +144,12 @@ def records(mock_tfds):
 
 
 def _source(tmp_path, split="train", **fields):
-  fields = {"image_size": SIZE, "num_workers": 2, "data_dir": str(tmp_path), **fields}
+  fields = {"image_size": SIZE, "num_workers": 0, "data_dir": str(tmp_path), **fields}
   return imagenet.ImageNetSource(_cfg(**fields), split)
 
 
 def test_train_batches_shapes_and_determinism(mock_tfds, records, tmp_path):
-  with _source(tmp_path) as source, _source(tmp_path, prefetch=False, num_workers=1) as other:
+  with _source(tmp_path) as source, _source(tmp_path, prefetch=False) as other:
     assert source.num_examples == NUM_EXAMPLES and source.num_classes == 1000
     assert source.mean.shape == source.std.shape == (3,)
     assert source.train_short_side == (37, 69) and source.eval_short_side == 37
@@ -215,6 +217,87 @@ def test_eval_covers_every_example_once(mock_tfds, records, tmp_path, hosts):
   np.testing.assert_array_equal(np.concatenate(got_labels), [label for _, label in records])
   expected = [imagenet.eval_image(jpeg, size=SIZE, short_side=37) for jpeg, _ in records]
   np.testing.assert_array_equal(np.concatenate(got_images), np.stack(expected))
+
+
+# ------------------------------------------------------------- resuming, worker processes
+
+
+def _steps(source, seed, steps, batch_size=4):
+  return [source.train_batch(seed=seed, step=k, batch_size=batch_size) for k in steps]
+
+
+def _assert_batches_equal(got, expected):
+  assert len(got) == len(expected)
+  for (images, labels), (want_images, want_labels) in zip(got, expected):
+    np.testing.assert_array_equal(images, want_images)
+    np.testing.assert_array_equal(labels, want_labels)
+
+
+def test_a_resumed_run_sees_the_batches_of_an_uninterrupted_one(mock_tfds, tmp_path):
+  # Two seeds' streams, as a trainer with two replicas holds them; the checkpoint is the
+  # trainer's own (train.save / train.restore), the loader a new one.
+  with _source(tmp_path) as straight:
+    expected = {seed: _steps(straight, seed, range(6)) for seed in (0, 1)}
+  manager = train.checkpoint_manager(str(tmp_path / "ckpt"))
+  state = {"step": np.array([3], np.int32)}
+  with _source(tmp_path) as first:
+    for seed in (0, 1):
+      _assert_batches_equal(_steps(first, seed, range(3)), expected[seed][:3])
+    train.save(manager, 3, state, {}, first)
+    manager.wait_until_finished()
+  saved = json.loads((tmp_path / "ckpt" / "3" / train.DATA_ITEM / "process_0-of-1.json")
+                     .read_text())
+  assert sorted((s["seed"], s["step"]) for s in saved["streams"]) == [(0, 3), (1, 3)]
+  with _source(tmp_path) as resumed:
+    restored, _ = train.restore(manager, state, resumed)
+    assert int(restored["step"][0]) == 3
+    # The streams go on from grain's restored iterators (started at step 0), not afresh at 3.
+    assert {key: stream.start for key, stream in resumed._streams.items()} == {
+        (0, 4, 0, 1): 0, (1, 4, 0, 1): 0}
+    for seed in (0, 1):
+      _assert_batches_equal(_steps(resumed, seed, range(3, 6)), expected[seed][3:])
+  manager.close()
+
+
+def test_a_checkpoint_without_the_data_item_still_resumes(mock_tfds, tmp_path):
+  with _source(tmp_path) as straight:
+    expected = _steps(straight, 0, range(4))
+  manager = train.checkpoint_manager(str(tmp_path / "ckpt"))
+  state = {"step": np.array([2], np.int32)}
+  train.save(manager, 2, state, {})  # As other tasks, and checkpoints before the item, save.
+  manager.wait_until_finished()
+  assert not (tmp_path / "ckpt" / "2" / train.DATA_ITEM).exists()
+  with _source(tmp_path) as resumed:
+    restored, _ = train.restore(manager, state, resumed)
+    assert int(restored["step"][0]) == 2 and not resumed._streams
+    _assert_batches_equal(_steps(resumed, 0, range(2, 4)), expected[2:])
+  manager.close()
+
+
+def test_worker_processes_make_the_batches_of_the_trainer_process(records, tmp_path):
+  # The records as a plain list: grain's worker processes get a pickled copy (the mocked TFDS
+  # source would encode its images again there, with TensorFlow).
+  stored = [{"image": image, "label": label} for image, label in records]
+  sources = {workers: imagenet.ImageNetSource(_cfg(image_size=SIZE, num_workers=workers), "train",
+                                              records=stored)
+             for workers in (0, 2)}
+  try:
+    batches = {workers: _steps(source, 5, range(4), batch_size=3)
+               for workers, source in sources.items()}
+    _assert_batches_equal(batches[2], batches[0])  # Steps 0, 2 from one worker, 1, 3 the other.
+    state = sources[2].get_state()
+    evals = {workers: list(source.eval_batches(4)) for workers, source in sources.items()}
+    for (x2, y2, v2), (x0, y0, v0) in zip(*evals.values(), strict=True):
+      for a, b in ((x2, x0), (y2, y0), (v2, v0)):
+        np.testing.assert_array_equal(a, b)
+    later = _steps(sources[0], 5, range(4, 6), batch_size=3)
+  finally:
+    for source in sources.values():
+      source.close()
+  with imagenet.ImageNetSource(_cfg(image_size=SIZE, num_workers=2), "train",
+                               records=stored) as resumed:
+    resumed.set_state(state)  # Two workers' iterator state: each worker goes on from its own.
+    _assert_batches_equal(_steps(resumed, 5, range(4, 6), batch_size=3), later)
 
 
 # ----------------------------------------------------------------------- missing data

@@ -8,6 +8,9 @@ A task turns ``config.data`` into three things the trainer needs and nothing els
   step, they turn that batch and the device-resident ``arrays`` into model inputs and targets;
 * ``eval_batches(batch_size)``: the test split as padded batches with a validity mask.
 
+A task that streams from stateful loaders also has ``iterator`` (``get_state`` / ``set_state``, as
+grain's orbax handler calls them), which the trainer saves in each checkpoint.
+
 The loss is cross-entropy over the last axis for every task (a class per image, a byte or a GPT-2
 token per position), so one training step serves ResNets and Transformers alike.
 
@@ -107,6 +110,7 @@ class StreamImageTask:
 
   def __init__(self, data_cfg):
     self.train = imagenet.ImageNetSource(data_cfg, "train")
+    self.iterator = self.train  # its streams' state: the trainer checkpoints it (grain's handler)
     self.test = imagenet.ImageNetSource(data_cfg, data_cfg.get("eval_split", "validation"))
     self.num_classes = self.train.num_classes
     self.in_channels = 3

@@ -432,19 +432,22 @@ def checkpoint_dir(group_dir: str, seeds: list[int]) -> str:
 
 # A checkpoint holds two items: "default", the stacked train state (orbax arrays), and "train",
 # what the loop needs besides it to go on as if never stopped (JSON): the open log window's sums,
-# each replica's last logged train metrics and failure, and the wall time spent so far.
-STATE_ITEM, LOOP_ITEM = "default", "train"
+# each replica's last logged train metrics and failure, and the wall time spent so far. A streamed
+# task's checkpoints hold a third, "data": where its input streams stand (``task.iterator``, saved
+# by grain's orbax handler), so a resumed run takes the batches an unstopped one would.
+STATE_ITEM, LOOP_ITEM, DATA_ITEM = "default", "train", "data"
 
 
 def checkpoint_manager(directory: str) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(
-      fileio.absolute(directory), item_names=(STATE_ITEM, LOOP_ITEM),
+      fileio.absolute(directory), item_names=(STATE_ITEM, LOOP_ITEM, DATA_ITEM),
       options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
 
 
-def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
-  """Saves step ``step`` (asynchronously). On a local disk it first checks that the step fits: a
-  full disk then stops the run before orbax starts a write it cannot finish."""
+def save(manager: ocp.CheckpointManager, step: int, state, loop: dict, data=None) -> None:
+  """Saves step ``step`` (asynchronously), with the input streams' state ``data`` if given. On a
+  local disk it first checks that the step fits: a full disk then stops the run before orbax
+  starts a write it cannot finish."""
   directory = str(manager.directory)
   if not fileio.is_remote(directory):
     manager.wait_until_finished()  # the step before is on disk: the free space is final
@@ -457,16 +460,27 @@ def save(manager: ocp.CheckpointManager, step: int, state, loop: dict) -> None:
       each = " on each process's disk" if jax.process_count() > 1 else ""
       raise OSError(errno.ENOSPC, f"{free / 2**20:.1f} MiB free, the checkpoint of step {step} "
                                   f"needs about {need / 2**20:.1f} MiB{each}")
-  manager.save(step, args=ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardSave(state),
-                                               LOOP_ITEM: ocp.args.JsonSave(loop)}))
+  items = {STATE_ITEM: ocp.args.StandardSave(state), LOOP_ITEM: ocp.args.JsonSave(loop)}
+  if data is not None:
+    import grain
+    items[DATA_ITEM] = grain.checkpoint.CheckpointSave(data)
+  manager.save(step, args=ocp.args.Composite(**items))
 
 
-def _restore_step(manager: ocp.CheckpointManager, step: int, abstract) -> tuple[Any, dict]:
+def _restore_step(manager: ocp.CheckpointManager, step: int, abstract,
+                  data=None) -> tuple[Any, dict]:
   items = {STATE_ITEM: ocp.args.StandardRestore(abstract)}
-  # Checkpoints written before the loop item existed hold the state alone.
-  has_loop = fileio.exists(os.path.join(fileio.absolute(manager.directory), str(step), LOOP_ITEM))
+  # Checkpoints written before the loop item existed hold the state alone. Those of other tasks,
+  # or from before the data item, hold no data item, and another process count wrote other files
+  # (grain's, one per process): the streams then start afresh at the step, with the same batches.
+  where = os.path.join(fileio.absolute(manager.directory), str(step))
+  has_loop = fileio.exists(os.path.join(where, LOOP_ITEM))
   if has_loop:
     items[LOOP_ITEM] = ocp.args.JsonRestore()
+  mine = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+  if data is not None and fileio.exists(os.path.join(where, DATA_ITEM, mine)):
+    import grain
+    items[DATA_ITEM] = grain.checkpoint.CheckpointRestore(data)  # restored into ``data``
   with quiet_logs():  # orbax logs its own errors; resjax reports them in one line
     out = manager.restore(step, args=ocp.args.Composite(**items))
   return out[STATE_ITEM], (out[LOOP_ITEM] if has_loop else {})
@@ -490,9 +504,9 @@ def _set_aside(manager: ocp.CheckpointManager, step: int) -> str:
   return aside
 
 
-def restore(manager: ocp.CheckpointManager, state) -> tuple[Any, dict]:
+def restore(manager: ocp.CheckpointManager, state, data=None) -> tuple[Any, dict]:
   """The newest checkpoint that restores into ``state``'s structure, and its loop item; ``state``
-  and {} if there is none.
+  and {} if there is none. Its data item, if any, is restored into ``data``.
 
   A newer step that fails while an older one restores is broken (the older proves the structure
   right): it is moved aside, said in one line, and the run resumes from the older. When no step
@@ -504,7 +518,7 @@ def restore(manager: ocp.CheckpointManager, state) -> tuple[Any, dict]:
   broken = []
   for step in steps:
     try:
-      restored, loop = _restore_step(manager, step, abstract)
+      restored, loop = _restore_step(manager, step, abstract, data)
     except Exception as e:  # noqa: BLE001 - orbax raises many types for unreadable files
       broken.append((step, type(e).__name__))
       continue
@@ -804,7 +818,7 @@ def setup_train_loop(config, group_dir: str, seeds: list[int], task, arrays: dic
   # Resume: the state, and the loop's own record (the open window, the last train metrics).
   with quiet_logs():
     manager = checkpoint_manager(checkpoint_dir(group_dir, seeds))
-  state, loop = restore(manager, state)
+  state, loop = restore(manager, state, getattr(task, "iterator", None))
   start = int(state["step"][0])
 
   eval_batch = config.get("eval_batch_size", 500)
@@ -888,7 +902,7 @@ def train_loop(run: Run, state, record: Record):
             record.last_eval[k] = {"step": step, **results[k]}
             run.logs[k].write(step, results[k])
       if step % run.ckpt_every == 0 or at_end or stop:
-        save(run.manager, step, state, record.loop_item())
+        save(run.manager, step, state, record.loop_item(), getattr(run.task, "iterator", None))
       if stop:
         break
   run.manager.wait_until_finished()
