@@ -18,6 +18,7 @@ from conftest import assert_f32_close, f32_tol
 from resjax import inspect_model, models, train
 from resjax.bench import cli as bench_cli
 from resjax.bench import profile, rows
+from resjax.errors import ConfigError
 from resjax.models import layers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -197,24 +198,57 @@ def _result(ex_s, **kw):
           "batch": 128, **kw}
 
 
+def _table_lines(table: str) -> list[dict]:
+  """The summary table's lines as {column: cell}."""
+  header, _, *lines = table.split("\n\n")[0].splitlines()
+  names = [c.strip() for c in header.split("|")]
+  return [dict(zip(names, [c.strip() for c in line.split("|")])) for line in lines]
+
+
 def test_markdown_has_ratio_columns_and_failures():
-  results = {("resnet20", "float32"): {"resjax": _result(300.0, flops_per_example=2.4e8),
-                                       "torch-eager": _result(150.0),
-                                       "torch-compile": {"error": "no C++ compiler"}}}
+  results = {("resnet20", "float32"): {
+      "resjax": _result(300.0, flops_per_example=2.4e8, peak_gib=0.6, xla_step_gib=0.2,
+                        remat="none", remat_used="none"),
+      "torch-eager": _result(150.0, peak_gib=0.8),
+      "torch-compile": {"error": "no C++ compiler"}}}
   table = bench_cli.markdown(results, peak=989.0)
-  header, _, row = table.splitlines()[:3]
-  cells = dict(zip([c.strip() for c in header.split("|")], [c.strip() for c in row.split("|")]))
+  (cells,) = _table_lines(table)
   assert cells["resjax / eager"] == "2.00x"
   assert cells["resjax / compile"] == "-"
   assert cells["torch.compile ex/s"] == "failed"
   assert cells["MFU"] == f"{2.4e8 * 300 / 989e12:.1%}"
+  assert (cells["resjax peak GiB"], cells["XLA GiB"], cells["eager peak GiB"]) == ("0.60", "0.20",
+                                                                                   "0.80")
+  assert cells["peak resjax / eager"] == "0.75x" and cells["remat"] == "none"
   assert "no C++ compiler" in table
+
+
+def test_markdown_has_a_line_per_remat_against_the_same_torch_run():
+  results = {("resnet110", "float32"): {
+      "resjax:none": _result(20.0, peak_gib=6.0, remat="none", remat_used="none"),
+      "resjax:auto": _result(25.0, peak_gib=1.5, remat="auto", remat_used="full"),
+      "torch-eager": _result(50.0, peak_gib=2.0)}}
+  none, auto = _table_lines(bench_cli.markdown(results, peak=None))
+  assert (none["remat"], auto["remat"]) == ("none", "auto (full)")
+  assert (none["resjax / eager"], auto["resjax / eager"]) == ("0.40x", "0.50x")
+  assert (none["peak resjax / eager"], auto["peak resjax / eager"]) == ("3.00x", "0.75x")
+  assert none["eager peak GiB"] == auto["eager peak GiB"] == "2.00"
+
+
+def test_remat_flag_takes_config_values_only():
+  assert bench_cli.check_remats("none, full") == ["none", "full"]
+  with pytest.raises(ConfigError, match="--remat") as e:
+    bench_cli.check_remats("none,sometimes")
+  assert all(name in str(e.value) for name in layers.REMATS)
 
 
 def test_compile_ratio_reads_the_deep_and_shallow_rows():
   results = {("resnet110", "float32"): {"resjax": _result(1.0, compile_s=20.0)},
              ("resnet1001", "float32"): {"resjax": _result(1.0, compile_s=30.0)}}
   assert bench_cli.compile_ratio(results) == pytest.approx(1.5)
+  results = {("resnet110", "float32"): {"resjax:full": _result(1.0, compile_s=10.0)},
+             ("resnet1001", "float32"): {"resjax:full": _result(1.0, compile_s=30.0)}}
+  assert bench_cli.compile_ratio(results) == pytest.approx(3.0)
 
 
 def test_child_env_keeps_a_users_malloc_settings(monkeypatch):
@@ -235,20 +269,25 @@ def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   proc = subprocess.run(
       [sys.executable, "-m", "resjax.bench", "--rows", "resnet20", "--batch", "4", "--size", "8",
-       "--steps", "1", "--threads", "1", "--out", str(out), "--json", str(raw), *torch_args],
+       "--steps", "1", "--threads", "1", "--remat", "auto", "--out", str(out), "--json", str(raw),
+       *torch_args],
       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-2000:]
   table = out.read_text()
-  row = next(l for l in table.splitlines() if l.startswith("| ResNet-20 |"))
-  cells = [c.strip() for c in row.split("|")[1:-1]]
-  assert cells[:3] == ["ResNet-20", "float32", "4"]
-  assert float(cells[3]) > 0  # examples/s
-  assert "resjax / eager" in table and "Device: cpu" in table
+  (cells,) = _table_lines(table)
+  assert [cells[k] for k in ("model", "dtype", "batch", "remat")] == ["ResNet-20", "float32", "4",
+                                                                      "auto (full)"]
+  assert float(cells["resjax ex/s"]) > 0
+  assert "Device: cpu" in table and bench_cli.MEMORY in table
   runs = json.loads(raw.read_text())["rows"][0]["runs"]
-  resjax = runs["resjax"][0]
+  resjax = runs["resjax:auto"][0]
   assert resjax["batch"] == 4 and np.isfinite(resjax["loss"]) and resjax["flops_per_example"] > 0
+  # XLA's account: the step holds its arguments (the state, the data), temporaries and new outputs.
+  parts = ("xla_argument_gib", "xla_temp_gib", "xla_output_gib")
+  assert resjax["xla_step_gib"] == pytest.approx(sum(resjax[k] for k in parts))
+  assert resjax["xla_argument_gib"] > 0 and resjax["peak_gib"] > resjax["base_gib"] > 0
   if bench_cli.torch_available():
-    assert cells[-2].endswith("x")  # resjax / eager
+    assert cells["resjax / eager"].endswith("x") and cells["peak resjax / eager"].endswith("x")
     assert np.isfinite(runs["torch-eager"][0]["loss"])
 
 
@@ -266,10 +305,9 @@ def test_merge_joins_rows_measured_separately(tmp_path, capsys):
   out = tmp_path / "merged.md"
   assert bench_cli.cli(["--merge", a, b, "--out", str(out)]) == 0
   table = out.read_text()
-  lines = [l for l in table.splitlines() if l.startswith("| ResNet-110 |")
-           or l.startswith("| pre-act ResNet-1001 |")]
-  assert len(lines) == 2
-  assert all(r.split("|")[4].strip() == "2.0" for r in lines)  # the median of 3, 1, 2 ex/s
+  lines = _table_lines(table)
+  assert [l["model"] for l in lines] == ["ResNet-110", "pre-act ResNet-1001"]
+  assert all(l["resjax ex/s"] == "2.0" for l in lines)  # the median of 3, 1, 2 ex/s
   assert "Compile time, pre-act ResNet-1001 / ResNet-110: 1.50x." in table
   assert "median of 3 alternating run(s)" in table
 

@@ -233,11 +233,45 @@ def test_remat_computes_the_same_loss_and_gradients_with_less_memory(remat):
   assert temp(kept) - temp(remat_program) >= one_map_per_unit, (temp(kept), temp(remat_program))
 
 
+def _step_temp_bytes(remat, depth, batch=32, hw=16):
+  """XLA's temporary bytes of a CIFAR ResNet's loss and gradients (compiled, never run)."""
+  model = nnx.eval_shape(lambda: resnet.CifarResNet(
+      depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option="A"), remat=remat,
+      conv_impl="im2col", rngs=make_rngs()))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.ShapeDtypeStruct((batch, hw, hw, 1), jnp.float32)
+
+  def loss(params, rest, x):
+    return jnp.mean(nnx.merge(graphdef, params, rest, copy=True)(x, train=True))
+
+  program = jax.jit(jax.grad(loss)).lower(params, rest, x).compile()
+  return program.memory_analysis().temp_size_in_bytes
+
+
+def test_full_remat_keeps_one_map_per_scanned_unit():
+  """Under remat=full the backward pass keeps, of each scanned unit, only its input (the scan's
+  carry); without remat it keeps six float32 maps of that size and two boolean ones (conv outputs,
+  BN's centred values, ReLU's outputs and masks). Six more units per stage (ResNet-20 -> -56) must
+  then cost XLA's buffers six input maps per stage with full remat (XLA may reuse a buffer or
+  two, hence the margin), and more than four times that without."""
+  batch, hw = 32, 16
+  maps = 6 * sum(batch * (hw // 2**s) ** 2 * c * 4 for s, c in enumerate((16, 32, 64)))
+  full = _step_temp_bytes("full", 56) - _step_temp_bytes("full", 20)
+  none = _step_temp_bytes("none", 56) - _step_temp_bytes("none", 20)
+  assert 0.75 * maps < full < 1.25 * maps, (full, maps)
+  assert none > 4 * maps, (none, maps)
+
+
+def test_auto_remat_is_full_on_cpu():
+  assert layers.resolve_remat("auto") == ("full" if jax.default_backend() == "cpu" else "none")
+  assert layers.resolve_remat("dots_saveable") == "dots_saveable"
+
+
 def test_unknown_remat_names_the_choices():
   with pytest.raises(ConfigError, match="config.model.remat") as e:
     resnet.CifarResNet(depth=8, num_classes=10, shortcut=_shortcut(), remat="sometimes",
                        rngs=make_rngs())
-  assert all(name in str(e.value) for name in layers.REMAT_POLICIES)
+  assert all(name in str(e.value) for name in layers.REMATS)
 
 
 def test_bad_remat_on_the_command_line_is_one_line_and_exit_2(cli, tmp_path):
@@ -245,7 +279,7 @@ def test_bad_remat_on_the_command_line_is_one_line_and_exit_2(cli, tmp_path):
               "--workdir", tmp_path / "w")
   assert r.returncode == 2, r.stderr
   assert len(r.stderr.strip().splitlines()) == 1 and "config.model.remat" in r.stderr
-  assert all(name in r.stderr for name in layers.REMAT_POLICIES)
+  assert all(name in r.stderr for name in layers.REMATS)
   assert not (tmp_path / "w").exists()
 
 

@@ -117,10 +117,10 @@ def main(argv=None) -> int:
     return 0
   from resjax.models import layers
   policies = args.policies.split(",")
-  unknown = [x for x in policies if x not in layers.REMAT_POLICIES]
+  unknown = [x for x in policies if x not in layers.REMATS]
   if unknown or policies[0] != "none":
     print(f"--policies={args.policies}: give remat values from "
-          f"{', '.join(layers.REMAT_POLICIES)}, none first", file=sys.stderr)
+          f"{', '.join(layers.REMATS)}, none first", file=sys.stderr)
     return 2
   results = []
   for policy in policies:  # one process each: its own peak RSS

@@ -221,7 +221,7 @@ def cifar_resnet_recipe(**model) -> ml_collections.ConfigDict:
       test_size=placeholder(int)))
   c.model = ml_collections.ConfigDict(dict(
       name="cifar_resnet", depth=110, unit="basic", placement="post", widths=(16, 32, 64),
-      scan=True, remat="none", conv_impl="auto", zero_init_residual=False,
+      scan=True, remat="auto", conv_impl="auto", zero_init_residual=False,
       shortcut=dict(name="identity", option="A")))
   c.model.update(model)
   c.batch_size = 128

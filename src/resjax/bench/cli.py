@@ -4,15 +4,18 @@
     python -m resjax.bench --rows resnet110 --repeats 3 --threads 1 --clock cpu --out bench.md
     python -m resjax.bench --rows resnet110,resnet50 --dtypes float32,bfloat16   # on a GPU
     python -m resjax.bench --merge a.json b.json --out bench.md   # rows measured separately
+    python -m resjax.bench --rows resnet110 --remat none,full     # resjax under two remat policies
 
 A row is a model (``ROWS``) at a batch size and compute dtype. resjax runs ``train.train_step`` as
 the trainer does (vmapped over one seed replica, jitted, state donated, data on the device, crop
 and flip augmentation inside the step); the reference is the same architecture and step in PyTorch
 (``resjax.bench.torch_twin``), eager and under ``torch.compile``. Each measurement runs in its own
-subprocess, so its peak memory is its own (CPU: peak RSS of the process, init and compile
-included; GPU: the allocator's peak). The implementations alternate ``--repeats`` times, so that a
-machine shared with other work slows them alike; the table shows each one's median run and the
-ratios resjax / PyTorch of examples per second (above 1: resjax is faster).
+subprocess, so its peak memory is its own (``MEMORY``). The implementations alternate
+``--repeats`` times, so that a machine shared with other work slows them alike; the table shows
+each one's median run and the ratios resjax / PyTorch of examples per second (above 1: resjax is
+faster) and of peak memory (below 1: resjax needs less). ``--remat`` measures resjax once per
+``config.model.remat`` value given (a line each, against the same PyTorch runs); without it, each
+row's own config decides.
 
 Step time is the median of the individually timed steps after warm-up (``--clock cpu``: the
 process's CPU time per step, which with ``--threads 1`` does not count time lost to other
@@ -40,6 +43,15 @@ from resjax.bench import rows
 from resjax.errors import ConfigError, UserError
 
 IMPLS = ("resjax", "torch-eager", "torch-compile")
+TORCH_IMPLS = IMPLS[1:]
+
+# What the peak-memory columns mean; the table's footer says it.
+MEMORY = ("peak GiB: on CPU the peak resident set of the measurement's process (ru_maxrss), for "
+          "resjax and PyTorch alike: runtime, model, data, compilation (XLA's or torch.compile's) "
+          "and the steps; on GPU the allocator's peak. XLA GiB: XLA's own account of resjax's "
+          "compiled step (arguments, temporaries, outputs not aliased to donated arguments), "
+          "without the runtime; PyTorch has no such account. peak resjax / eager: below 1, resjax "
+          "needs less.")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -95,46 +107,67 @@ def _cell(r: dict | None, key: str, fmt: str) -> str:
   return _num(r.get(key), fmt)
 
 
-def _ratio(a: dict | None, b: dict | None) -> str:
-  if not a or not b or "error" in a or "error" in b:
+def _ratio(a: dict | None, b: dict | None, key: str = "examples_per_s") -> str:
+  if not a or not b or "error" in a or "error" in b or not a.get(key) or not b.get(key):
     return "-"
-  return f"{a['examples_per_s'] / b['examples_per_s']:.2f}x"
+  return f"{a[key] / b[key]:.2f}x"
 
 
-SUMMARY_HEADER = ("| model | dtype | batch | resjax ex/s | step ms | compile s | peak GiB | "
+def resjax_impl(remat: str | None) -> str:
+  """The results' key of resjax under ``remat`` (None: the row's own config)."""
+  return "resjax" if remat is None else f"resjax:{remat}"
+
+
+def _remat_cell(r: dict | None, impl: str) -> str:
+  """The remat policy a resjax line ran under: as asked, and what "auto" became."""
+  asked = impl.partition(":")[2] or (r or {}).get("remat")
+  used = (r or {}).get("remat_used")
+  if not asked:
+    return "-"
+  return asked if used in (None, asked) else f"{asked} ({used})"
+
+
+SUMMARY_HEADER = ("| model | dtype | batch | remat | resjax ex/s | step ms | compile s | "
                   "GFLOP/ex | TFLOP/s | MFU | torch eager ex/s | torch.compile ex/s | "
-                  "resjax / eager | resjax / compile |")
+                  "resjax / eager | resjax / compile | resjax peak GiB | XLA GiB | "
+                  "eager peak GiB | peak resjax / eager |")
 
 
 def markdown(results: dict, *, peak: float | None) -> str:
-  """The summary table (one line per model and dtype) and the PyTorch details, in markdown.
+  """The summary table (one line per model, dtype and resjax variant) and the PyTorch details, in
+  markdown.
 
-  ``results[(row, dtype)][impl]`` is the median measurement of that implementation (or an error).
+  ``results[(row, dtype)][impl]`` is the median measurement of that implementation (or an error);
+  ``impl`` is a ``TORCH_IMPLS`` name or ``resjax_impl(remat)``.
   """
   lines = [SUMMARY_HEADER, "|" + "---|" * (SUMMARY_HEADER.count("|") - 1)]
   notes = []
   for (name, dtype), by_impl in results.items():
     row = rows.ROWS[name]
-    j, e, c = (by_impl.get(i) for i in IMPLS)
+    e, c = (by_impl.get(i) for i in TORCH_IMPLS)
     ok = [r for r in by_impl.values() if r and "error" not in r]
     batch = ok[0]["batch"] if ok else "-"
-    j_ok = j is not None and "error" not in j
-    flops = j.get("flops_per_example") if j_ok else None
-    tflops = flops * j["examples_per_s"] / 1e12 if flops else None
-    use = rows.mfu(flops, j["examples_per_s"], peak) if flops else None
-    lines.append(
-        f"| {row.label} | {dtype} | {batch} | {_cell(j, 'examples_per_s', '.1f')} | "
-        f"{_num(j['step_s'] * 1e3 if j_ok else None, '.1f')} | "
-        f"{_cell(j, 'compile_s', '.1f')} | {_cell(j, 'peak_gib', '.2f')} | "
-        f"{_num(flops / 1e9 if flops else None, '.3f')} | {_num(tflops, '.3f')} | "
-        f"{'n/a' if use is None else f'{use:.1%}'} | "
-        f"{_cell(e, 'examples_per_s', '.1f')} | {_cell(c, 'examples_per_s', '.1f')} | "
-        f"{_ratio(j, e)} | {_ratio(j, c)} |")
+    for impl in [i for i in by_impl if i not in TORCH_IMPLS] or ["resjax"]:
+      j = by_impl.get(impl)
+      j_ok = j is not None and "error" not in j
+      flops = j.get("flops_per_example") if j_ok else None
+      tflops = flops * j["examples_per_s"] / 1e12 if flops else None
+      use = rows.mfu(flops, j["examples_per_s"], peak) if flops else None
+      lines.append(
+          f"| {row.label} | {dtype} | {batch} | {_remat_cell(j, impl)} | "
+          f"{_cell(j, 'examples_per_s', '.1f')} | "
+          f"{_num(j['step_s'] * 1e3 if j_ok else None, '.1f')} | {_cell(j, 'compile_s', '.1f')} | "
+          f"{_num(flops / 1e9 if flops else None, '.3f')} | {_num(tflops, '.3f')} | "
+          f"{'n/a' if use is None else f'{use:.1%}'} | "
+          f"{_cell(e, 'examples_per_s', '.1f')} | {_cell(c, 'examples_per_s', '.1f')} | "
+          f"{_ratio(j, e)} | {_ratio(j, c)} | {_cell(j, 'peak_gib', '.2f')} | "
+          f"{_cell(j, 'xla_step_gib', '.2f')} | {_cell(e, 'peak_gib', '.2f')} | "
+          f"{_ratio(j, e, 'peak_gib')} |")
     for impl, r in by_impl.items():
       if r and "error" in r:
         notes.append(f"- {row.label} {dtype} {impl} failed: {r['error']}")
   torch_rows = [(n, d, i, r) for (n, d), by_impl in results.items() for i, r in by_impl.items()
-                if i != "resjax" and r and "error" not in r]
+                if i in TORCH_IMPLS and r and "error" not in r]
   if torch_rows:
     lines += ["", "| model | dtype | PyTorch | ex/s | step ms | compile s | peak GiB |",
               "|---|---|---|---|---|---|---|"]
@@ -176,10 +209,14 @@ def token_table(results: dict, peak: float | None) -> list[str]:
 
 
 def compile_ratio(results: dict, deep: str = "resnet1001", shallow: str = "resnet110") -> float | None:
-  """Compile time of the deep row over the shallow one (fp32, resjax): scan keeps it near 1."""
-  a = results.get((deep, "float32"), {}).get("resjax")
-  b = results.get((shallow, "float32"), {}).get("resjax")
-  if not a or not b or "error" in a or "error" in b:
+  """Compile time of the deep row over the shallow one (fp32, resjax, the first variant both
+  have): scan keeps it near 1."""
+  a, b = results.get((deep, "float32"), {}), results.get((shallow, "float32"), {})
+  both = [i for i in a if i not in TORCH_IMPLS and i in b]
+  if not both:
+    return None
+  a, b = a[both[0]], b[both[0]]
+  if "error" in a or "error" in b:
     return None
   return a["compile_s"] / b["compile_s"]
 
@@ -198,9 +235,15 @@ def probe_device(env: dict) -> dict:
 # glibc malloc returns every freed block over 32 MiB to the OS (and threads get their own arenas,
 # whose large blocks are always fresh mappings), so each step of an XLA:CPU program would fault its
 # temporary buffers in again, page by page: a third of a ResNet-20 step here. One arena that keeps
-# its memory avoids it. glibc reads these only at process start, hence the children's environment.
-MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=4294967296:"
-                   "glibc.malloc.trim_threshold=17179869184")
+# what it frees avoids it for blocks under 64 MiB. Larger ones (XLA:CPU's temporaries of a step,
+# one block) get their own mapping, returned at free, because a heap that is never trimmed
+# fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, peaked anywhere
+# from 1.3 to 3.0 GiB of RSS with every block in the heap. hugetlb=1 backs those mappings with
+# transparent huge pages, so mapping one again costs 2 MiB faults, not 4 KiB ones (a ResNet-20 run:
+# 41k page faults against 300k, and no more CPU time per step). glibc reads these only at process
+# start, hence the children's environment; one it does not know (before 2.35) it ignores.
+MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=67108864:"
+                   "glibc.malloc.trim_threshold=17179869184:glibc.malloc.hugetlb=1")
 
 
 def child_env(threads: int | None, malloc: bool = True) -> dict:
@@ -232,6 +275,8 @@ def main(argv=None) -> int:
   p.add_argument("--threads", type=int,
                  help="CPU cores for XLA and PyTorch (children pinned to them; default: all)")
   p.add_argument("--unrolled", action="store_true", help="a Python loop instead of lax.scan")
+  p.add_argument("--remat", help="config.model.remat values, comma-separated (e.g. none,full): "
+                                 "resjax once per value (default: each row's own)")
   p.add_argument("--conv-impl", choices=("auto", "im2col", "onednn", "xla"),
                  help="override conv_impl")
   p.add_argument("--default-malloc", action="store_true",
@@ -250,11 +295,12 @@ def main(argv=None) -> int:
   if args.one:
     # Only a child imports JAX (and PyTorch): the parent leaves the device to the measurements.
     from resjax.bench import step
-    name, dtype, impl = args.one.split(":")
+    name, dtype, impl = args.one.split(":", 2)
     row = rows.resolve_row(name, args.size)
-    if impl == "resjax":
+    if impl.startswith("resjax"):
+      remat = impl.partition(":")[2] or None
       r = step.measure_resjax(row, args.batch, args.steps, dtype, scan=not args.unrolled,
-                         conv_impl=args.conv_impl)
+                              conv_impl=args.conv_impl, remat=remat)
     else:
       r = step.measure_torch(row, args.batch, args.steps, dtype, impl.split("-")[1], args.threads,
                         args.torch_layout == "channels_last")
@@ -279,7 +325,9 @@ def main(argv=None) -> int:
   use_torch = torch_available() if args.torch is None else args.torch
   if use_torch and not torch_available():
     raise ConfigError("PyTorch is not installed: pip install -e '.[bench]' (or run with --no-torch)")
-  impls = ["resjax"] + (["torch-eager"] + ["torch-compile"] * args.torch_compile) * use_torch
+  remats = [None] if args.remat is None else check_remats(args.remat)
+  impls = [resjax_impl(r) for r in remats]
+  impls += (["torch-eager"] + ["torch-compile"] * args.torch_compile) * use_torch
   common = ["--size", str(args.size)] if args.size else []
   common += ["--threads", str(args.threads)] if args.threads else []
   common += ["--torch-layout", args.torch_layout]
@@ -292,7 +340,7 @@ def main(argv=None) -> int:
       batch = args.batch or (on_cpu and row.cpu_batch) or row.batch
       steps = args.steps or (on_cpu and row.cpu_steps) or 10
       sizes = ["--batch", str(batch), "--steps", str(steps)]
-      runs = {impl: [] for impl in impls if impl == "resjax" or row.torch is not None}
+      runs = {impl: [] for impl in impls if impl not in TORCH_IMPLS or row.torch is not None}
       for _ in range(args.repeats):
         for impl in runs:
           r = run_child(["--one", f"{name}:{dtype}:{impl}", *sizes, *common], env, args.timeout,
@@ -312,6 +360,17 @@ def main(argv=None) -> int:
   return emit(report(results, device, vars(args)), args.out)
 
 
+def check_remats(text: str) -> list[str]:
+  """The --remat list, each a config.model.remat value."""
+  from resjax.models.layers import REMATS  # imports JAX, but starts no backend
+  remats = [r.strip() for r in text.split(",") if r.strip()]
+  bad = [r for r in remats if r not in REMATS]
+  if bad or not remats:
+    raise ConfigError(f"--remat={text}: give config.model.remat values, comma-separated, from "
+                      f"{', '.join(REMATS)}")
+  return remats
+
+
 def emit(text: str, out: str | None) -> int:
   """Prints the table and, with ``--out``, writes it there."""
   print(text)
@@ -326,7 +385,7 @@ def report(results: dict, device: dict, args: dict) -> str:
   peak = rows.peak_tflops(device["kind"])
   table = markdown(results, peak=peak)
   ratio = compile_ratio(results)
-  measured_torch = any(i != "resjax" for by_impl in results.values() for i in by_impl)
+  measured_torch = any(i in TORCH_IMPLS for by_impl in results.values() for i in by_impl)
   torch_line = (f"PyTorch {_torch_version()}" if measured_torch and torch_available() else
                 "PyTorch: not measured" + ("" if torch_available() else
                                            "; install it with pip install -e '.[bench]'"))
@@ -337,6 +396,7 @@ def report(results: dict, device: dict, args: dict) -> str:
             f"peak bf16 TFLOP/s: {_num(peak, '.0f')}; scan: {not args.get('unrolled', False)}; "
             f"PyTorch layout: {args.get('torch_layout', 'channels_last')}; malloc: "
             f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}."]
+  footer.append(MEMORY)
   if ratio is not None:
     footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")
   return table + "\n\n" + "\n".join(footer) + "\n"

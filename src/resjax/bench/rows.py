@@ -40,8 +40,9 @@ class Row:
 
 
 def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
+  # remat as the CIFAR recipe has it (configs.cifar_resnet_recipe): full on CPU, none elsewhere.
   return {"name": "cifar_resnet", "depth": depth, "unit": unit, "placement": placement,
-          "shortcut": {"name": "identity", "option": option}}
+          "shortcut": {"name": "identity", "option": option}, "remat": "auto"}
 
 
 CIFAR = {"kind": "image", "shape": (32, 32, 3), "classes": 10, "augment": True}

