@@ -340,7 +340,9 @@ def main(argv=None) -> int:
       batch = args.batch or (on_cpu and row.cpu_batch) or row.batch
       steps = args.steps or (on_cpu and row.cpu_steps) or 10
       sizes = ["--batch", str(batch), "--steps", str(steps)]
-      runs = {impl: [] for impl in impls if impl not in TORCH_IMPLS or row.torch is not None}
+      skip = {"torch-compile"} if on_cpu and not row.cpu_torch_compile else set()
+      runs = {impl: [] for impl in impls
+              if impl not in skip and (impl not in TORCH_IMPLS or row.torch is not None)}
       for _ in range(args.repeats):
         for impl in runs:
           r = run_child(["--one", f"{name}:{dtype}:{impl}", *sizes, *common], env, args.timeout,
@@ -396,6 +398,11 @@ def report(results: dict, device: dict, args: dict) -> str:
             f"peak bf16 TFLOP/s: {_num(peak, '.0f')}; scan: {not args.get('unrolled', False)}; "
             f"PyTorch layout: {args.get('torch_layout', 'channels_last')}; malloc: "
             f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}."]
+  convs = sorted({r["conv_impl"] for by_impl in results.values() for r in by_impl.values()
+                  if r and r.get("conv_impl")})
+  if convs:
+    footer.append(f"resjax's convolutions: {', '.join(convs)} (conv_impl; onednn: "
+                  f"resjax.kernels, im2col: matrix multiplies, xla: XLA's convolution).")
   footer.append(MEMORY)
   if ratio is not None:
     footer.append(f"Compile time, pre-act ResNet-1001 / ResNet-110: {ratio:.2f}x.")

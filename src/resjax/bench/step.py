@@ -166,6 +166,8 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
          "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
          "peak_gib": _peak_memory_gib(device), "base_gib": base_gib, **xla_memory_gib(compiled),
          "remat": requested, "remat_used": layers.resolve_remat(requested),
+         "conv_impl": (layers.resolve_conv_impl(config.model.get("conv_impl", "auto"))
+                       if "conv_impl" in config.model or row.data["kind"] == "image" else None),
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
          "jax": jax.__version__}
   out["examples_per_s"] = batch / out["step_s"]
