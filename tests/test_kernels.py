@@ -2,7 +2,6 @@
 against XLA's convolution, forward and both gradients, inside lax.scan and vmap, and in a ResNet
 training step against the matmul path."""
 
-import importlib.metadata
 import json
 import os
 import subprocess
@@ -22,13 +21,6 @@ from resjax.kernels import conv as onednn
 from resjax.models import layers
 
 
-def _installed(dist):
-  try:
-    return importlib.metadata.version(dist)
-  except importlib.metadata.PackageNotFoundError:
-    return None
-
-
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
   """The library, compiled into a directory of this module's own; the rest of the suite runs on
@@ -36,7 +28,7 @@ def built(tmp_path_factory):
   again afterwards."""
   if jax.default_backend() != "cpu":
     pytest.skip("a CPU kernel")
-  if not all(_installed(d) for d in kernels.ONEDNN):
+  if not kernels.wheels_installed():
     pytest.skip(f"oneDNN's wheels are not installed ({kernels.INSTALL_HINT}; x86-64 Linux only)")
   with pytest.MonkeyPatch.context() as mp:
     mp.setenv("RESJAX_KERNELS_DIR", str(tmp_path_factory.mktemp("kernels")))
@@ -194,3 +186,13 @@ def test_provenance_names_the_onednn_that_auto_uses(built):
   versions = provenance.gather.__wrapped__()["versions"]
   assert versions["onednn"] == kernels.onednn_version()
   assert int(versions["onednn"].split(".")[0]) >= 3  # the v3 API the kernel is written against
+
+
+def test_optional_build_is_a_no_op_without_the_wheels(tmp_path, monkeypatch):
+  """The README's quickstart builds with --optional, which must not stop a machine without the
+  wheels (not x86-64 Linux): exit 0, one line, nothing written."""
+  monkeypatch.setenv("RESJAX_KERNELS_DIR", str(tmp_path))
+  monkeypatch.setattr(kernels, "wheels_installed", lambda: False)
+  from resjax.kernels import __main__ as cli
+  assert cli.main(["build", "--optional"]) == 0
+  assert not list(tmp_path.iterdir())

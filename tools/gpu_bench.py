@@ -235,7 +235,7 @@ def write_outputs(out: pathlib.Path, info: dict, args: dict, names, dtypes, runs
 
 def main(argv=None) -> int:
   argv = sys.argv[1:] if argv is None else argv
-  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   p.add_argument("--out", default=os.environ.get("OUT") or str(REPO / "runs" / "gpu_bench"),
                  help="folder for gpu_bench.md and gpu_bench.json (default: $OUT)")
   p.add_argument("--rows", default=",".join(ROWS), help=f"any of {', '.join(rows.ROWS)}")

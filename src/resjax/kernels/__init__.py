@@ -2,6 +2,7 @@
 
     pip install -e '.[onednn]'          # oneDNN's CPU build (OpenMP) and its headers, x86-64 Linux
     python -m resjax.kernels build      # compiles onednn_conv.cc against them and jaxlib's FFI
+                                        # (--optional: exit 0 where the wheels are not installed)
     python -m resjax.kernels status     # where the library is, or why it is not there
 
 XLA:CPU turns a convolution's backward pass inside ``lax.scan`` into a slow generic loop (README,
@@ -53,6 +54,11 @@ def _version(dist: str) -> str | None:
     return importlib.metadata.version(dist)
   except importlib.metadata.PackageNotFoundError:
     return None
+
+
+def wheels_installed() -> bool:
+  """Whether oneDNN's runtime and headers are installed (``pip install -e '.[onednn]'``)."""
+  return all(_version(d) is not None for d in ONEDNN)
 
 
 def library_path() -> pathlib.Path:
