@@ -198,11 +198,11 @@ def check_remat(remat: str) -> str:
 def resolve_remat(remat: str) -> str:
   """``remat`` as a ``REMAT_POLICIES`` key: "auto" is "full" on CPU, "none" elsewhere.
 
-  On CPU the convolutions are memory-bound matrix multiplies (``Conv2D``), and recomputing a unit's
-  forward pass in the backward costs about what storing its activations and reading them back
-  does: ResNet-110 at batch 128 trained as fast with full remat (within 4%) and its step's buffers
-  took 0.48 GiB instead of 1.75 (one map kept per unit, not eight). On accelerators recomputing is
-  a third more FLOPs for memory a net may not need.
+  On CPU, keeping a unit's activations for the backward pass means writing them into the scan's
+  stacks and reading them back, which costs as much as recomputing the unit or more, with either
+  CPU convolution; full remat keeps one map per unit instead of eight (README, Speed and Memory at
+  depth, measured both ways). On accelerators recomputing is a third more FLOPs for memory a net
+  may not need.
   """
   if check_remat(remat) == "auto":
     return "full" if jax.default_backend() == "cpu" else "none"
