@@ -428,3 +428,30 @@ def test_preact_first_unit_skips_its_preactivation():
   unit.convs[1].kernel.set_value(w2)
   expected = x + _conv(jax.nn.relu(_bn(_conv(x, w1))), w2)
   assert_f32_close(unit(x, train=True), expected, terms=2 * 6 * 6, depth=2)
+
+
+def test_batch_norm_with_written_backward_is_flax_batch_norm():
+  """layers.BatchNorm (its own backward pass on CPU) against nnx.BatchNorm: output, gradients of
+  input, scale and bias, and the running statistics, to float32 rounding of 256-term sums."""
+  x = 3 * jnp.asarray(np.random.default_rng(0).standard_normal((16, 4, 4, 6)), jnp.float32) + 1
+  w = jnp.arange(6, dtype=jnp.float32)
+
+  def run(cls):
+    bn = cls(6, momentum=0.9, epsilon=1e-5, rngs=make_rngs())
+    bn.scale[...] = jnp.linspace(0.5, 1.5, 6)
+    bn.bias[...] = jnp.linspace(-1, 1, 6)
+    graphdef, params, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def loss(x, params):
+      m = nnx.merge(graphdef, params, stats, copy=True)
+      y = m(x, use_running_average=False)
+      return jnp.sum(jnp.sin(y) * w), (y, nnx.state(m, nnx.BatchStat))
+
+    (_, (y, new_stats)), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(x, params)
+    return y, grads, new_stats
+
+  ours, flax = run(layers.BatchNorm), run(nnx.BatchNorm)
+  assert_f32_close(ours[0], flax[0], terms=256, gain=4)
+  for a, b in zip(jax.tree.leaves(ours[1:]), jax.tree.leaves(flax[1:])):
+    assert_f32_close(a, b, terms=256, depth=2, gain=4)
+  assert float(jnp.abs(ours[1][0]).max()) > 0.1  # the gradient is not trivially zero

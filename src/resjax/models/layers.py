@@ -249,3 +249,59 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
   nnx.update(units, updated)
   return x, norms
+
+
+# ------------------------------------------------------------------------------------------------
+# BatchNorm with a hand-written backward pass (training mode, float32, NHWC).
+# ------------------------------------------------------------------------------------------------
+
+@jax.custom_vjp
+def batch_norm_train(x, scale, bias, epsilon):
+  """(y, mean, var) of BatchNorm over every axis but the last, as flax computes them."""
+  axes = tuple(range(x.ndim - 1))
+  mean = x.mean(axes)
+  var = jnp.maximum(0.0, jnp.square(x).mean(axes) - jnp.square(mean))
+  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+
+
+def _bn_fwd(x, scale, bias, epsilon):
+  y, mean, var = batch_norm_train(x, scale, bias, epsilon)
+  return (y, mean, var), (x, mean, var, scale, epsilon)
+
+
+def _bn_bwd(residuals, cts):
+  x, mean, var, scale, epsilon = residuals
+  g, g_mean, g_var = cts
+  axes = tuple(range(x.ndim - 1))
+  n = x.size // x.shape[-1]
+  inv = jax.lax.rsqrt(var + epsilon)
+  xc = x - mean
+  dbias = g.sum(axes)
+  dscale_raw = (g * xc).sum(axes)  # sum g * xhat / inv
+  dx = (inv * scale) * (g - dbias / n - xc * (inv * inv) * (dscale_raw / n))
+  dx = dx + g_mean / n + g_var * (2.0 / n) * xc
+  return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
+
+
+batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
+
+
+class BatchNorm(nnx.BatchNorm):
+  """flax's BatchNorm; in training on float32 input on CPU its backward pass is written out
+  (``batch_norm_train``: one reduction pass and one elementwise pass, where autodiff's takes
+  more), which made the CIFAR ResNets' CPU step 16-23% faster (README, Speed). Elsewhere, and
+  for bf16 or masked or cross-device statistics, it is flax's own."""
+
+  def __call__(self, x, use_running_average=None, *, mask=None):
+    train = not (self.use_running_average if use_running_average is None else use_running_average)
+    plain = (train and jax.default_backend() == "cpu" and mask is None and self.axis_name is None and self.axis == -1
+             and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32)
+             and self.use_fast_variance and self.scale is not None and self.bias is not None)
+    if not plain:
+      return super().__call__(x, use_running_average, mask=mask)
+    y, mean, var = batch_norm_train(x, self.scale[...], self.bias[...],
+                                    jnp.asarray(self.epsilon, jnp.float32))
+    m = self.momentum
+    self.mean[...] = jax.lax.stop_gradient(m * self.mean[...] + (1 - m) * mean)
+    self.var[...] = jax.lax.stop_gradient(m * self.var[...] + (1 - m) * var)
+    return y

@@ -87,7 +87,8 @@ def batch_norm(features: int, rngs: nnx.Rngs, *, zero_scale: bool = False) -> nn
   # Momentum 0.9 here is 0.1 in the Torch convention the papers used. The running variance
   # averages the biased batch variance, not Torch's and Caffe's unbiased one (module docstring).
   scale_init = nnx.initializers.zeros if zero_scale else nnx.initializers.ones
-  return nnx.BatchNorm(features, momentum=0.9, epsilon=1e-5, scale_init=scale_init, rngs=rngs)
+  return layers.BatchNorm(features, momentum=0.9, epsilon=1e-5, scale_init=scale_init,
+                          rngs=rngs)
 
 
 def conv(in_features: int, out_features: int, kernel: int, stride: int, rngs: nnx.Rngs, *,
