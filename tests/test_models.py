@@ -250,16 +250,16 @@ def _step_temp_bytes(remat, depth, batch=32, hw=16):
 
 def test_full_remat_keeps_one_map_per_scanned_unit():
   """Under remat=full the backward pass keeps, of each scanned unit, only its input (the scan's
-  carry); without remat it keeps six float32 maps of that size and two boolean ones (conv outputs,
-  BN's centred values, ReLU's outputs and masks). Six more units per stage (ResNet-20 -> -56) must
-  then cost XLA's buffers six input maps per stage with full remat (XLA may reuse a buffer or
-  two, hence the margin), and more than four times that without."""
+  carry); without remat it keeps float32 maps of that size and boolean ReLU masks, 4.5 maps' worth
+  with layers.BatchNorm's written backward (6.5 with autodiff's). Six more units per stage
+  (ResNet-20 -> -56) must then cost XLA's buffers six input maps per stage with full remat (XLA
+  may reuse a buffer or two, hence the margin), and more than three times that without."""
   batch, hw = 32, 16
   maps = 6 * sum(batch * (hw // 2**s) ** 2 * c * 4 for s, c in enumerate((16, 32, 64)))
   full = _step_temp_bytes("full", 56) - _step_temp_bytes("full", 20)
   none = _step_temp_bytes("none", 56) - _step_temp_bytes("none", 20)
   assert 0.75 * maps < full < 1.25 * maps, (full, maps)
-  assert none > 4 * maps, (none, maps)
+  assert none > 3 * maps, (none, maps)
 
 
 def test_auto_remat_is_full_on_cpu():

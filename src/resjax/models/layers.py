@@ -289,13 +289,13 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 class BatchNorm(nnx.BatchNorm):
   """flax's BatchNorm; in training on float32 input on CPU its backward pass is written out
   (``batch_norm_train``: one reduction pass and one elementwise pass, where autodiff's takes
-  more), which made the CIFAR ResNets' CPU step 16-23% faster (README, Speed). Elsewhere, and
-  for bf16 or masked or cross-device statistics, it is flax's own."""
+  more, and only the input kept for it; README, Speed, has what that gains). Elsewhere, and for
+  bf16 or masked or cross-device statistics, it is flax's own."""
 
   def __call__(self, x, use_running_average=None, *, mask=None):
     train = not (self.use_running_average if use_running_average is None else use_running_average)
-    plain = (train and jax.default_backend() == "cpu" and mask is None and self.axis_name is None and self.axis == -1
-             and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32)
+    plain = (train and jax.default_backend() == "cpu" and mask is None and self.axis_name is None
+             and self.axis == -1 and x.dtype == jnp.float32 and self.dtype in (None, jnp.float32)
              and self.use_fast_variance and self.scale is not None and self.bias is not None)
     if not plain:
       return super().__call__(x, use_running_average, mask=mask)
