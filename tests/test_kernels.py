@@ -158,6 +158,25 @@ def test_not_built_is_one_line_naming_the_build(tmp_path, monkeypatch):
     kernels._load.cache_clear()
 
 
+def test_a_library_that_does_not_load_is_one_line_naming_the_build(tmp_path, monkeypatch):
+  """A file where the library should be that the loader refuses (truncated, or linking a library
+  that is gone): not a traceback but NotBuilt, auto falls back, and status says to rebuild."""
+  monkeypatch.setenv("RESJAX_KERNELS_DIR", str(tmp_path))
+  kernels._load.cache_clear()
+  try:
+    kernels.library_path().write_bytes(b"\x7fELF truncated")
+    assert not kernels.available()
+    assert layers.resolve_conv_impl("auto") != "onednn"
+    env = {**os.environ, "RESJAX_KERNELS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "resjax.kernels", "status"], capture_output=True,
+                         text=True, env=env, cwd=REPO)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and "does not load" in out.stderr
+    assert "python -m resjax.kernels build" in out.stderr
+  finally:
+    kernels._load.cache_clear()
+
+
 def test_library_name_follows_source_and_versions(tmp_path, monkeypatch):
   monkeypatch.setenv("RESJAX_KERNELS_DIR", str(tmp_path))
   a = kernels.library_path()

@@ -120,7 +120,11 @@ def _load() -> ctypes.CDLL | NotBuilt:
                     f"{INSTALL_HINT}")
   import jax
 
-  lib = ctypes.CDLL(str(path))
+  try:
+    lib = ctypes.CDLL(str(path))
+  except OSError as e:  # a truncated file, or a library it links that is gone
+    return NotBuilt(f"the oneDNN convolution at {path} does not load ({e}): build it again with "
+                    f"`python -m resjax.kernels build`")
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
   return lib
