@@ -28,15 +28,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import resource
-import statistics
 import sys
-import time
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
+from resjax.bench import torch_twin
+from resjax.bench.torch_twin import count_params
 from resjax.errors import ConfigError
 
 MODES = ("eager", "compile")
@@ -108,10 +107,6 @@ class GPT(nn.Module):
     return F.linear(self.final_norm(x), self.token_embed.weight)  # the tied head
 
 
-def count_params(model: nn.Module) -> int:
-  return sum(p.numel() for p in model.parameters())
-
-
 def make_optimizer(model: nn.Module, fused: bool) -> torch.optim.AdamW:
   """AdamW decaying matrices and embeddings (2-D parameters) alone, as resjax's ``_decay_mask``."""
   params = list(model.parameters())
@@ -175,28 +170,10 @@ def measure_gpt(batch: int, steps: int, *, context: int = 1024, vocab_size: int 
     starts = torch.randint(0, n - context - 1, (batch,), generator=gen).to(dev)
     return stream[starts[:, None] + offsets]
 
-  t = time.perf_counter()
-  for s in range(2):
-    float(step(windows(s)))  # float(): waits for the device
-  warmup_s = time.perf_counter() - t
-  times, cpu_times = [], []
-  for s in range(steps):
-    w = windows(s + 2)
-    t, c = time.perf_counter(), time.process_time()
-    loss = float(step(w))
-    times.append(time.perf_counter() - t)
-    cpu_times.append(time.process_time() - c)
-  step_s = statistics.median(times)
-  peak = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda"
-          else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+  out = torch_twin.time_steps(step, lambda s: (windows(s),), steps, dev)
   return {"depth": depth, "width": width, "context": context, "batch": batch, "mode": mode,
-          "dtype": dtype, "params": count_params(model),
-          "compile_s": max(warmup_s - 2 * step_s, 0.0), "step_s": step_s,
-          "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
-          "examples_per_s": batch / step_s, "tokens_per_s": batch * context / step_s,
-          "peak_gib": peak, "loss": loss,
-          "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
-          "threads": torch.get_num_threads(), "torch": torch.__version__}
+          "dtype": dtype, "params": count_params(model), **out,
+          "examples_per_s": batch / out["step_s"], "tokens_per_s": batch * context / out["step_s"]}
 
 
 def main(argv=None) -> int:

@@ -244,28 +244,38 @@ def measure(depth: int, batch: int, steps: int, size: int = 32, *, unit: str = "
   if mode == "compile":
     step = torch.compile(step)
   order = torch.randperm(n, generator=gen).to(dev)
-  # Two warm-up steps: under torch.compile the optimizer step compiles again on the second call,
-  # once the momentum buffers exist.
+
+  def inputs(s: int) -> tuple:  # warm-ups (s < 2) on the first batch, then the order's batches
+    j = ((s - 1) * batch) % (n - batch + 1) if s >= 2 else 0
+    return images, labels, order[j:j + batch]
+
+  out = time_steps(step, inputs, steps, dev)
+  return {"depth": depth, "batch": batch, "mode": mode, "dtype": dtype,
+          "channels_last": channels_last, "params": count_params(model), **out,
+          "examples_per_s": batch / out["step_s"]}
+
+
+def time_steps(step, inputs, steps: int, dev: torch.device) -> dict:
+  """Runs ``step(*inputs(s))`` for s = 0, 1 (warm-up: under torch.compile the optimizer step
+  compiles again on the second call, once its state exists), then times s = 2 .. steps + 1 one
+  step at a time, each input made before its clock starts. Step time is the median of the timed
+  steps; compile time is the warm-up's time less two steps."""
   t = time.perf_counter()
-  for _ in range(2):
-    float(step(images, labels, order[:batch]))  # float(): waits for the device
+  for s in range(2):
+    float(step(*inputs(s)))  # float(): waits for the device
   warmup_s = time.perf_counter() - t
   times, cpu_times = [], []
-  for s in range(steps):
-    j = ((s + 1) * batch) % (n - batch + 1)
-    idx = order[j:j + batch]
+  for s in range(2, steps + 2):
+    args = inputs(s)
     t, c = time.perf_counter(), time.process_time()
-    loss = float(step(images, labels, idx))
+    loss = float(step(*args))
     times.append(time.perf_counter() - t)
     cpu_times.append(time.process_time() - c)
   step_s = statistics.median(times)
   peak = (torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda"
           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
-  return {"depth": depth, "batch": batch, "mode": mode, "dtype": dtype,
-          "channels_last": channels_last, "params": count_params(model),
-          "compile_s": max(warmup_s - 2 * step_s, 0.0), "step_s": step_s,
+  return {"compile_s": max(warmup_s - 2 * step_s, 0.0), "step_s": step_s,
           "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
-          "examples_per_s": batch / step_s,
           "peak_gib": peak, "loss": loss,
           "device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
           "threads": torch.get_num_threads(), "torch": torch.__version__}
