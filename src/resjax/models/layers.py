@@ -198,10 +198,9 @@ def check_remat(remat: str) -> str:
 def resolve_remat(remat: str) -> str:
   """``remat`` as a ``REMAT_POLICIES`` key: "auto" is "full" on CPU, "none" elsewhere.
 
-  On CPU, keeping a unit's activations for the backward pass means writing them into the scan's
-  stacks and reading them back, which costs as much as recomputing the unit or more, with either
-  CPU convolution; full remat keeps one map per unit instead of eight (README, Speed and Memory at
-  depth, measured both ways). On accelerators recomputing is a third more FLOPs for memory a net
+  On CPU, full remat keeps one map per unit for the backward pass instead of about four and a
+  half, halving the step's peak memory; what it costs in speed depends on the machine, from a
+  gain to 14% (README, Speed and Memory at depth, measured both ways). On accelerators recomputing is a third more FLOPs for memory a net
   may not need.
   """
   if check_remat(remat) == "auto":
