@@ -250,10 +250,11 @@ def _step_temp_bytes(remat, depth, batch=32, hw=16):
 
 def test_full_remat_keeps_one_map_per_scanned_unit():
   """Under remat=full the backward pass keeps, of each scanned unit, only its input (the scan's
-  carry); without remat it keeps float32 maps of that size and boolean ReLU masks, 4.5 maps' worth
-  with layers.BatchNorm's written backward (6.5 with autodiff's). Six more units per stage
-  (ResNet-20 -> -56) must then cost XLA's buffers six input maps per stage with full remat (XLA
-  may reuse a buffer or two, hence the margin), and more than three times that without."""
+  carry); without remat it keeps float32 maps of that size and one boolean ReLU mask, 4.25 maps'
+  worth with layers.BatchNorm's written backward and layers.relu (6.5 with autodiff's BatchNorm and
+  two masks). Six more units per stage (ResNet-20 -> -56) must then cost XLA's buffers six input
+  maps per stage with full remat (XLA may reuse a buffer or two, hence the margin), and more than
+  three times that without."""
   batch, hw = 32, 16
   maps = 6 * sum(batch * (hw // 2**s) ** 2 * c * 4 for s, c in enumerate((16, 32, 64)))
   full = _step_temp_bytes("full", 56) - _step_temp_bytes("full", 20)
@@ -455,3 +456,27 @@ def test_batch_norm_with_written_backward_is_flax_batch_norm():
   for a, b in zip(jax.tree.leaves(ours[1:]), jax.tree.leaves(flax[1:])):
     assert_f32_close(a, b, terms=256, depth=2, gain=4)
   assert float(jnp.abs(ours[1][0]).max()) > 0.1  # the gradient is not trivially zero
+
+
+def test_relu_is_jax_relu_and_keeps_no_bool_mask():
+  """layers.relu: jax.nn.relu's values, gradient and forward-mode derivative, exactly (zeros and
+  negatives included); on CPU what its backward pass keeps is the float output, where
+  jax.nn.relu's keeps a bool mask (XLA:CPU's slow operand)."""
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5, 5, 8)), jnp.float32)
+  x = x.at[0, 0, 0].set(0.0)
+  t = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
+
+  def loss(relu):
+    return lambda v: jnp.sum(jnp.sin(relu(1.5 * v)) * t)
+
+  np.testing.assert_array_equal(layers.relu(x), jax.nn.relu(x))
+  np.testing.assert_array_equal(jax.grad(loss(layers.relu))(x), jax.grad(loss(jax.nn.relu))(x))
+  np.testing.assert_array_equal(jax.jvp(layers.relu, (x,), (t,))[1],
+                                jax.jvp(jax.nn.relu, (x,), (t,))[1])
+
+  def kept(relu):
+    _, vjp = jax.vjp(lambda v: relu(1.5 * v), x)
+    return {a.dtype for a in jax.tree.leaves(vjp) if getattr(a, "size", 0) == x.size}
+
+  assert kept(jax.nn.relu) >= {jnp.dtype(bool)}
+  assert kept(layers.relu) == {jnp.dtype(jnp.float32)}

@@ -175,18 +175,22 @@ class Unit(nnx.Module):
     for i, conv_i in enumerate(self.convs):
       skip = i == 0 and self.skip_preact
       if p == "preact":
-        h = h if skip else jax.nn.relu(bn(i, h))
+        h = h if skip else layers.relu(bn(i, h))
         if i == 0 and self.shortcut.projects:
           carried = h  # projections take the pre-activated input
         h = conv_i(h)
       elif p == "relu_preact":
-        h = bn(i, conv_i(h if skip else jax.nn.relu(h)))
+        h = bn(i, conv_i(h if skip else layers.relu(h)))
       else:
         h = conv_i(h)
         if i < last or p != "bn_after_add":
           h = bn(i, h)
-        if i < last or p == "relu_before_add":
+        if i < last:
+          h = layers.relu(h)
+        elif p == "relu_before_add":
           h = jax.nn.relu(h)
+    # layers.relu where the output is a convolution's input (kept anyway); jax.nn.relu where only
+    # its mask would be kept (here, and before the pooling): a bool mask is a quarter of a map.
     y = self.shortcut(carried, h, train=train)
     if p == "post":
       y = jax.nn.relu(y)
@@ -333,7 +337,7 @@ class CifarResNet(ResNet):
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def stem_forward(self, x, *, train):
-    return jax.nn.relu(self.stem_norm(self.stem(x), use_running_average=not train))
+    return layers.relu(self.stem_norm(self.stem(x), use_running_average=not train))
 
   def stem_shape(self, input_shape):
     b, h, w, _ = input_shape
@@ -392,7 +396,7 @@ class ImageNetResNet(ResNet):
     self.head = nnx.Linear(features, num_classes, rngs=rngs)
 
   def stem_forward(self, x, *, train):
-    h = jax.nn.relu(self.stem_norm(self.stem(x), use_running_average=not train))
+    h = layers.relu(self.stem_norm(self.stem(x), use_running_average=not train))
     return max_pool_3x3_s2(h)
 
   def stem_shape(self, input_shape):

@@ -575,7 +575,7 @@ class ConvGate(nnx.Module):
   def __call__(self, x: Array, *, train: bool) -> Array:
     if self.bias is not None:
       return jax.nn.sigmoid(self.convs[0](x) + self.bias[...])
-    h = jax.nn.relu(self.norms[0](self.convs[0](x), use_running_average=not train))
+    h = layers.relu(self.norms[0](self.convs[0](x), use_running_average=not train))
     return jax.nn.sigmoid(self.norms[1](self.convs[1](h), use_running_average=not train))
 
 
