@@ -458,10 +458,10 @@ def test_batch_norm_with_written_backward_is_flax_batch_norm():
   assert float(jnp.abs(ours[1][0]).max()) > 0.1  # the gradient is not trivially zero
 
 
-def test_relu_is_jax_relu_and_keeps_no_bool_mask():
-  """layers.relu: jax.nn.relu's values, gradient and forward-mode derivative, exactly (zeros and
-  negatives included); on CPU what its backward pass keeps is the float output, where
-  jax.nn.relu's keeps a bool mask (XLA:CPU's slow operand)."""
+def test_relu_is_jax_relu_and_keeps_what_its_gate_says():
+  """layers.relu under either gate: jax.nn.relu's values and gradient exactly (zeros and negatives
+  included), and forward mode under the output gate. On CPU, what its backward pass keeps: the
+  float output (gate="output") or the bool mask alone (gate="mask"), never the pair."""
   x = jnp.asarray(np.random.default_rng(0).standard_normal((4, 5, 5, 8)), jnp.float32)
   x = x.at[0, 0, 0].set(0.0)
   t = jnp.asarray(np.random.default_rng(1).standard_normal(x.shape), jnp.float32)
@@ -469,14 +469,29 @@ def test_relu_is_jax_relu_and_keeps_no_bool_mask():
   def loss(relu):
     return lambda v: jnp.sum(jnp.sin(relu(1.5 * v)) * t)
 
-  np.testing.assert_array_equal(layers.relu(x), jax.nn.relu(x))
-  np.testing.assert_array_equal(jax.grad(loss(layers.relu))(x), jax.grad(loss(jax.nn.relu))(x))
-  np.testing.assert_array_equal(jax.jvp(layers.relu, (x,), (t,))[1],
-                                jax.jvp(jax.nn.relu, (x,), (t,))[1])
-
   def kept(relu):
     _, vjp = jax.vjp(lambda v: relu(1.5 * v), x)
-    return {a.dtype for a in jax.tree.leaves(vjp) if getattr(a, "size", 0) == x.size}
+    return sorted(str(a.dtype) for a in jax.tree.leaves(vjp) if getattr(a, "size", 0) == x.size)
 
-  assert kept(jax.nn.relu) >= {jnp.dtype(bool)}
-  assert kept(layers.relu) == {jnp.dtype(jnp.float32)}
+  for gate in layers.RELU_GATES:
+    ours = functools.partial(layers.relu, gate=gate)
+    np.testing.assert_array_equal(ours(x), jax.nn.relu(x))
+    np.testing.assert_array_equal(jax.grad(loss(ours))(x), jax.grad(loss(jax.nn.relu))(x))
+  np.testing.assert_array_equal(jax.jvp(layers.relu, (x,), (t,))[1],
+                                jax.jvp(jax.nn.relu, (x,), (t,))[1])
+  assert "bool" in kept(jax.nn.relu)
+  if jax.default_backend() == "cpu":
+    assert kept(layers.relu) == ["float32"]
+    assert kept(functools.partial(layers.relu, gate="mask")) == ["bool"]
+
+
+def test_relu_mask_gate_is_select_bit_for_bit():
+  """The integer AND that applies the mask gives select's bits: +0.0 where masked (whatever the
+  gradient there, NaN and -0.0 included), the gradient's own bits (NaN, -0.0, inf) where not."""
+  g = jnp.asarray([np.nan, -0.0, np.inf, -np.inf, -1.5, 2.0, np.nan, -0.0, 1e-45, -3e38],
+                  jnp.float32)
+  mask = jnp.asarray([True, True, True, True, True, False, False, False, True, False])
+  got = layers._select_bits(mask, g)
+  want = jnp.where(mask, g, jnp.zeros_like(g))
+  np.testing.assert_array_equal(jax.lax.bitcast_convert_type(got, jnp.uint32),
+                                jax.lax.bitcast_convert_type(want, jnp.uint32))

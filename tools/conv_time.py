@@ -8,6 +8,12 @@ milliseconds next to the step's own: the convolutions' share of each step, and w
 everything else (BatchNorm, ReLU, the adds, the optimizer, the scan's bookkeeping).
 
     python tools/conv_time.py [--row resnet110] [--batch 128]
+    python tools/conv_time.py --isolated [--channels 16] [--size 32] [--batch 128]
+
+``--isolated`` times the convolution alone instead: ten 3x3 convolutions chained in one function,
+forward, then forward and backward, in each framework (resjax's kernel in a jitted function,
+PyTorch's channels-last conv2d), and prints the median milliseconds per convolution. Where the
+two agree alone but not inside the step, the difference is the step's, not oneDNN's version.
 
 Needs PyTorch and a built kernel (``python -m resjax.kernels build``). One step is one sample:
 on a shared machine, run it more than once.
@@ -66,6 +72,83 @@ def child_torch(row_name: str, batch: int) -> None:
   print(END, json.dumps({"step_ms": step_ms}), flush=True)
 
 
+CHAIN = 10  # convolutions chained in one isolated measurement
+
+
+def child_isolated(who: str, batch: int, channels: int, size: int, repeats: int) -> None:
+  import statistics
+
+  import numpy as np
+  rng = np.random.default_rng(0)
+  x0 = rng.standard_normal((batch, size, size, channels), np.float32)
+  w0 = (0.05 * rng.standard_normal((3, 3, channels, channels))).astype(np.float32)
+  if who == "resjax":
+    import jax
+    import jax.numpy as jnp
+
+    from resjax.kernels.conv import conv
+
+    def chain(x, w):
+      for _ in range(CHAIN):
+        x = conv(x, w, 1)
+      return x
+
+    fwd = jax.jit(chain)
+    grad = jax.jit(jax.grad(lambda x, w: 1e-6 * jnp.sum(jnp.square(chain(x, w))), (0, 1)))
+    x, w = jnp.asarray(x0), jnp.asarray(w0)
+    runs = {"forward": lambda: jax.block_until_ready(fwd(x, w)),
+            "forward+backward": lambda: jax.block_until_ready(grad(x, w))}
+  else:
+    import torch
+    cl = torch.channels_last
+    x = torch.from_numpy(x0).permute(0, 3, 1, 2).contiguous(memory_format=cl)
+    w = torch.from_numpy(w0).permute(3, 2, 0, 1).contiguous(memory_format=cl).requires_grad_()
+
+    def chain(h):
+      for _ in range(CHAIN):
+        h = torch.nn.functional.conv2d(h, w, padding=1)
+      return h
+
+    def forward():
+      with torch.no_grad():
+        chain(x)
+
+    def forward_backward():
+      xg = x.detach().requires_grad_()
+      (1e-6 * chain(xg).square().sum()).backward()
+
+    runs = {"forward": forward, "forward+backward": forward_backward}
+  for run in runs.values():
+    run()  # compile or warm up
+  times = {k: [] for k in runs}
+  for _ in range(repeats):
+    for k, run in runs.items():
+      t = time.perf_counter()
+      run()
+      times[k].append(1e3 * (time.perf_counter() - t) / CHAIN)
+  print(END, json.dumps({k: statistics.median(v) for k, v in times.items()}), flush=True)
+
+
+def isolated(batch: int, channels: int, size: int, repeats: int) -> int:
+  results = {}
+  for who in ("resjax", "torch"):
+    out = subprocess.run([sys.executable, __file__, "--isolated", "--child", who, "--batch",
+                          str(batch), "--channels", str(channels), "--size", str(size),
+                          "--repeats", str(repeats)], capture_output=True, text=True)
+    if out.returncode:
+      print(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode,
+            file=sys.stderr)
+      return 2
+    results[who] = summarize(out.stdout)[1]
+  print(f"3x3 convolution, {channels} channels, {size}x{size}, batch {batch}, {CHAIN} chained: "
+        f"median ms per convolution of {repeats}\n")
+  print("| | resjax | PyTorch | resjax / PyTorch |\n|---|---|---|---|")
+  for k, r in results["resjax"].items():
+    t = results["torch"][k]
+    print(f"| {k} | {r:.2f} | {t:.2f} | {r / t:.2f} |")
+  return 0
+
+
 def summarize(log: str) -> tuple[dict, dict]:
   """({(primitive, direction): [calls, ms]}, the child's END record) from a child's stdout."""
   on, totals, record = False, collections.defaultdict(lambda: [0, 0.0]), {}
@@ -87,8 +170,17 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--row", default="resnet110", help="a CIFAR row of resjax.bench")
   p.add_argument("--batch", type=int, default=128)
+  p.add_argument("--isolated", action="store_true", help="the convolution alone (see above)")
+  p.add_argument("--channels", type=int, default=16, help="--isolated: channels in and out")
+  p.add_argument("--size", type=int, default=32, help="--isolated: image side")
+  p.add_argument("--repeats", type=int, default=15, help="--isolated: timed runs of each")
   p.add_argument("--child", choices=("resjax", "torch"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
+  if args.isolated:
+    if args.child:
+      child_isolated(args.child, args.batch, args.channels, args.size, args.repeats)
+      return 0
+    return isolated(args.batch, args.channels, args.size, args.repeats)
   if args.child:
     (child_resjax if args.child == "resjax" else child_torch)(args.row, args.batch)
     return 0

@@ -188,14 +188,14 @@ class Unit(nnx.Module):
         if i < last:
           h = layers.relu(h)
         elif p == "relu_before_add":
-          h = jax.nn.relu(h)
-    # layers.relu where the output is a convolution's input (kept anyway); jax.nn.relu where only
-    # its mask would be kept (here, and before the pooling): a bool mask is a quarter of a map.
+          h = layers.relu(h, gate="mask")
+    # ReLU's backward gate: its output where that is a convolution's input (kept anyway), else a
+    # bool mask, a quarter of a map (here, the unit's output, and before the pooling).
     y = self.shortcut(carried, h, train=train)
     if p == "post":
-      y = jax.nn.relu(y)
+      y = layers.relu(y, gate="mask")
     elif p == "bn_after_add":
-      y = jax.nn.relu(bn(last, y))
+      y = layers.relu(bn(last, y), gate="mask")
     return y
 
 
@@ -306,7 +306,7 @@ class ResNet(nnx.Module):
         input_rms += r
         i += k
     if self.final_norm is not None:
-      h = jax.nn.relu(self.final_norm(h, use_running_average=not train))
+      h = layers.relu(self.final_norm(h, use_running_average=not train), gate="mask")
     logits = self.head(jnp.mean(h, axis=(1, 2)))
     return logits if probes is None else (logits, input_rms)
 
