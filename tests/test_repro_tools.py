@@ -12,14 +12,14 @@ def _run(script, *args):
                         text=True, timeout=300)
 
 
-def test_bool_select_repro_gates_alike_and_times_all_four():
+def test_bool_select_repro_gates_alike_and_times_all_five():
   r = _run("bool_select_repro.py", "--batch", "2", "--size", "4", "--channels", "3",
            "--repeats", "2")
   assert r.returncode == 0, r.stderr
   last = r.stdout.strip().splitlines()[-1]
-  for name in ("multiply", "mask select", "mask multiply", "output select"):
+  for name in ("multiply", "mask select", "mask multiply", "mask AND", "output select"):
     assert f"{name}: " in last
-  assert "multiply: " in last and "(1.0x)" in last  # the reference against itself
+  assert last.split("   ")[0].endswith("(1.0x)")  # the reference against itself
 
 
 def test_scan_conv_repro_agrees_and_times_both():

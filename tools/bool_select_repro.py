@@ -2,16 +2,18 @@
 
 A minimal reproduction for an upstream report, JAX alone (no resjax). ReLU's backward pass under
 autodiff is ``where(mask, g, 0)`` with ``mask = x > 0`` saved by the forward pass as a bool array.
-This script times, on one float32 map (batch B, H x W, C channels), four jitted loops that each
+This script times, on one float32 map (batch B, H x W, C channels), five jitted loops that each
 read the map once and write it once:
 
   multiply      g * 1.01                      (the reference: a vectorised loop)
   mask select   where(mask, g, 0)             (mask: a bool array, as autodiff saves it)
   mask multiply g * mask.astype(float32)      (the same bytes read, the bool converted first)
+  mask AND      g's bits AND (0 - mask)         (the bool mask as integer bits, as layers.relu applies it)
   output select where(y > 0, g, 0)            (y: the float32 ReLU output, as layers.relu reads it)
 
-checks that the three gated ones agree exactly, and prints the median of each. Run it pinned to
-one core (``taskset -c 0``) for a figure that does not depend on the thread pool.
+checks that the four gated ones agree (bit for bit, but for mask multiply's -0.0 where g < 0),
+and prints the median of each. Run it pinned to one core (``taskset -c 0``) for a figure that
+does not depend on the thread pool.
 
     python tools/bool_select_repro.py [--batch 128] [--size 32] [--channels 16] [--repeats 30]
 """
@@ -42,11 +44,17 @@ def main():
       "multiply": jax.jit(lambda g, y, m: g * 1.01),
       "mask select": jax.jit(lambda g, y, m: jnp.where(m, g, 0.0)),
       "mask multiply": jax.jit(lambda g, y, m: g * m.astype(jnp.float32)),
+      "mask AND": jax.jit(lambda g, y, m: jax.lax.bitcast_convert_type(
+          jax.lax.bitcast_convert_type(g, jnp.uint32) & (jnp.uint32(0) - m.astype(jnp.uint32)),
+          jnp.float32)),
       "output select": jax.jit(lambda g, y, m: jnp.where(y > 0, g, 0.0)),
   }
-  outs = {k: np.asarray(f(g, y, mask)) for k, f in fns.items()}
-  np.testing.assert_array_equal(outs["mask select"], outs["output select"])
-  np.testing.assert_array_equal(outs["mask select"], outs["mask multiply"])
+  bits = {k: np.asarray(f(g, y, mask)).view(np.uint32) for k, f in fns.items()}
+  for k in ("mask AND", "output select"):
+    np.testing.assert_array_equal(bits[k], bits["mask select"])
+  # g * 0.0 is -0.0 where g < 0: equal as numbers, not as bits
+  np.testing.assert_array_equal(bits["mask multiply"].view(np.float32),
+                                bits["mask select"].view(np.float32))
   times = {k: [] for k in fns}
   for _ in range(a.repeats):  # interleaved, so a change in the machine's speed hits all alike
     for k, f in fns.items():

@@ -199,9 +199,9 @@ def resolve_remat(remat: str) -> str:
   """``remat`` as a ``REMAT_POLICIES`` key: "auto" is "full" on CPU, "none" elsewhere.
 
   On CPU, full remat keeps one map per unit for the backward pass instead of about four and a
-  half, halving the step's peak memory; what it costs in speed depends on the machine, from a
-  gain to 14% (README, Speed and Memory at depth, measured both ways). On accelerators recomputing is a third more FLOPs for memory a net
-  may not need.
+  quarter, halving the step's peak memory; what it costs in speed depends on the machine, from a
+  gain to 14% (README, Speed and Memory at depth, measured both ways). On accelerators
+  recomputing is a third more FLOPs for memory a net may not need.
   """
   if check_remat(remat) == "auto":
     return "full" if jax.default_backend() == "cpu" else "none"
