@@ -7,7 +7,7 @@ one step with the verbose log on), sums the log by primitive and direction, and 
 milliseconds next to the step's own: the convolutions' share of each step, and what is left for
 everything else (BatchNorm, ReLU, the adds, the optimizer, the scan's bookkeeping).
 
-    python tools/conv_time.py [--row resnet110] [--batch 128]
+    python tools/conv_time.py [--row resnet110] [--batch 128] [--remat none]
     python tools/conv_time.py --isolated [--channels 16] [--size 32] [--batch 128]
 
 ``--isolated`` times the convolution alone instead: ten 3x3 convolutions chained in one function,
@@ -30,11 +30,11 @@ import time
 MARK, END = "CONV_TIME_MARK", "CONV_TIME_END"
 
 
-def child_resjax(row_name: str, batch: int) -> None:
+def child_resjax(row_name: str, batch: int, remat: str | None = None) -> None:
   import jax
 
   from resjax.bench import rows, step
-  s = step.build_step(rows.ROWS[row_name], batch)
+  s = step.build_step(rows.ROWS[row_name], batch, remat=remat)
   state, window = s.state, s.window
   for i in range(2):
     state, window = s.run(state, window, s.batch_at(i), s.aug_keys, s.arrays)
@@ -169,6 +169,7 @@ def summarize(log: str) -> tuple[dict, dict]:
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument("--row", default="resnet110", help="a CIFAR row of resjax.bench")
+  p.add_argument("--remat", help="resjax's config.model.remat (default: the row's own)")
   p.add_argument("--batch", type=int, default=128)
   p.add_argument("--isolated", action="store_true", help="the convolution alone (see above)")
   p.add_argument("--channels", type=int, default=16, help="--isolated: channels in and out")
@@ -182,22 +183,28 @@ def main(argv=None) -> int:
       return 0
     return isolated(args.batch, args.channels, args.size, args.repeats)
   if args.child:
-    (child_resjax if args.child == "resjax" else child_torch)(args.row, args.batch)
+    if args.child == "resjax":
+      child_resjax(args.row, args.batch, args.remat)
+    else:
+      child_torch(args.row, args.batch)
     return 0
   env = dict(os.environ, ONEDNN_VERBOSE="1")
   results = {}
   for who in ("resjax", "torch"):
     if who == "torch":
       env["ONEDNN_VERBOSE"] = "0"  # PyTorch's log goes on inside the step only
+    remat = ["--remat", args.remat] if args.remat else []
     out = subprocess.run([sys.executable, __file__, "--row", args.row, "--batch",
-                          str(args.batch), "--child", who], env=env, capture_output=True,
-                         text=True)
+                          str(args.batch), "--child", who, *remat], env=env,
+                         capture_output=True, text=True)
     if out.returncode:
       print(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode,
             file=sys.stderr)
       return 2
     results[who] = summarize(out.stdout)
-  print(f"{args.row}, batch {args.batch}: one training step, oneDNN's verbose log (ms)\n")
+  remat_name = args.remat or "the row's own"
+  print(f"{args.row}, batch {args.batch}, resjax remat {remat_name}: one training step, "
+        "oneDNN's verbose log (ms)\n")
   print("| primitive | direction | resjax calls | resjax ms | PyTorch calls | PyTorch ms |")
   print("|---|---|---|---|---|---|")
   keys = sorted(set(results["resjax"][0]) | set(results["torch"][0]))
