@@ -334,6 +334,20 @@ def test_instruction_kinds_read_what_a_fusion_computes():
   assert "convolution" not in kinds
 
 
+def test_instruction_kinds_keep_tuple_results_and_leave_out_loops():
+  # A sort of two arrays returns a tuple, like the oneDNN backward convolution's (dx, dw); a
+  # while loop's trace event encloses its body's, which are attributed on their own.
+  def f(k, v, n):
+    body = lambda i, kv: jax.lax.sort((kv[0] * 0.5, kv[1]), num_keys=1)
+    return jax.lax.fori_loop(0, n, body, (k, v))
+
+  x = jnp.arange(64.0)
+  kinds = profile.instruction_kinds(jax.jit(f).lower(x, x, 3).compile().as_text())
+  sorts = [shape for kind, shape in kinds.values() if kind == "sort"]
+  assert sorts and all(s.startswith("(") for s in sorts)
+  assert not {"while", "conditional", "call"} & {kind for kind, _ in kinds.values()}
+
+
 def test_profile_attributes_the_traced_step_to_its_instructions(tmp_path):
   s = profile.profile("resnet20", batch=4, steps=1, out=str(tmp_path), size=8)
   assert s["by_kind"]["matmul"] > 0  # on CPU every convolution is a matmul (conv_impl auto)

@@ -41,7 +41,12 @@ OPCODE_KINDS = {"dot": "matmul", "convolution": "convolution", "copy": "data mov
                 "dynamic-update-slice": "dynamic update slice", "gather": "gather"}
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) [^\n]*\{\n(.*?)^\}", re.M | re.S)
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+) ([\w\-]+)\((.*)$", re.M)
+# A result is one shape or a tuple of them (a custom call's several outputs, a multi-output fusion).
+_INSTRUCTION = re.compile(
+    r"^\s*(?:ROOT )?%?([\w.\-]+) = (\((?:[^()]|\([^()]*\))*\)|\S+) ([\w\-]+)\((.*)$", re.M)
+# Instructions whose trace events enclose their bodies' instructions: counting them would count
+# those twice.
+CONTAINERS = ("while", "conditional", "call")
 
 
 def instruction_kinds(hlo: str) -> dict[str, tuple[str, str]]:
@@ -50,6 +55,8 @@ def instruction_kinds(hlo: str) -> dict[str, tuple[str, str]]:
   out = {}
   for m in _INSTRUCTION.finditer(hlo):
     name, shape, opcode, rest = m.groups()
+    if opcode in CONTAINERS:
+      continue
     kind = OPCODE_KINDS.get(opcode, "elementwise" if opcode == "fusion" else opcode)
     if opcode == "fusion":
       called = re.search(r"calls=%?([\w.\-]+)", rest)
@@ -91,7 +98,7 @@ def markdown(summary: dict, kinds: dict, *, title: str, top: int = 15) -> str:
   lines += ["", "| instruction | kind | result | ms / step |", "|---|---|---|---|"]
   for name, ms in list(summary["by_op"].items())[:top]:
     kind, shape = kinds[name]
-    lines.append(f"| {name} | {kind} | `{shape.split('{')[0]}` | {ms:.1f} |")
+    lines.append(f"| {name} | {kind} | `{re.sub(r'{[^}]*}', '', shape)}` | {ms:.1f} |")
   return "\n".join(lines) + "\n"
 
 
