@@ -34,7 +34,8 @@ SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
 ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the runtime and its headers (PyPI)
 TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_fwd": "ResjaxOnednnConvFwd",
-    "resjax_onednn_conv_bwd": "ResjaxOnednnConvBwd",
+    "resjax_onednn_conv_bwd_weights": "ResjaxOnednnConvBwdWeights",
+    "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
 }
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 INSTALL_HINT = "pip install -e '.[onednn]' && python -m resjax.kernels build"

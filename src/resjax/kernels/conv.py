@@ -2,8 +2,9 @@
 
 NHWC ``x``, HWIO ``w`` of odd or even size k, zero padding k // 2 on every side, as
 ``lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), ("NHWC", "HWIO", "NHWC"))``
-computes. float32 only. Its VJP keeps only ``x`` and ``w``; both gradients come from
-one call of oneDNN's backward convolutions. Under ``vmap`` (resjax's seed replicas) each replica's
+computes. float32 only. Its VJP keeps only ``x`` and ``w``; the weight gradient, then the data
+gradient, are oneDNN's backward convolutions (XLA drops the data gradient where it is unused, as
+for the first layer, whose input is the images). Under ``vmap`` (resjax's seed replicas) each replica's
 convolution is its own oneDNN call inside one custom call (leading dimensions are replicas).
 """
 
@@ -47,8 +48,10 @@ def _fwd(x, w, stride):
 
 def _bwd(stride, residuals, g):
   x, w = residuals
-  dx, dw = _call("resjax_onednn_conv_bwd", [x.shape, w.shape], x, w, g, stride=stride,
-                 k=w.shape[0])
+  k = w.shape[0]
+  (dw,) = _call("resjax_onednn_conv_bwd_weights", [w.shape], x, g, stride=stride, k=k)
+  # dw as an unread operand orders the two calls (see onednn_conv.cc); an unused dx is dead code.
+  (dx,) = _call("resjax_onednn_conv_bwd_data", [x.shape], g, w, dw, stride=stride, k=k)
   return dx, dw
 
 

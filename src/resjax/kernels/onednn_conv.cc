@@ -1,7 +1,13 @@
-// resjax's CPU convolution: oneDNN's direct convolution as two XLA FFI custom calls.
+// resjax's CPU convolution: oneDNN's direct convolution as three XLA FFI custom calls.
 //
-//   resjax_onednn_conv_fwd  (x, w)     -> y         y = conv(x, w)
-//   resjax_onednn_conv_bwd  (x, w, dy) -> (dx, dw)  the gradients with respect to x and w
+//   resjax_onednn_conv_fwd           (x, w)          -> y    y = conv(x, w)
+//   resjax_onednn_conv_bwd_weights   (x, dy)         -> dw   the gradient with respect to w
+//   resjax_onednn_conv_bwd_data      (dy, w, after)  -> dx   the gradient with respect to x
+//
+// `after` is the weight gradient, unread: it makes the data gradient wait for it, so that XLA never
+// runs the two at once (each with a full OpenMP team, twice the threads the machine has), while a
+// data gradient nobody uses (the first layer's, whose input is the images) is still removed as
+// dead code.
 //
 // Activations are NHWC and kernels HWIO, float32, with attributes `stride` and `pad` (zero padding
 // `pad` on the top and left; on the bottom and right whatever the output size leaves, as XLA's
@@ -228,16 +234,19 @@ ffi::Error Forward(F32 x, F32 w, F32Out y, int64_t stride, int64_t pad) {
   return each_replica(kForward, dx, dw, dy, g, x.typed_data(), w.typed_data(), y->typed_data());
 }
 
-// Both gradients in one call, one after the other: as two calls, XLA could run them at once, each
-// with a full OpenMP team, twice the threads the machine has.
-ffi::Error Backward(F32 x, F32 w, F32 dy, F32Out dx, F32Out dw, int64_t stride, int64_t pad) {
-  Dims sx = x.dimensions(), sw = w.dimensions(), sdy = dy.dimensions();
+ffi::Error BackwardWeights(F32 x, F32 dy, F32Out dw, int64_t stride, int64_t pad) {
+  Dims sx = x.dimensions(), sdy = dy.dimensions(), sw = dw->dimensions();
   Geometry g = geometry(conv_dims(sx), conv_dims(sw), conv_dims(sdy), stride, pad);
-  ffi::Error e = each_replica(kBackwardData, sdy, sw, dx->dimensions(), g, dy.typed_data(),
-                              w.typed_data(), dx->typed_data());
-  if (!e.success()) return e;
-  return each_replica(kBackwardWeights, sx, sdy, dw->dimensions(), g, x.typed_data(),
-                      dy.typed_data(), dw->typed_data());
+  return each_replica(kBackwardWeights, sx, sdy, sw, g, x.typed_data(), dy.typed_data(),
+                      dw->typed_data());
+}
+
+ffi::Error BackwardData(F32 dy, F32 w, F32 after, F32Out dx, int64_t stride, int64_t pad) {
+  (void)after;
+  Dims sdy = dy.dimensions(), sw = w.dimensions(), sx = dx->dimensions();
+  Geometry g = geometry(conv_dims(sx), conv_dims(sw), conv_dims(sdy), stride, pad);
+  return each_replica(kBackwardData, sdy, sw, sx, g, dy.typed_data(), w.typed_data(),
+                      dx->typed_data());
 }
 
 }  // namespace
@@ -245,9 +254,12 @@ ffi::Error Backward(F32 x, F32 w, F32 dy, F32Out dx, F32Out dw, int64_t stride, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvFwd, Forward,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwd, Backward,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwdWeights, BackwardWeights,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
+                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwdData, BackwardData,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>()
-                                  .Ret<F32>().Attr<int64_t>("stride").Attr<int64_t>("pad"));
+                                  .Attr<int64_t>("stride").Attr<int64_t>("pad"));
 
 // The linked oneDNN's version, for the build's provenance: major * 10000 + minor * 100 + patch.
 extern "C" int resjax_onednn_version() {
