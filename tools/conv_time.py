@@ -190,10 +190,10 @@ def main(argv=None) -> int:
     return 0
   env = dict(os.environ, ONEDNN_VERBOSE="1")
   results = {}
+  remat = ["--remat", args.remat] if args.remat else []
   for who in ("resjax", "torch"):
     if who == "torch":
       env["ONEDNN_VERBOSE"] = "0"  # PyTorch's log goes on inside the step only
-    remat = ["--remat", args.remat] if args.remat else []
     out = subprocess.run([sys.executable, __file__, "--row", args.row, "--batch",
                           str(args.batch), "--child", who, *remat], env=env,
                          capture_output=True, text=True)

@@ -4,8 +4,9 @@ NHWC ``x``, HWIO ``w`` of odd or even size k, zero padding k // 2 on every side,
 ``lax.conv_general_dilated(x, w, (stride, stride), ((p, p), (p, p)), ("NHWC", "HWIO", "NHWC"))``
 computes. float32 only. Its VJP keeps only ``x`` and ``w``; the weight gradient, then the data
 gradient, are oneDNN's backward convolutions (XLA drops the data gradient where it is unused, as
-for the first layer, whose input is the images). Under ``vmap`` (resjax's seed replicas) each replica's
-convolution is its own oneDNN call inside one custom call (leading dimensions are replicas).
+for the first layer, whose input is the images). Under ``vmap`` (resjax's seed replicas) each
+replica's convolution is its own oneDNN call inside one custom call (leading dimensions are
+replicas).
 """
 
 from __future__ import annotations
