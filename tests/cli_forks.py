@@ -21,9 +21,11 @@ import jax  # noqa: F401
 import optax  # noqa: F401
 import orbax.checkpoint  # noqa: F401
 
-from resjax import configs, inspect_model, main, sharding, train  # noqa: F401
+from resjax import configs, inspect_model, main, malloc, sharding, train  # noqa: F401
 
 WORKERS = 2
+# A fork cannot start again under glibc's settings (resjax.malloc.reexec), so each runs as if it had.
+os.environ.setdefault(malloc.ENV, malloc.TUNABLES)
 
 
 def _child(case, out_path, err_path):

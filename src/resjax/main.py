@@ -45,6 +45,10 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", None, "With --coordinator.")
 _COMPILE_CACHE = flags.DEFINE_bool(
     "compile_cache", True, "Keep compiled XLA programs between runs in JAX_COMPILATION_CACHE_DIR, "
     "else $XDG_CACHE_HOME/resjax/xla (~/.cache/resjax/xla): a rerun of a row skips its compile.")
+_DEFAULT_MALLOC = flags.DEFINE_bool(
+    "default_malloc", False, "Leave glibc malloc as it is. Otherwise, on a CPU-only Linux machine "
+    "without GLIBC_TUNABLES set, the command starts again under resjax.malloc.TUNABLES, which keep "
+    "XLA:CPU's freed buffers for reuse instead of faulting them in again every step.")
 
 EXIT_USER_ERROR = 2
 # Stopped early on purpose, with a checkpoint saved: rerun the same command to resume. The code is
@@ -411,7 +415,23 @@ def parse_flags(argv: list[str]) -> list[str]:
     raise UserError(f"{e} (see --helpfull)") from None
 
 
+def default_malloc_asked(argv: list[str]) -> bool:
+  """Whether ``argv`` sets --default_malloc (read before absl parses it: glibc's settings must be in
+  place when the process starts, before anything is allocated under the old ones)."""
+  asked = False
+  for arg in argv[1:]:
+    if arg == "--":
+      break
+    name, _, value = arg.lstrip("-").partition("=")
+    if arg.startswith("-") and name in ("default_malloc", "nodefault_malloc"):
+      asked = (name == "default_malloc") == (value.lower() not in ("false", "0", "f", "n", "no"))
+  return asked
+
+
 def run() -> None:
+  if not default_malloc_asked(sys.argv):
+    from resjax import malloc
+    malloc.reexec()
   try:
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=parse_flags)
   except UserError as e:

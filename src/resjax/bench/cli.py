@@ -26,7 +26,7 @@ them; MFU divides the FLOP/s achieved by the device's dense bf16 peak (``PEAK_TF
 bf16 (``--dtypes bfloat16``) computes convolutions, Dense layers and BatchNorm's output in bfloat16
 (PyTorch: autocast); BatchNorm's batch statistics and running averages, the parameters and the
 optimizer state stay float32. It is on by default only on accelerators: CPUs without bf16 units
-emulate it. Children get ``MALLOC_TUNABLES`` (see there) unless ``--default-malloc``, and with
+emulate it. Children get ``resjax.malloc.TUNABLES`` unless ``--default-malloc``, and with
 ``--threads N`` both XLA and PyTorch are pinned to N cores.
 """
 
@@ -39,6 +39,7 @@ import os
 import subprocess
 import sys
 
+from resjax import malloc
 from resjax.bench import rows
 from resjax.errors import ConfigError, UserError
 
@@ -232,18 +233,8 @@ def probe_device(env: dict) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# glibc malloc returns every freed block over 32 MiB to the OS (and threads get their own arenas,
-# whose large blocks are always fresh mappings), so each step of an XLA:CPU program would fault its
-# temporary buffers in again, page by page: a third of a ResNet-20 step here. One arena that keeps
-# what it frees avoids it for blocks under 64 MiB. Larger ones (XLA:CPU's temporaries of a step,
-# one block) get their own mapping, returned at free, because a heap that is never trimmed
-# fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, peaked anywhere
-# from 1.3 to 3.0 GiB of RSS with every block in the heap. hugetlb=1 backs those mappings with
-# transparent huge pages, so mapping one again costs 2 MiB faults, not 4 KiB ones (a ResNet-20 run:
-# 41k page faults against 300k, and no more CPU time per step). glibc reads these only at process
-# start, hence the children's environment; one it does not know (before 2.35) it ignores.
-MALLOC_TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=67108864:"
-                   "glibc.malloc.trim_threshold=17179869184:glibc.malloc.hugetlb=1")
+# The children run under resjax.malloc's glibc settings (see there), resjax and PyTorch alike.
+MALLOC_TUNABLES = malloc.TUNABLES
 
 
 def child_env(threads: int | None, malloc: bool = True) -> dict:

@@ -1,0 +1,57 @@
+"""glibc malloc settings for XLA:CPU training, which glibc reads only when a process starts.
+
+glibc malloc returns every freed block over 32 MiB to the OS (and threads get their own arenas,
+whose large blocks are always fresh mappings), so each step of an XLA:CPU program faults its
+temporary buffers in again, page by page: a ResNet-20 step at batch 128 took 63k page faults and
+150 ms of system time against PyTorch's 7k and 16 ms (README, Speed). ``TUNABLES`` keeps one arena
+that keeps what it frees, for blocks under 64 MiB. Larger ones (XLA:CPU's temporaries of a step,
+one block) keep their own mapping, returned at free, because a heap that is never trimmed
+fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, peaked anywhere from
+1.3 to 3.0 GiB of RSS with every block in the heap. hugetlb=1 backs those mappings with transparent
+huge pages, so mapping one again costs 2 MiB faults, not 4 KiB ones. A glibc that does not know a
+tunable (hugetlb is from 2.35) ignores it.
+
+``python -m resjax.main`` and the bench's children run with these; ``reexec`` starts the command
+again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
+machine whose JAX has an accelerator plugin (``jax_plugins``, libtpu) or platform other than CPU,
+and anything but Linux with glibc.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import platform
+import sys
+
+TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=67108864:"
+            "glibc.malloc.trim_threshold=17179869184:glibc.malloc.hugetlb=1")
+ENV = "GLIBC_TUNABLES"
+
+
+def cpu_only(environ=os.environ) -> bool:
+  """Whether JAX here can only run on its CPU: JAX_PLATFORMS says so, or, where it is not set, no
+  accelerator plugin is installed. Decided without importing JAX."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+
+
+def wanted(environ=os.environ) -> bool:
+  """Whether this process should be started again under ``TUNABLES``."""
+  return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and ENV not in environ
+          and bool(sys.executable) and cpu_only(environ))
+
+
+def reexec(environ=os.environ) -> None:
+  """Replaces this process with the same command line (interpreter options included) under
+  ``TUNABLES`` where ``wanted``; returns only where it is not. The process keeps its id."""
+  if not wanted(environ):
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, {**environ, ENV: TUNABLES})
