@@ -2,9 +2,8 @@
 
 glibc malloc returns every freed block over 32 MiB to the OS (and threads get their own arenas,
 whose large blocks are always fresh mappings), so each step of an XLA:CPU program faults its
-temporary buffers in again, page by page: a ResNet-20 step at batch 128 took 63k page faults and
-150 ms of system time against PyTorch's 7k and 16 ms (README, Speed). ``TUNABLES`` keeps one arena
-that keeps what it frees, for blocks under 64 MiB. Larger ones (XLA:CPU's temporaries of a step,
+temporary buffers in again, page by page (README, Speed, has what that costs). ``TUNABLES`` keeps
+one arena that keeps what it frees, for blocks under 64 MiB. Larger ones (XLA:CPU's temporaries of a step,
 one block) keep their own mapping, returned at free, because a heap that is never trimmed
 fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, peaked anywhere from
 1.3 to 3.0 GiB of RSS with every block in the heap. hugetlb=1 backs those mappings with transparent
