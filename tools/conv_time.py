@@ -15,6 +15,9 @@ forward, then forward and backward, in each framework (resjax's kernel in a jitt
 PyTorch's channels-last conv2d), and prints the median milliseconds per convolution. Where the
 two agree alone but not inside the step, the difference is the step's, not oneDNN's version.
 
+Both children run under the bench's glibc malloc settings (``resjax.malloc``; ``--default-malloc``:
+without them, where resjax's step faults its buffers in again, much of it inside the
+convolutions). The step's table adds each process's CPU time and page faults during the step.
 Needs PyTorch and a built kernel (``python -m resjax.kernels build``). One step is one sample:
 on a shared machine, run it more than once.
 """
@@ -22,12 +25,20 @@ on a shared machine, run it more than once.
 import argparse
 import collections
 import json
-import os
+import resource
 import subprocess
 import sys
 import time
 
 MARK, END = "CONV_TIME_MARK", "CONV_TIME_END"
+
+
+def cpu_since(before) -> dict:
+  """The process's CPU time (user, system; ms, all threads) and minor page faults since ``before``."""
+  now = resource.getrusage(resource.RUSAGE_SELF)
+  return {"user_ms": 1e3 * (now.ru_utime - before.ru_utime),
+          "sys_ms": 1e3 * (now.ru_stime - before.ru_stime),
+          "page_faults": now.ru_minflt - before.ru_minflt}
 
 
 def child_resjax(row_name: str, batch: int, remat: str | None = None) -> None:
@@ -40,10 +51,10 @@ def child_resjax(row_name: str, batch: int, remat: str | None = None) -> None:
     state, window = s.run(state, window, s.batch_at(i), s.aug_keys, s.arrays)
     jax.block_until_ready(window)
   print(MARK, flush=True)
-  t = time.perf_counter()
+  t, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
   state, window = s.run(state, window, s.batch_at(2), s.aug_keys, s.arrays)
   jax.block_until_ready(window)
-  print(END, json.dumps({"step_ms": 1e3 * (time.perf_counter() - t),
+  print(END, json.dumps({"step_ms": 1e3 * (time.perf_counter() - t), **cpu_since(usage),
                          "conv_impl": s.config.model.get("conv_impl", "auto")}), flush=True)
 
 
@@ -66,10 +77,10 @@ def child_torch(row_name: str, batch: int) -> None:
     float(step(images, labels, torch.arange(i * batch, (i + 1) * batch)))
   print(MARK, flush=True)
   with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-    t = time.perf_counter()
+    t, usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
     float(step(images, labels, torch.arange(2 * batch, 3 * batch)))
     step_ms = 1e3 * (time.perf_counter() - t)
-  print(END, json.dumps({"step_ms": step_ms}), flush=True)
+  print(END, json.dumps({"step_ms": step_ms, **cpu_since(usage)}), flush=True)
 
 
 CHAIN = 10  # convolutions chained in one isolated measurement
@@ -129,12 +140,20 @@ def child_isolated(who: str, batch: int, channels: int, size: int, repeats: int)
   print(END, json.dumps({k: statistics.median(v) for k, v in times.items()}), flush=True)
 
 
-def isolated(batch: int, channels: int, size: int, repeats: int) -> int:
+def child_env(malloc: bool = True) -> dict:
+  """Both children's environment: the bench's, with resjax.malloc's glibc settings unless not
+  ``malloc``."""
+  from resjax.bench import cli
+  return cli.child_env(None, malloc=malloc)
+
+
+def isolated(batch: int, channels: int, size: int, repeats: int, malloc: bool = True) -> int:
   results = {}
   for who in ("resjax", "torch"):
     out = subprocess.run([sys.executable, __file__, "--isolated", "--child", who, "--batch",
                           str(batch), "--channels", str(channels), "--size", str(size),
-                          "--repeats", str(repeats)], capture_output=True, text=True)
+                          "--repeats", str(repeats)], capture_output=True, text=True,
+                         env=child_env(malloc))
     if out.returncode:
       print(out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode,
             file=sys.stderr)
@@ -175,20 +194,22 @@ def main(argv=None) -> int:
   p.add_argument("--channels", type=int, default=16, help="--isolated: channels in and out")
   p.add_argument("--size", type=int, default=32, help="--isolated: image side")
   p.add_argument("--repeats", type=int, default=15, help="--isolated: timed runs of each")
+  p.add_argument("--default-malloc", action="store_true",
+                 help="leave glibc malloc as it is in both children (see resjax.malloc)")
   p.add_argument("--child", choices=("resjax", "torch"), help=argparse.SUPPRESS)
   args = p.parse_args(argv)
   if args.isolated:
     if args.child:
       child_isolated(args.child, args.batch, args.channels, args.size, args.repeats)
       return 0
-    return isolated(args.batch, args.channels, args.size, args.repeats)
+    return isolated(args.batch, args.channels, args.size, args.repeats, not args.default_malloc)
   if args.child:
     if args.child == "resjax":
       child_resjax(args.row, args.batch, args.remat)
     else:
       child_torch(args.row, args.batch)
     return 0
-  env = dict(os.environ, ONEDNN_VERBOSE="1")
+  env = dict(child_env(not args.default_malloc), ONEDNN_VERBOSE="1")
   results = {}
   remat = ["--remat", args.remat] if args.remat else []
   for who in ("resjax", "torch"):
@@ -215,12 +236,18 @@ def main(argv=None) -> int:
   for who in ("resjax", "torch"):
     totals, record = results[who]
     onednn = sum(ms for _, ms in totals.values())
-    rows_out.append((who, record["step_ms"], onednn))
-  print("\n| framework | step ms | oneDNN ms | share | rest ms |")
-  print("|---|---|---|---|---|")
-  for who, step_ms, onednn in rows_out:
+    rows_out.append((who, record, onednn))
+  malloc = "default glibc malloc" if args.default_malloc else "resjax.malloc's settings"
+  print(f"\nThe step's wall time, oneDNN's part of it, and the process's CPU time (all threads) and "
+        f"minor page faults during it ({malloc}):\n")
+  print("| framework | step ms | oneDNN ms | share | rest ms | user CPU ms | system CPU ms | "
+        "page faults |")
+  print("|---|---|---|---|---|---|---|---|")
+  for who, record, onednn in rows_out:
+    step_ms = record["step_ms"]
     print(f"| {who} | {step_ms:.1f} | {onednn:.1f} | {onednn / step_ms:.0%} | "
-          f"{step_ms - onednn:.1f} |")
+          f"{step_ms - onednn:.1f} | {record['user_ms']:.0f} | {record['sys_ms']:.0f} | "
+          f"{record['page_faults']} |")
   return 0
 
 
