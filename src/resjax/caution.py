@@ -531,6 +531,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+  from resjax import malloc
+  malloc.reexec()  # glibc's settings for XLA:CPU, as python -m resjax.main (see resjax.malloc)
   from absl import logging as _logging
   _logging.set_verbosity(_logging.WARNING)
   sys.exit(main())

@@ -10,8 +10,8 @@ fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, pe
 huge pages, so mapping one again costs 2 MiB faults, not 4 KiB ones. A glibc that does not know a
 tunable (hugetlb is from 2.35) ignores it.
 
-``python -m resjax.main`` and the bench's children run with these; ``reexec`` starts the command
-again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
+``python -m resjax.main``, ``python -m resjax.caution`` and the bench's children run with these;
+``reexec`` starts the command again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
 machine whose JAX has an accelerator plugin (``jax_plugins``, libtpu) or platform other than CPU,
 and anything but Linux with glibc.
 """
