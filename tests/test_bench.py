@@ -276,11 +276,12 @@ def test_bench_cli_runs_a_tiny_row(tmp_path, compile_cache_dir):
   table = out.read_text()
   (cells,) = _table_lines(table)
   assert [cells[k] for k in ("model", "dtype", "batch", "remat")] == ["ResNet-20", "float32", "4",
-                                                                      "auto (full)"]
+                                                                      "auto (none)"]
   assert float(cells["resjax ex/s"]) > 0
   assert "Device: cpu" in table and bench_cli.MEMORY in table
   runs = json.loads(raw.read_text())["rows"][0]["runs"]
   resjax = runs["resjax:auto"][0]
+  assert resjax["remat_used"] == "none"  # a batch of 4 at 8x8 keeps a few KiB
   assert resjax["batch"] == 4 and np.isfinite(resjax["loss"]) and resjax["flops_per_example"] > 0
   # XLA's account: the step holds its arguments (the state, the data), temporaries and new outputs.
   parts = ("xla_argument_gib", "xla_temp_gib", "xla_output_gib")

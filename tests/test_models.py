@@ -263,9 +263,52 @@ def test_full_remat_keeps_one_map_per_scanned_unit():
   assert none > 3 * maps, (none, maps)
 
 
-def test_auto_remat_is_full_on_cpu():
-  assert layers.resolve_remat("auto") == ("full" if jax.default_backend() == "cpu" else "none")
+def test_auto_remat_follows_what_a_stack_would_keep():
+  cpu = jax.default_backend() == "cpu"
+  limit = layers.AUTO_REMAT_KEPT_GIB
+  assert layers.resolve_remat("auto", 0.5 * limit) == "none"
+  assert layers.resolve_remat("auto", 2.0 * limit) == ("full" if cpu else "none")
+  assert layers.resolve_remat("auto") == ("full" if cpu else "none")  # unknown: as if too much
+  assert layers.resolve_remat("none", 100.0 * limit) == "none"
   assert layers.resolve_remat("dots_saveable") == "dots_saveable"
+  assert layers.remat_used("auto", [("full", 1.3), ("none", 0.7), ("none", 0.4)]) == "full+none+none"
+  assert layers.remat_used("auto", [("none", 0.1), ("none", 0.1)]) == "none"
+  assert layers.remat_used("full", []) == "full"
+  assert layers.remat_used("auto", []) == "none"  # no scanned stack: nothing to recompute
+
+
+def _auto_remat_choices(batch, depth=56, hw=16):
+  """What "auto" chose, stack by stack, tracing a CIFAR ResNet's gradient (never compiled)."""
+  model = nnx.eval_shape(lambda: resnet.CifarResNet(
+      depth=depth, num_classes=10, in_channels=1, shortcut=_shortcut(option="A"), remat="auto",
+      conv_impl="im2col", rngs=make_rngs()))
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  x = jax.ShapeDtypeStruct((batch, hw, hw, 1), jnp.float32)
+
+  def loss(params, rest, x):
+    return jnp.mean(nnx.merge(graphdef, params, rest, copy=True)(x, train=True))
+
+  with layers.remats_chosen() as chosen:
+    jax.eval_shape(jax.grad(loss), params, rest, x)
+  return chosen
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason='"auto" measures on CPU only')
+def test_auto_remat_measures_what_each_stack_keeps():
+  """The kept bytes "auto" measures (the residuals of one unit's VJP, times the units) are the
+  4.25 input-sized maps a unit keeps (test above) plus its weights; and since the first stage's
+  maps are 2x the second's and 4x the third's, a batch can put the first stack alone over the
+  limit."""
+  batch, hw, units = 32, 16, 8  # ResNet-56: 9 units a stage, the first one's outside the scan
+  chosen = _auto_remat_choices(batch)
+  assert [p for p, _ in chosen] == ["none"] * 3
+  for s, ((_, kept), c) in enumerate(zip(chosen, (16, 32, 64))):
+    maps = units * batch * (hw // 2**s) ** 2 * c * 4 / 2**30
+    weights = units * 2 * (3 * 3 * c * c) * 4 / 2**30
+    assert 4.2 * maps + weights < kept < 4.4 * maps + weights, (s, kept, maps, weights)
+  first = chosen[0][1] / batch  # GiB per example in the first stack
+  big = int(layers.AUTO_REMAT_KEPT_GIB / first * 1.5)
+  assert [p for p, _ in _auto_remat_choices(big)] == ["full", "none", "none"]
 
 
 def test_unknown_remat_names_the_choices():

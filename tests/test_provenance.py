@@ -191,6 +191,7 @@ def test_second_run_of_a_row_compiles_nothing_new_and_records_where_it_came_from
   assert _entries(cache) == first_entries  # every program of the second run came from the cache
   for name, s in zip(("first", "second"), summaries):
     assert s["compile_s"] > 0 and s["compile_cache"] == str(cache)
+    assert s["remat_used"] == "none"  # the recipe's "auto" at depth 8: no scanned stack
     p = s["provenance"]
     assert shlex.split(p["command"]) == cli.argv(*args, "--workdir", tmp_path / name)
     assert p["versions"]["jax"] == importlib.metadata.version("jax")

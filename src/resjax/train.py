@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from resjax import configs, fileio, models, provenance, sharding, tasks
 from resjax import optim as optim_lib
 from resjax.errors import CheckpointError, ConfigError, quiet_logs
-from resjax.models import shortcuts
+from resjax.models import layers, shortcuts
 
 FILTERS = (shortcuts.ResidualScalar, nnx.Param, ...)  # -> scalars, weights, rest (BN stats, RNG)
 
@@ -754,6 +754,7 @@ class Record:
   t0: float
   started: str
   compile_s: float | None = None  # the step's compile alone: a persistent-cache hit is faster
+  remat_used: str | None = None  # what config.model.remat became in the step (layers.remat_used)
   bar: Any = None
 
   def wall(self) -> float:
@@ -881,8 +882,10 @@ def train_loop(run: Run, state, record: Record):
       args = (batch, run.aug_keys, run.arrays)
       if record.compile_s is None:  # the calls below reuse this executable
         t_compile = time.time()
-        run.step_fn.lower(state, record.window, *args).compile()
+        with layers.remats_chosen() as chosen:
+          run.step_fn.lower(state, record.window, *args).compile()
         record.compile_s = time.time() - t_compile
+        record.remat_used = layers.remat_used(run.config.model.get("remat", "none"), chosen)
       state, record.window = run.step_fn(state, record.window, *args)
       record.step += 1
       step = record.step
@@ -974,6 +977,7 @@ def finalize(run: Run, state, record: Record) -> list[dict]:
   for k, summary in enumerate(record.summaries):
     summary["wall_s"] = wall
     summary["compile_s"] = record.compile_s  # None when no step ran (resumed at the end)
+    summary["remat_used"] = record.remat_used
     summary["compile_cache"] = cache_dir
     summary["provenance"] = {**provenance.gather(), "started": record.started,
                              "finished": provenance.utc_now()}

@@ -41,7 +41,7 @@ class Row:
 
 
 def _cifar(depth: int, unit: str = "basic", placement: str = "post", option: str = "A") -> dict:
-  # remat as the CIFAR recipe has it (configs.cifar_resnet_recipe): full on CPU, none elsewhere.
+  # remat as the CIFAR recipe has it (configs.cifar_resnet_recipe): "auto" (layers.resolve_remat).
   return {"name": "cifar_resnet", "depth": depth, "unit": unit, "placement": placement,
           "shortcut": {"name": "identity", "option": option}, "remat": "auto"}
 

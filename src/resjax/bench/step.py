@@ -107,6 +107,7 @@ class CompiledStep:
   config: object
   init_s: float
   compile_s: float
+  remat_used: str  # what config.model.remat became (remat_used)
 
 
 def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = True,
@@ -135,10 +136,12 @@ def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = Tru
   batch_at = lambda s: np.stack([task.train_batch(0, s, batch)])
   window = train.new_window(1)
   t = time.perf_counter()
-  compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
+  with layers.remats_chosen() as chosen:
+    compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
   compile_s = time.perf_counter() - t
   return CompiledStep(compiled, state, window, batch_at, aug_keys, arrays, task, config, init_s,
-                      compile_s)
+                      compile_s, layers.remat_used(config.model.get("remat", "none"), chosen))
+
 
 
 def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
@@ -165,7 +168,7 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
          "compile_s": compile_s, "step_s": statistics.median(times),
          "mean_step_s": sum(times) / len(times), "cpu_step_s": statistics.median(cpu_times),
          "peak_gib": _peak_memory_gib(device), "base_gib": base_gib, **xla_memory_gib(compiled),
-         "remat": requested, "remat_used": layers.resolve_remat(requested),
+         "remat": requested, "remat_used": step.remat_used,
          "conv_impl": (layers.resolve_conv_impl(config.model.get("conv_impl", "auto"))
                        if "conv_impl" in config.model or row.data["kind"] == "image" else None),
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,

@@ -21,6 +21,9 @@ Every form uses the symmetric padding k // 2 of the papers' code, so all compute
 
 from __future__ import annotations
 
+import contextlib
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -195,17 +198,73 @@ def check_remat(remat: str) -> str:
   return remat
 
 
-def resolve_remat(remat: str) -> str:
-  """``remat`` as a ``REMAT_POLICIES`` key: "auto" is "full" on CPU, "none" elsewhere.
+# On CPU "auto" remats a scanned stack of units only where it would keep more than this for its
+# backward pass, per replica. ResNet-110's largest stack keeps 0.56 GiB at batch 128, and the net
+# ran faster without remat than with it on both of the project's CPU machines (README, Speed);
+# pre-act ResNet-1001's first stack keeps 1.3 GiB at batch 16.
+AUTO_REMAT_KEPT_GIB = 1.0
 
-  On CPU, full remat keeps one map per unit for the backward pass instead of about four and a
-  quarter, halving the step's peak memory; what it costs in speed depends on the machine, from a
-  gain to 14% (README, Speed and Memory at depth, measured both ways). On accelerators
-  recomputing is a third more FLOPs for memory a net may not need.
+_chosen: list | None = None  # where ``remats_chosen`` collects, else None
+
+
+@contextlib.contextmanager
+def remats_chosen():
+  """Collects, while tracing under it, what each "auto" became: a list of (policy, kept GiB)."""
+  global _chosen
+  outer, _chosen = _chosen, []
+  try:
+    yield _chosen
+  finally:
+    _chosen = outer
+
+
+def remat_used(requested: str, chosen: list) -> str:
+  """What ``requested`` remat became in a program traced under ``remats_chosen`` (``chosen``):
+  "auto"'s policies stack by stack, joined by "+" where they differ; "none" without a scanned
+  stack."""
+  if requested != "auto":
+    return check_remat(requested)
+  policies = [policy for policy, _ in chosen] or ["none"]
+  return policies[0] if len(set(policies)) == 1 else "+".join(policies)
+
+
+def resolve_remat(remat: str, kept_gib: float | None = None) -> str:
+  """``remat`` as a ``REMAT_POLICIES`` key. "auto" is "none" off CPU; on CPU it is "full" where a
+  scanned stack would keep more than ``AUTO_REMAT_KEPT_GIB`` (``kept_gib``: what it keeps without
+  remat, per replica; unknown counts as more), else "none".
+
+  Full remat keeps one map per unit instead of about four and a quarter; what it costs in speed
+  depends on the machine, from a gain to a quarter of the throughput (README, Speed). On
+  accelerators recomputing is a third more FLOPs for memory a net may not need.
   """
-  if check_remat(remat) == "auto":
-    return "full" if jax.default_backend() == "cpu" else "none"
-  return remat
+  if check_remat(remat) != "auto":
+    return remat
+  if jax.default_backend() != "cpu":
+    return "none"
+  return "none" if kept_gib is not None and kept_gib <= AUTO_REMAT_KEPT_GIB else "full"
+
+
+def scan_kept_gib(step, h, scanned, units: int) -> float:
+  """GiB that ``units`` scanned steps ``step(h, scanned[i])`` keep for the backward pass without
+  remat: the residuals of one step's VJP with respect to ``h`` and its floating-point inputs, times
+  ``units``. Traced abstractly; the caller's state is not touched."""
+  one = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), scanned)
+
+  def residuals(h, scanned):
+    leaves, tree = jax.tree.flatten(scanned)
+    floats = [i for i, a in enumerate(leaves) if jnp.issubdtype(a.dtype, jnp.floating)]
+
+    def f(h, xs):
+      full = list(leaves)
+      for i, a in zip(floats, xs):
+        full[i] = a
+      return step(h, jax.tree.unflatten(tree, full))
+
+    return jax.vjp(f, h, [leaves[i] for i in floats])[1]
+
+  out = jax.eval_shape(residuals, jax.ShapeDtypeStruct(h.shape, h.dtype), one)
+  kept = sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(out))
+  return units * kept / 2**30
 
 
 def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none"):
@@ -217,8 +276,7 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
   and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step.
   """
-  remat = resolve_remat(remat)
-  policy = REMAT_POLICIES[remat]
+  check_remat(remat)
 
   def probed(unit, h, probe):
     r = None
@@ -242,6 +300,13 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
     h, r = probed(unit, h, probe)
     return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)  # parameters come back unchanged
 
+  if remat == "auto":
+    kept = (scan_kept_gib(step, x, (stacked, probes), jax.tree.leaves(stacked)[0].shape[0])
+            if jax.default_backend() == "cpu" else None)
+    remat = resolve_remat(remat, kept)
+    if _chosen is not None:
+      _chosen.append((remat, kept))
+  policy = REMAT_POLICIES[remat]
   if remat != "none":
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
