@@ -44,8 +44,9 @@ gradient reaching a unit's input is exactly ResNet-v2 Eq. 8's shortcut term.
 
 Every stage is its first unit (which may change shape) followed by ``n - 1`` identical units. Those
 run under ``jax.lax.scan`` over stacked parameters, so tracing and compile time do not grow with depth.
-``remat`` (``layers.REMATS``; "auto": full on CPU for a stack that would keep over a GiB) recomputes the scanned units' activations
-in the backward pass instead of keeping them, so memory does not grow with depth as fast either.
+``remat`` (``layers.REMATS``; "auto": full on CPU for a stack over ``layers.AUTO_REMAT_KEPT_GIB``)
+recomputes the scanned units' activations in the backward pass instead of keeping them, so memory
+does not grow with depth as fast either.
 
 Signal-propagation probes (``resjax.diagnose``): ``model.probe_shapes(input_shape)`` lists one
 ``(units, *unit_input_shape)`` per stack of same-shaped units (each stage's first unit, then its
