@@ -885,8 +885,7 @@ def train_loop(run: Run, state, record: Record):
         with layers.remats_chosen() as chosen:
           run.step_fn.lower(state, record.window, *args).compile()
         record.compile_s = time.time() - t_compile
-        model = run.config.get("model", None)  # a task may bring its own model
-        requested = model.get("remat", "none") if model is not None else "none"
+        requested = run.config.get("model", {}).get("remat", "none")  # a task may bring its model
         record.remat_used = layers.remat_used(requested, chosen)
       state, record.window = run.step_fn(state, record.window, *args)
       record.step += 1

@@ -143,7 +143,6 @@ def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = Tru
                       compile_s, layers.remat_used(config.model.get("remat", "none"), chosen))
 
 
-
 def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
                    conv_impl: str | None = None, remat: str | None = None,
                    flops: bool = True) -> dict:

@@ -199,9 +199,9 @@ def check_remat(remat: str) -> str:
 
 
 # On CPU "auto" remats a scanned stack of units only where it would keep more than this for its
-# backward pass, per replica. ResNet-110's largest stack keeps 0.56 GiB at batch 128, and the net
-# ran faster without remat than with it on both of the project's CPU machines (README, Speed);
-# pre-act ResNet-1001's first stack keeps 1.3 GiB at batch 16.
+# backward pass, per replica: above ResNet-110's stacks at batch 128, which ran faster without remat
+# on both of the project's CPU machines, below pre-act ResNet-1001's first at batch 16 (README,
+# Memory at depth).
 AUTO_REMAT_KEPT_GIB = 1.0
 
 _chosen: list | None = None  # where ``remats_chosen`` collects, else None
