@@ -18,6 +18,7 @@ from conftest import REPO, assert_f32_close, f32_tol
 from resjax import kernels, models, provenance, train
 from resjax.errors import ConfigError
 from resjax.kernels import conv as onednn
+from resjax.kernels import stacks
 from resjax.models import layers
 
 
@@ -37,6 +38,7 @@ def built(tmp_path_factory):
     kernels.require()
     yield path
   kernels._load.cache_clear()
+  stacks.uninstall()  # loading installed it; the rest of this worker's files get jax's stacks
 
 
 def _normal(shape, seed=0):
@@ -220,3 +222,108 @@ def test_optional_build_is_a_no_op_without_the_wheels(tmp_path, monkeypatch):
   from resjax.kernels import __main__ as cli
   assert cli.main(["build", "--optional"]) == 0
   assert not list(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------- scan stacks and the block cache
+
+
+def _doubling_scan(x):
+  """Five steps of c = 2c + i, stacking c and c - 1: small integers, exact in float32."""
+  def body(c, i):
+    c = 2.0 * c + i
+    return c, (c, c - 1.0)
+  return jax.lax.scan(body, x, jnp.arange(5.0))[1]
+
+
+def test_scan_stacks_start_uninitialized_and_every_row_is_written(built):
+  """Once loaded, a CPU scan's stacks (forward outputs and the residuals of its gradient) start
+  from the custom call, not a zero fill; every row still holds the loop's value, exactly."""
+  x = jnp.arange(1.0, 4.0)
+  loss = lambda x: sum(jnp.sum(y ** 2) for y in _doubling_scan(x))
+  assert jax.jit(_doubling_scan).lower(x).as_text().count(stacks.TARGET) == 2
+  assert jax.jit(jax.grad(loss)).lower(x).as_text().count(stacks.TARGET) >= 2
+  c, rows = np.arange(1.0, 4.0), []
+  for i in range(5):
+    c = 2 * c + i
+    rows.append(c)
+  rows = np.stack(rows)
+  ys = jax.jit(_doubling_scan)(x)
+  np.testing.assert_array_equal(ys[0], rows)
+  np.testing.assert_array_equal(ys[1], rows - 1)
+  # d c_t / d x = 2^(t + 1): the gradient is a sum of integers, exact in float32
+  slopes = 2.0 ** np.arange(1, 6)[:, None]
+  expected = np.sum(2 * (rows + rows - 1) * slopes, axis=0)
+  np.testing.assert_array_equal(jax.jit(jax.grad(loss))(x), expected)
+
+
+def test_programs_over_several_devices_keep_jaxs_zero_filled_stacks(built):
+  code = f"""
+import jax, jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from resjax import kernels
+kernels.require()
+f = lambda x: jax.lax.scan(lambda c, _: (c + 1.0, c), x, None, length=3)[1]
+x = jnp.zeros((4, 2))
+mesh = jax.make_mesh((2,), ("d",))
+one = jax.jit(f).lower(x).as_text().count("{stacks.TARGET}")
+two = jax.jit(f, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("{stacks.TARGET}")
+print(one, two)
+"""
+  env = {**os.environ, "RESJAX_KERNELS_DIR": str(built.parent), "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert out.stdout.split() == ["1", "0"]
+
+
+# Rounds of malloc, fill and free of a 96 MiB block (over the tunables' 64 MiB mmap threshold, so
+# glibc maps it afresh each round), then calloc over a kept block, and two blocks of one size at
+# once: the one freed while the other is in use is unmapped, the other kept.
+BLOCKS = """
+import ctypes, json, os, resource
+import numpy as np
+from resjax import malloc
+malloc.reexec()
+libc = ctypes.CDLL(None)
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.calloc.restype, libc.calloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t, ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.malloc_usable_size.restype, libc.malloc_usable_size.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+N = 96 << 20
+faults = []
+for _ in range(3):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  p = libc.malloc(N)
+  ctypes.memset(p, 1, N)
+  libc.free(p)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+z = libc.calloc(N, 1)
+zeroed = not np.ctypeslib.as_array((ctypes.c_ubyte * N).from_address(z)).any()
+usable = libc.malloc_usable_size(z)
+libc.free(z)
+a = libc.malloc(N); b = libc.malloc(N); libc.free(a); libc.free(b); c = libc.malloc(N)
+print(json.dumps({"preload": os.environ.get("LD_PRELOAD", ""), "faults": faults,
+                  "zeroed": zeroed, "usable": usable, "kept": [a == c, b == c]}))
+"""
+
+
+@pytest.mark.parametrize("users_tunables", [False, True])
+def test_the_block_cache_keeps_a_freed_large_block_mapped(built, users_tunables):
+  env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+  env.update(RESJAX_KERNELS_DIR=str(built.parent), JAX_PLATFORMS="cpu")
+  if users_tunables:  # the user's own malloc settings: no restart, no block cache
+    env["GLIBC_TUNABLES"] = "glibc.malloc.arena_max=2"
+  out = subprocess.run([sys.executable, "-c", BLOCKS], env=env, capture_output=True, text=True,
+                       timeout=60)
+  assert out.returncode == 0, out.stderr
+  got = json.loads(out.stdout.strip().splitlines()[-1])
+  assert got["zeroed"]
+  assert got["faults"][0] > 0
+  if users_tunables:
+    assert got["preload"] == "" and all(f > 0 for f in got["faults"]), got
+  else:
+    assert got["preload"] == str(kernels.blockcache_path())
+    assert got["faults"][1:] == [0, 0], got["faults"]
+    assert got["usable"] == 96 << 20
+    assert got["kept"] == [False, True]

@@ -10,6 +10,10 @@ fragments around them: ResNet-110's step with remat, 0.48 GiB of XLA buffers, pe
 huge pages, so mapping one again costs 2 MiB faults, not 4 KiB ones. A glibc that does not know a
 tunable (hugetlb is from 2.35) ignores it.
 
+Blocks of 64 MiB and more still cost a fresh mapping each step. Where ``python -m resjax.kernels
+build`` has built ``blockcache.c``, ``environment`` also puts it in ``LD_PRELOAD``: it keeps such a
+block mapped after free for the next request of its size (see there).
+
 ``python -m resjax.main``, ``python -m resjax.caution`` and the bench's children run with these;
 ``reexec`` starts the command again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
 machine whose JAX has an accelerator plugin (``jax_plugins``, libtpu) or platform other than CPU,
@@ -27,6 +31,7 @@ import sys
 TUNABLES = ("glibc.malloc.arena_max=1:glibc.malloc.mmap_threshold=67108864:"
             "glibc.malloc.trim_threshold=17179869184:glibc.malloc.hugetlb=1")
 ENV = "GLIBC_TUNABLES"
+PRELOAD = "LD_PRELOAD"
 
 
 def cpu_only(environ=os.environ) -> bool:
@@ -46,11 +51,29 @@ def wanted(environ=os.environ) -> bool:
           and bool(sys.executable) and cpu_only(environ))
 
 
+def environment(environ=os.environ) -> dict:
+  """``environ`` with ``TUNABLES``, and the block cache in ``LD_PRELOAD`` where it is built."""
+  from resjax import kernels  # the standard library only, no JAX
+
+  env = {**environ, ENV: TUNABLES}
+  cache = kernels.blockcache_path()
+  if cache.exists() and not uses_block_cache(environ):
+    env[PRELOAD] = ":".join(filter(None, [environ.get(PRELOAD, ""), str(cache)]))
+  return env
+
+
+def uses_block_cache(environ=os.environ) -> bool:
+  """Whether ``LD_PRELOAD`` in ``environ`` names this source's block cache."""
+  from resjax import kernels
+
+  return str(kernels.blockcache_path()) in environ.get(PRELOAD, "").replace(" ", ":").split(":")
+
+
 def reexec(environ=os.environ) -> None:
   """Replaces this process with the same command line (interpreter options included) under
-  ``TUNABLES`` where ``wanted``; returns only where it is not. The process keeps its id."""
+  ``environment`` where ``wanted``; returns only where it is not. The process keeps its id."""
   if not wanted(environ):
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, {**environ, ENV: TUNABLES})
+  os.execve(sys.executable, sys.orig_argv, environment(environ))

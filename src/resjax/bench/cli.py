@@ -26,7 +26,8 @@ them; MFU divides the FLOP/s achieved by the device's dense bf16 peak (``PEAK_TF
 bf16 (``--dtypes bfloat16``) computes convolutions, Dense layers and BatchNorm's output in bfloat16
 (PyTorch: autocast); BatchNorm's batch statistics and running averages, the parameters and the
 optimizer state stay float32. It is on by default only on accelerators: CPUs without bf16 units
-emulate it. Children get ``resjax.malloc.TUNABLES`` unless ``--default-malloc``, and with
+emulate it. Children get ``resjax.malloc.environment`` (glibc's tunables, and the block cache
+where it is built) unless ``--default-malloc``, and with
 ``--threads N`` both XLA and PyTorch are pinned to N cores.
 """
 
@@ -233,15 +234,16 @@ def probe_device(env: dict) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-# The children run under resjax.malloc's glibc settings (see there), resjax and PyTorch alike.
+# The children run under resjax.malloc's settings (see there), resjax and PyTorch alike: glibc's
+# tunables, and the block cache where it is built.
 MALLOC_TUNABLES = malloc.TUNABLES
 
 
-def child_env(threads: int | None, malloc: bool = True) -> dict:
+def child_env(threads: int | None, tuned_malloc: bool = True) -> dict:
   """The children's environment: the malloc settings above, for resjax and PyTorch alike."""
   env = dict(os.environ)
-  if malloc and "GLIBC_TUNABLES" not in env:
-    env["GLIBC_TUNABLES"] = MALLOC_TUNABLES
+  if tuned_malloc and malloc.ENV not in env:
+    env = malloc.environment(env)
   if threads:
     env["OMP_NUM_THREADS"] = str(threads)
   return env
@@ -304,8 +306,9 @@ def main(argv=None) -> int:
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
   for n in names:
     rows.resolve_row(n)
-  env = child_env(args.threads, malloc=not args.default_malloc)
+  env = child_env(args.threads, tuned_malloc=not args.default_malloc)
   device = probe_device(env)
+  device["block_cache"] = malloc.uses_block_cache(env)
   on_cpu = device["backend"] == "cpu"
   dtypes = ["float32"] if on_cpu else list(rows.DTYPES)
   if args.dtypes != "auto":
@@ -388,7 +391,8 @@ def report(results: dict, device: dict, args: dict) -> str:
             f"{args.get('repeats', 1)} alternating run(s); threads: {threads}; "
             f"peak bf16 TFLOP/s: {_num(peak, '.0f')}; scan: {not args.get('unrolled', False)}; "
             f"PyTorch layout: {args.get('torch_layout', 'channels_last')}; malloc: "
-            f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}."]
+            f"{'default' if args.get('default_malloc') else 'MALLOC_TUNABLES'}"
+            f"{' and the block cache' if device.get('block_cache') else ''}."]
   convs = sorted({r["conv_impl"] for by_impl in results.values() for r in by_impl.values()
                   if r and r.get("conv_impl")})
   if convs:

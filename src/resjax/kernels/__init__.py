@@ -1,7 +1,9 @@
-"""Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``).
+"""Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``), scan
+stacks without their zero fill (``uninitialized.cc``, ``stacks.py``), and a large-block cache for
+malloc (``blockcache.c``, see ``resjax.malloc``).
 
     pip install -e '.[onednn]'          # oneDNN's CPU build (OpenMP) and its headers, x86-64 Linux
-    python -m resjax.kernels build      # compiles onednn_conv.cc against them and jaxlib's FFI
+    python -m resjax.kernels build      # compiles them against oneDNN and jaxlib's FFI
                                         # (--optional: exit 0 where the wheels are not installed)
     python -m resjax.kernels status     # where the library is, or why it is not there
 
@@ -13,8 +15,9 @@ arrays in place, called from inside the compiled program, scan or not. It is nev
 or TPU (the targets are registered for CPU only, and ``"auto"`` picks XLA's convolution there).
 Without the library, ``"auto"`` stays the matmul path.
 
-The library lands in ``$RESJAX_KERNELS_DIR`` (default ``~/.cache/resjax/kernels``) under a name
-that hashes its source, jaxlib's version and oneDNN's, so a stale build is never loaded (the compiler's flags are in the hash too).
+The libraries land in ``$RESJAX_KERNELS_DIR`` (default ``~/.cache/resjax/kernels``) under names
+that hash their sources, the compilers' flags and (for the custom calls) jaxlib's version and
+oneDNN's, so a stale build is never loaded.
 """
 
 from __future__ import annotations
@@ -30,14 +33,18 @@ import subprocess
 import sys
 import tempfile
 
-SOURCE = pathlib.Path(__file__).with_name("onednn_conv.cc")
+HERE = pathlib.Path(__file__).parent
+SOURCES = (HERE / "onednn_conv.cc", HERE / "uninitialized.cc")  # one library of custom calls
+BLOCKCACHE = HERE / "blockcache.c"  # an LD_PRELOAD library of its own
 ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the runtime and its headers (PyPI)
 TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_fwd": "ResjaxOnednnConvFwd",
     "resjax_onednn_conv_bwd_weights": "ResjaxOnednnConvBwdWeights",
     "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
+    "resjax_uninitialized": "ResjaxUninitialized",
 }
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+C_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")
 INSTALL_HINT = "pip install -e '.[onednn]' && python -m resjax.kernels build"
 
 
@@ -63,10 +70,16 @@ def wheels_installed() -> bool:
 
 
 def library_path() -> pathlib.Path:
-  """Where the library for this source, jaxlib and installed oneDNN is (or would be) built."""
-  tag = hashlib.sha256(SOURCE.read_bytes())
+  """Where the library for these sources, jaxlib and installed oneDNN is (or would be) built."""
+  tag = hashlib.sha256(b"".join(src.read_bytes() for src in SOURCES))
   tag.update(f"{FLAGS} jaxlib {_version('jaxlib')} onednn {_version(ONEDNN[0])}".encode())
   return kernels_dir() / f"onednn_conv-{tag.hexdigest()[:16]}.so"
+
+
+def blockcache_path() -> pathlib.Path:
+  """Where the block cache for this source is (or would be) built."""
+  tag = hashlib.sha256(BLOCKCACHE.read_bytes() + f"{C_FLAGS}".encode())
+  return kernels_dir() / f"blockcache-{tag.hexdigest()[:16]}.so"
 
 
 def _installed_file(dist: str, name: str) -> pathlib.Path:
@@ -83,8 +96,31 @@ def _installed_file(dist: str, name: str) -> pathlib.Path:
   raise NotBuilt(f"{dist} has no {name}: reinstall it ({INSTALL_HINT})")
 
 
+def _compile(out: pathlib.Path, compiler_env: str, compilers: tuple[str, ...], args: list[str],
+             verbose: bool) -> None:
+  compiler = os.environ.get(compiler_env) or next(filter(None, map(shutil.which, compilers)), None)
+  if compiler is None:
+    raise NotBuilt(f"no {compilers[0]} found: install it (or set {compiler_env}), then python -m "
+                   f"resjax.kernels build")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
+    pass
+  cmd = [compiler, *args, "-o", tmp.name]
+  if verbose:
+    print(" ".join(cmd), file=sys.stderr)
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode:
+    os.unlink(tmp.name)
+    raise NotBuilt(f"compiling {out.name} failed:\n{done.stderr.strip()}")
+  os.replace(tmp.name, out)  # another process building the same library writes the same bytes
+
+
 def build(verbose: bool = False) -> pathlib.Path:
-  """Compiles the library if this source, jaxlib and oneDNN have none yet; returns its path."""
+  """Compiles the custom calls and the block cache where these sources, jaxlib and oneDNN have none
+  yet; returns the custom calls' path."""
+  cache = blockcache_path()
+  if not cache.exists():
+    _compile(cache, "CC", ("gcc", "cc"), [str(BLOCKCACHE), *C_FLAGS], verbose)
   out = library_path()
   if out.exists():
     return out
@@ -92,23 +128,9 @@ def build(verbose: bool = False) -> pathlib.Path:
 
   header = _installed_file(ONEDNN[1], "include/oneapi/dnnl/dnnl.hpp")
   runtime = _installed_file(ONEDNN[0], "lib/libdnnl.so.3")
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if compiler is None:
-    raise NotBuilt("no C++ compiler found: install g++ (or set CXX), then python -m resjax.kernels "
-                   "build")
-  out.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.NamedTemporaryFile(dir=out.parent, suffix=".so.tmp", delete=False) as tmp:
-    pass
-  cmd = [compiler, *FLAGS, str(SOURCE),
-         "-I", jax.ffi.include_dir(), "-I", str(header.parents[2]), str(runtime),
-         f"-Wl,-rpath,{runtime.parent}", "-o", tmp.name]
-  if verbose:
-    print(" ".join(cmd), file=sys.stderr)
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode:
-    os.unlink(tmp.name)
-    raise NotBuilt(f"compiling {SOURCE.name} failed:\n{done.stderr.strip()}")
-  os.replace(tmp.name, out)  # another process building the same library writes the same bytes
+  _compile(out, "CXX", ("g++", "c++"),
+           [*FLAGS, *map(str, SOURCES), "-I", jax.ffi.include_dir(), "-I", str(header.parents[2]),
+            str(runtime), f"-Wl,-rpath,{runtime.parent}"], verbose)
   _load.cache_clear()
   return out
 
@@ -128,6 +150,11 @@ def _load() -> ctypes.CDLL | NotBuilt:
                     f"`python -m resjax.kernels build`")
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+  try:  # jax internals it patches; without them, scans keep jax's zero-filled stacks
+    from resjax.kernels import stacks
+  except ImportError:
+    return lib
+  stacks.install()
   return lib
 
 

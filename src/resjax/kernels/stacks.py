@@ -1,0 +1,79 @@
+"""``lax.scan``'s stacked outputs on CPU without their zero fill.
+
+jax starts every stacked output of a scan (its ``ys``, and the residuals that a scan's forward pass
+keeps for its backward pass) as a broadcast of zeros, which the loop then overwrites row by row.
+In a deep CPU training step that fill is a single-threaded pass over hundreds of MiB per step.
+``install()``, called when the kernels load, makes the stacks of single-device CPU programs start
+from the ``resjax_uninitialized`` custom call (``uninitialized.cc``) instead. The loop still writes
+every row before anything reads it. Programs over several devices, sharded or varying avals, and
+other platforms keep jax's zeros.
+
+It replaces jax's private ``loops._empty_array``, and only where that has the signature it was
+written against (jax 0.10); elsewhere ``install()`` returns False and changes nothing.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import jax
+from jax._src import core, sharding_impls
+from jax._src.interpreters import mlir
+from jax._src.lax.control_flow import loops
+
+TARGET = "resjax_uninitialized"
+
+uninitialized_p = core.Primitive(TARGET)
+uninitialized_p.def_abstract_eval(lambda *, shape, dtype: core.ShapedArray(shape, dtype))
+
+
+def _zeros(ctx, *, shape, dtype):
+  return [mlir.full_like_aval(ctx, 0, ctx.avals_out[0])]
+
+
+_custom_call = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)  # never merged with another
+
+
+def _cpu(ctx, *, shape, dtype):
+  axes = ctx.module_context.axis_context
+  if isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1:
+    return _custom_call(ctx)
+  return _zeros(ctx, shape=shape, dtype=dtype)
+
+
+mlir.register_lowering(uninitialized_p, _zeros)
+mlir.register_lowering(uninitialized_p, _cpu, platform="cpu")
+
+_jax_empty_array = getattr(loops, "_empty_array", None)
+
+
+def _varying(aval) -> bool:
+  return bool(getattr(getattr(aval, "mat", None), "varying", None) or getattr(aval, "vma", None))
+
+
+def _empty_array(prefix, length_spec, aval):
+  """A stack of ``prefix`` rows of ``aval``, the custom call's where the aval is plain."""
+  if (aval.sharding.mesh.empty and aval.memory_space == core.MemorySpace.Device
+      and not _varying(aval) and not jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)):
+    return uninitialized_p.bind(shape=(*prefix, *aval.shape), dtype=aval.dtype)
+  return _jax_empty_array(prefix, length_spec, aval)
+
+
+def install() -> bool:
+  """Makes scans lowered from now on start their stacks uninitialized (see above); whether it did."""
+  if _jax_empty_array is None:
+    return False
+  try:
+    params = list(inspect.signature(_jax_empty_array).parameters)
+  except (TypeError, ValueError):
+    return False
+  if params != ["prefix", "length_spec", "aval"]:
+    return False
+  loops._empty_array = _empty_array
+  return True
+
+
+def uninstall() -> None:
+  """Back to jax's zero-filled stacks for scans lowered from now on."""
+  if _jax_empty_array is not None:
+    loops._empty_array = _jax_empty_array
