@@ -23,10 +23,12 @@ def main(argv=None) -> int:
     if args.command == "build":
       path = kernels.build(verbose=args.verbose)
       kernels.require()
-      print(f"built {path} (oneDNN {kernels.onednn_version()})")
+      print(f"built {path} (oneDNN {kernels.onednn_version()}) and {kernels.blockcache_path()}")
     else:
       kernels.require()
-      print(f"{kernels.library_path()} (oneDNN {kernels.onednn_version()})")
+      cache = kernels.blockcache_path()
+      print(f"{kernels.library_path()} (oneDNN {kernels.onednn_version()}); block cache: "
+            f"{cache if cache.exists() else 'not built'}")
   except kernels.NotBuilt as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -7,9 +7,15 @@
 // built this), it serves blocks of at least THRESHOLD bytes itself: each is a mapping of its own,
 // 2 MiB-aligned and backed by transparent huge pages, and at free it is kept for the next request
 // of the same size (within an eighth) instead of unmapped. At most KEEP free blocks are kept, the
-// least recently freed going first, and a block freed while another of its size is in use (the
-// next execution started before the last one freed its block) is unmapped, so a steady loop keeps
-// one block per size (sizes within an eighth are one size). Everything smaller is glibc's malloc, untouched.
+// least recently freed going first.
+//
+// XLA:CPU starts the next execution as soon as the last one's outputs are ready, and frees the
+// last one's temporaries a moment later, so the next block is often asked for while the last is
+// still held. A request for a size that is in use, with none of it free, waits up to WAIT_MS for
+// that block, and a block freed while another of its size is in use is unmapped: a training loop
+// keeps one block, not two. The first wait that times out means blocks of one size really are in
+// use at once (several executions side by side); from then on nothing waits and freed blocks are
+// kept, up to KEEP. Everything under THRESHOLD is glibc's malloc, untouched.
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -20,6 +26,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 
 extern void *__libc_malloc(size_t);
 extern void __libc_free(void *);
@@ -31,6 +38,7 @@ extern void *__libc_memalign(size_t, size_t);
 #define ALIGN ((size_t)2 << 20)       // one transparent huge page
 #define SLOTS 256                     // blocks tracked at once, in use or kept
 #define KEEP 4                        // free blocks kept
+#define WAIT_MS 50                    // for a block of the size asked for, in use
 
 typedef struct {
   char *p;      // NULL: an empty slot
@@ -41,11 +49,16 @@ typedef struct {
 
 static slot_t slots[SLOTS];
 static unsigned long clock_;
+static int side_by_side;  // a wait timed out: blocks of one size are in use at once
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t freed = PTHREAD_COND_INITIALIZER;
 
 static void lock(void) { pthread_mutex_lock(&mu); }
 static void unlock(void) { pthread_mutex_unlock(&mu); }
-static void child_unlock(void) { pthread_mutex_init(&mu, NULL); }
+static void child_unlock(void) {
+  pthread_mutex_init(&mu, NULL);
+  pthread_cond_init(&freed, NULL);
+}
 
 __attribute__((constructor)) static void init(void) { pthread_atfork(lock, unlock, child_unlock); }
 
@@ -71,15 +84,28 @@ static void *big_alloc(size_t n) {
     return NULL;
   }
   size_t len = (n + ALIGN - 1) & ~(ALIGN - 1);
+  struct timespec deadline;
+  clock_gettime(CLOCK_REALTIME, &deadline);
+  deadline.tv_nsec += WAIT_MS * 1000000L;
+  deadline.tv_sec += deadline.tv_nsec / 1000000000L;
+  deadline.tv_nsec %= 1000000000L;
   lock();
-  int best = -1, empty = -1;
-  for (int i = 0; i < SLOTS; i++) {
-    if (!slots[i].p) {
-      if (empty < 0) empty = i;
-    } else if (!slots[i].used && fits(slots[i].len, len) &&
-               (best < 0 || slots[i].len < slots[best].len)) {
-      best = i;
+  int best, empty;
+  for (;;) {
+    int busy = 0;
+    best = empty = -1;
+    for (int i = 0; i < SLOTS; i++) {
+      if (!slots[i].p) {
+        if (empty < 0) empty = i;
+      } else if (!slots[i].used && fits(slots[i].len, len) &&
+                 (best < 0 || slots[i].len < slots[best].len)) {
+        best = i;
+      } else if (slots[i].used && same_size(slots[i].len, len)) {
+        busy = 1;
+      }
     }
+    if (best >= 0 || !busy || side_by_side) break;
+    if (pthread_cond_timedwait(&freed, &mu, &deadline) == ETIMEDOUT) side_by_side = 1;
   }
   if (best >= 0) {
     slots[best].used = 1;
@@ -127,7 +153,7 @@ static int big_free(void *p) {
     if (slots[j].used && same_size(slots[j].len, slots[i].len)) twin = 1;
     if (!slots[j].used) kept++;
   }
-  if (twin) {
+  if (twin && !side_by_side) {
     drop[ndrop] = slots[i].p;
     drop_len[ndrop++] = slots[i].len;
     slots[i] = (slot_t){0};
@@ -144,6 +170,7 @@ static int big_free(void *p) {
       slots[old] = (slot_t){0};
     }
   }
+  pthread_cond_broadcast(&freed);
   unlock();
   for (int k = 0; k < ndrop; k++) munmap(drop[k], drop_len[k]);
   return 1;
