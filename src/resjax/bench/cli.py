@@ -40,7 +40,7 @@ import os
 import subprocess
 import sys
 
-from resjax import malloc
+from resjax import malloc as malloc_settings
 from resjax.bench import rows
 from resjax.errors import ConfigError, UserError
 
@@ -236,14 +236,14 @@ def probe_device(env: dict) -> dict:
 
 # The children run under resjax.malloc's settings (see there), resjax and PyTorch alike: glibc's
 # tunables, and the block cache where it is built.
-MALLOC_TUNABLES = malloc.TUNABLES
+MALLOC_TUNABLES = malloc_settings.TUNABLES
 
 
-def child_env(threads: int | None, tuned_malloc: bool = True) -> dict:
+def child_env(threads: int | None, malloc: bool = True) -> dict:
   """The children's environment: the malloc settings above, for resjax and PyTorch alike."""
   env = dict(os.environ)
-  if tuned_malloc and malloc.ENV not in env:
-    env = malloc.environment(env)
+  if malloc and malloc_settings.ENV not in env:
+    env = malloc_settings.environment(env)
   if threads:
     env["OMP_NUM_THREADS"] = str(threads)
   return env
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
   p.add_argument("--conv-impl", choices=("auto", "im2col", "onednn", "xla"),
                  help="override conv_impl")
   p.add_argument("--default-malloc", action="store_true",
-                 help="leave glibc malloc as it is (see MALLOC_TUNABLES)")
+                 help="leave malloc as it is: no MALLOC_TUNABLES, no block cache")
   p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                  help="cpu: time steps by the process's CPU time (with --threads 1, robust to a "
                       "machine shared with other work)")
@@ -306,9 +306,9 @@ def main(argv=None) -> int:
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
   for n in names:
     rows.resolve_row(n)
-  env = child_env(args.threads, tuned_malloc=not args.default_malloc)
+  env = child_env(args.threads, malloc=not args.default_malloc)
   device = probe_device(env)
-  device["block_cache"] = malloc.uses_block_cache(env)
+  device["block_cache"] = malloc_settings.uses_block_cache(env)
   on_cpu = device["backend"] == "cpu"
   dtypes = ["float32"] if on_cpu else list(rows.DTYPES)
   if args.dtypes != "auto":

@@ -23,7 +23,9 @@ def main(argv=None) -> int:
     if args.command == "build":
       path = kernels.build(verbose=args.verbose)
       kernels.require()
-      print(f"built {path} (oneDNN {kernels.onednn_version()}) and {kernels.blockcache_path()}")
+      cache = kernels.blockcache_path()
+      print(f"built {path} (oneDNN {kernels.onednn_version()})"
+            + (f" and {cache}" if cache.exists() else ""))
     else:
       kernels.require()
       cache = kernels.blockcache_path()
