@@ -256,6 +256,42 @@ def test_scan_stacks_start_uninitialized_and_every_row_is_written(built):
   np.testing.assert_array_equal(jax.jit(jax.grad(loss))(x), expected)
 
 
+def test_a_kept_relu_output_is_computed_once_and_its_stack_write_is_a_copy(built):
+  """A scanned unit whose ReLU output is both the next convolution's input and a saved residual:
+  behind resjax_materialize the gradient's compiled program writes the stack with a plain copy,
+  no arithmetic fused into it (XLA otherwise recomputes the value there, on one thread), and the
+  gradient is the same as jax.nn.relu's to float32 rounding. Outside a scan nothing changes."""
+  x = _normal((2, 8, 8, 4))
+  ws = 0.3 * _normal((3, 3, 3, 4, 4), seed=1)
+
+  def loss(relu, x, ws):
+    step = lambda h, w: (h + onednn.conv(relu(2.0 * h + 1.0), w, 1), None)
+    with layers.scanning():  # as layers.run_units traces its scan
+      return jnp.sum(jax.lax.scan(step, x, ws)[0] ** 2)
+
+  grad = lambda relu: jax.jit(jax.grad(lambda x, w: loss(relu, x, w), argnums=(0, 1)))
+  hlo = grad(layers.relu).lower(x, ws).compile().as_text()
+  assert "resjax_materialize" in hlo
+  fused = {}  # fused computation -> its body, then the bodies of the stack writes
+  name = None
+  for line in hlo.splitlines():
+    if not line.startswith(" ") and line.rstrip().endswith("{"):
+      name = line.split()[0].lstrip("%")
+      fused[name] = []
+    elif name is not None:
+      fused[name].append(line)
+  writes = [line.split("calls=%")[1].split(",")[0] for line in hlo.splitlines()
+            if "dynamic-update-slice" in line and " fusion(" in line and "calls=%" in line]
+  assert writes
+  for w in writes:
+    body = "\n".join(fused[w])
+    assert not any(f" {op}(" in body for op in ("multiply", "add", "maximum")), body
+  for a, b in zip(grad(layers.relu)(x, ws), grad(jax.nn.relu)(x, ws)):
+    assert_f32_close(a, b, terms=9 * 4 * 3, depth=6, gain=4)
+  outside = jax.jit(jax.grad(lambda x: jnp.sum(layers.relu(2.0 * x + 1.0) ** 2))).lower(x)
+  assert "resjax_materialize" not in outside.as_text()
+
+
 def test_programs_over_several_devices_keep_jaxs_zero_filled_stacks(built):
   code = f"""
 import jax, jax.numpy as jnp

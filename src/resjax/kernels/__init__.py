@@ -42,6 +42,7 @@ TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_bwd_weights": "ResjaxOnednnConvBwdWeights",
     "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
     "resjax_uninitialized": "ResjaxUninitialized",
+    "resjax_materialize": "ResjaxMaterialize",
 }
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
 C_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")

@@ -77,3 +77,11 @@ def uninstall() -> None:
   """Back to jax's zero-filled stacks for scans lowered from now on."""
   if _jax_empty_array is not None:
     loops._empty_array = _jax_empty_array
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """``x`` behind the ``resjax_materialize`` custom call (same buffer, nothing done), so that XLA
+  computes it once instead of again inside each stack write that keeps it (``uninitialized.cc``).
+  CPU only, with the kernels loaded."""
+  return jax.ffi.ffi_call("resjax_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)

@@ -310,7 +310,8 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   if remat != "none":
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-  x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
+  with scanning():
+    x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
   nnx.update(units, updated)
   return x, norms
 
@@ -359,9 +360,36 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 _relu_gate = jax.checkpoint(lambda y, t: jnp.where(y > 0, t, jnp.zeros_like(t)), prevent_cse=False)
 
 
+_scanning = False  # True while run_units traces a scan's body
+
+
+@contextlib.contextmanager
+def scanning():
+  """Marks a scan body being traced: its ReLU results that the scan keeps for the backward pass
+  are materialized (``_materialized``)."""
+  global _scanning
+  outer, _scanning = _scanning, True
+  try:
+    yield
+  finally:
+    _scanning = outer
+
+
+def _materialized(x):
+  """``x`` behind ``kernels.stacks.materialize`` inside a scan body where the kernels are loaded,
+  else ``x``. XLA fuses a ReLU's elementwise producer (BatchNorm's apply, a residual add) into
+  every consumer, so a value that a scan both uses and keeps is computed a second time inside the
+  stack's row write, which XLA:CPU runs on one thread; behind the custom call the write is a copy.
+  Outside scans it is left to fuse (README, Speed, has the measurements)."""
+  if not _scanning or not kernels.available():
+    return x
+  from resjax.kernels import stacks
+  return stacks.materialize(x)
+
+
 @jax.custom_jvp
 def _relu_gated_by_output(x):
-  return jnp.maximum(x, jnp.zeros_like(x))
+  return _materialized(jnp.maximum(x, jnp.zeros_like(x)))
 
 
 @_relu_gated_by_output.defjvp
@@ -387,7 +415,7 @@ def _relu_gated_by_mask(x):
 
 
 def _relu_mask_fwd(x):
-  return _relu_gated_by_mask(x), x > 0
+  return _relu_gated_by_mask(x), _materialized(x > 0)
 
 
 def _relu_mask_bwd(mask, g):
