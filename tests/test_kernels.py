@@ -292,7 +292,7 @@ def test_a_kept_relu_output_is_computed_once_and_its_stack_write_is_a_copy(built
   assert "resjax_materialize" not in outside.as_text()
 
 
-def test_programs_over_several_devices_keep_jaxs_zero_filled_stacks(built):
+def test_programs_over_several_devices_keep_jaxs_stacks_and_no_custom_calls(built):
   code = f"""
 import jax, jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -303,14 +303,18 @@ x = jnp.zeros((4, 2))
 mesh = jax.make_mesh((2,), ("d",))
 one = jax.jit(f).lower(x).as_text().count("{stacks.TARGET}")
 two = jax.jit(f, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("{stacks.TARGET}")
-print(one, two)
+from resjax.kernels import stacks
+g = lambda x: stacks.materialize(x + 1.0)
+one_m = jax.jit(g).lower(x).as_text().count("@resjax_materialize")
+two_m = jax.jit(g, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("@resjax_materialize")
+print(one, two, one_m, two_m)
 """
   env = {**os.environ, "RESJAX_KERNELS_DIR": str(built.parent), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ["1", "0"]
+  assert out.stdout.split() == ["1", "0", "1", "0"]  # stacks, then resjax_materialize
 
 
 # Rounds of malloc, fill and free of a 96 MiB block (over the tunables' 64 MiB mmap threshold, so

@@ -1,4 +1,5 @@
-"""``lax.scan``'s stacked outputs on CPU without their zero fill.
+"""``lax.scan``'s stacked outputs on CPU without their zero fill, and values a scan keeps computed
+once (``materialize``, used by ``layers.relu`` in scan bodies).
 
 jax starts every stacked output of a scan (its ``ys``, and the residuals that a scan's forward pass
 keeps for its backward pass) as a broadcast of zeros, which the loop then overwrites row by row.
@@ -18,7 +19,7 @@ import inspect
 
 import jax
 from jax._src import core, sharding_impls
-from jax._src.interpreters import mlir
+from jax._src.interpreters import ad, batching, mlir
 from jax._src.lax.control_flow import loops
 
 TARGET = "resjax_uninitialized"
@@ -79,9 +80,29 @@ def uninstall() -> None:
     loops._empty_array = _jax_empty_array
 
 
+
+# x behind resjax_materialize, an aliasing custom call that does nothing: XLA computes x once
+# instead of again inside each stack write that keeps it (uninitialized.cc). Single-device CPU
+# programs only, as above; elsewhere x itself.
+materialize_p = core.Primitive("resjax_materialize")
+materialize_p.def_abstract_eval(lambda x: x)
+mlir.register_lowering(materialize_p, lambda ctx, x: [x])
+_aliasing_call = jax.ffi.ffi_lowering("resjax_materialize", operand_output_aliases={0: 0})
+
+
+def _materialize_cpu(ctx, x):
+  axes = ctx.module_context.axis_context
+  if isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1:
+    return _aliasing_call(ctx, x)
+  return [x]
+
+
+mlir.register_lowering(materialize_p, _materialize_cpu, platform="cpu")
+batching.primitive_batchers[materialize_p] = lambda args, dims: (materialize_p.bind(*args), dims[0])
+ad.primitive_jvps[materialize_p] = lambda primals, tangents: (materialize_p.bind(*primals),
+                                                              tangents[0])
+
+
 def materialize(x: jax.Array) -> jax.Array:
-  """``x`` behind the ``resjax_materialize`` custom call (same buffer, nothing done), so that XLA
-  computes it once instead of again inside each stack write that keeps it (``uninitialized.cc``).
-  CPU only, with the kernels loaded."""
-  return jax.ffi.ffi_call("resjax_materialize", jax.ShapeDtypeStruct(x.shape, x.dtype),
-                          input_output_aliases={0: 0}, vmap_method="broadcast_all")(x)
+  """``x``, computed once by XLA:CPU where the kernels are loaded (see ``materialize_p``)."""
+  return materialize_p.bind(x)
