@@ -49,19 +49,29 @@ _INSTRUCTION = re.compile(
 CONTAINERS = ("while", "conditional", "call")
 
 
-def instruction_kinds(hlo: str) -> dict[str, tuple[str, str]]:
-  """{instruction name: (kind, result shape)} for every instruction of an HLO module's text."""
-  bodies = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
+def fusion_bodies(hlo: str) -> dict[str, str]:
+  """{fusion instruction name: the text of the computation it calls} of an HLO module's text."""
+  computations = {m.group(1): m.group(2) for m in _COMPUTATION.finditer(hlo)}
   out = {}
   for m in _INSTRUCTION.finditer(hlo):
-    name, shape, opcode, rest = m.groups()
+    name, _, opcode, rest = m.groups()
+    if opcode == "fusion":
+      called = re.search(r"calls=%?([\w.\-]+)", rest)
+      out[name] = computations.get(called.group(1), "") if called else ""
+  return out
+
+
+def instruction_kinds(hlo: str) -> dict[str, tuple[str, str]]:
+  """{instruction name: (kind, result shape)} for every instruction of an HLO module's text."""
+  bodies = fusion_bodies(hlo)
+  out = {}
+  for m in _INSTRUCTION.finditer(hlo):
+    name, shape, opcode, _ = m.groups()
     if opcode in CONTAINERS:
       continue
     kind = OPCODE_KINDS.get(opcode, "elementwise" if opcode == "fusion" else opcode)
     if opcode == "fusion":
-      called = re.search(r"calls=%?([\w.\-]+)", rest)
-      body = bodies.get(called.group(1), "") if called else ""
-      kind = next((k for op, k in FUSION_KINDS if op in body), "elementwise")
+      kind = next((k for op, k in FUSION_KINDS if op in bodies[name]), "elementwise")
     out[name] = (kind, shape)
   return out
 

@@ -20,17 +20,11 @@ def main(argv=None) -> int:
       print(f"oneDNN's wheels are not installed here ({', '.join(kernels.ONEDNN)}): CPU "
             f"convolutions stay matrix multiplies")
       return 0
-    if args.command == "build":
-      path = kernels.build(verbose=args.verbose)
-      kernels.require()
-      cache = kernels.blockcache_path()
-      print(f"built {path} (oneDNN {kernels.onednn_version()})"
-            + (f" and {cache}" if cache.exists() else ""))
-    else:
-      kernels.require()
-      cache = kernels.blockcache_path()
-      print(f"{kernels.library_path()} (oneDNN {kernels.onednn_version()}); block cache: "
-            f"{cache if cache.exists() else 'not built'}")
+    path = kernels.build(verbose=args.verbose) if args.command == "build" else kernels.library_path()
+    kernels.require()
+    cache = kernels.blockcache_path()
+    print(f"{'built ' * (args.command == 'build')}{path} (oneDNN {kernels.onednn_version()}); "
+          f"block cache: {cache if cache.exists() else 'not built'}")
   except kernels.NotBuilt as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

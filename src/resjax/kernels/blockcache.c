@@ -11,9 +11,9 @@
 //
 // XLA:CPU starts the next execution as soon as the last one's outputs are ready, and frees the
 // last one's temporaries a moment later, so the next block is often asked for while the last is
-// still held. A request for a size that is in use, with none of it free, waits up to WAIT_MS for
-// that block, and a block freed while another of its size is in use is unmapped: a training loop
-// keeps one block, not two. The first wait that times out means blocks of one size really are in
+// still held. A request for a size that is in use, with none of it free, waits up to 50 ms
+// ($RESJAX_BLOCKCACHE_WAIT_MS) for that block, and a block freed while another of its size is in
+// use is unmapped: a training loop keeps one block, not two. The first wait that times out means blocks of one size really are in
 // use at once (several executions side by side); from then on nothing waits and freed blocks are
 // kept, up to KEEP. Everything under THRESHOLD is glibc's malloc, untouched.
 
@@ -24,6 +24,7 @@
 #include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -38,7 +39,6 @@ extern void *__libc_memalign(size_t, size_t);
 #define ALIGN ((size_t)2 << 20)       // one transparent huge page
 #define SLOTS 256                     // blocks tracked at once, in use or kept
 #define KEEP 4                        // free blocks kept
-#define WAIT_MS 50                    // for a block of the size asked for, in use
 
 typedef struct {
   char *p;      // NULL: an empty slot
@@ -50,6 +50,7 @@ typedef struct {
 static slot_t slots[SLOTS];
 static unsigned long clock_;
 static int side_by_side;  // a wait timed out: blocks of one size are in use at once
+static long wait_ms = 50;  // for a block of the size asked for, in use; $RESJAX_BLOCKCACHE_WAIT_MS
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t freed = PTHREAD_COND_INITIALIZER;
 
@@ -60,7 +61,11 @@ static void child_unlock(void) {
   pthread_cond_init(&freed, NULL);
 }
 
-__attribute__((constructor)) static void init(void) { pthread_atfork(lock, unlock, child_unlock); }
+__attribute__((constructor)) static void init(void) {
+  const char *wait = getenv("RESJAX_BLOCKCACHE_WAIT_MS");
+  if (wait && *wait) wait_ms = strtol(wait, NULL, 10);
+  pthread_atfork(lock, unlock, child_unlock);
+}
 
 static char *map_block(size_t len) {
   char *raw = mmap(NULL, len + ALIGN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -86,7 +91,8 @@ static void *big_alloc(size_t n) {
   size_t len = (n + ALIGN - 1) & ~(ALIGN - 1);
   struct timespec deadline;
   clock_gettime(CLOCK_REALTIME, &deadline);
-  deadline.tv_nsec += WAIT_MS * 1000000L;
+  deadline.tv_sec += wait_ms / 1000;
+  deadline.tv_nsec += wait_ms % 1000 * 1000000L;
   deadline.tv_sec += deadline.tv_nsec / 1000000000L;
   deadline.tv_nsec %= 1000000000L;
   lock();

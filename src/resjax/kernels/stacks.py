@@ -35,11 +35,14 @@ def _zeros(ctx, *, shape, dtype):
 _custom_call = jax.ffi.ffi_lowering(TARGET, has_side_effect=True)  # never merged with another
 
 
-def _cpu(ctx, *, shape, dtype):
+def _one_device(ctx) -> bool:
+  """Whether the program being lowered runs on one device (custom calls here have no sharding)."""
   axes = ctx.module_context.axis_context
-  if isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1:
-    return _custom_call(ctx)
-  return _zeros(ctx, shape=shape, dtype=dtype)
+  return isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1
+
+
+def _cpu(ctx, *, shape, dtype):
+  return _custom_call(ctx) if _one_device(ctx) else _zeros(ctx, shape=shape, dtype=dtype)
 
 
 mlir.register_lowering(uninitialized_p, _zeros)
@@ -80,7 +83,6 @@ def uninstall() -> None:
     loops._empty_array = _jax_empty_array
 
 
-
 # x behind resjax_materialize, an aliasing custom call that does nothing: XLA computes x once
 # instead of again inside each stack write that keeps it (uninitialized.cc). Single-device CPU
 # programs only, as above; elsewhere x itself.
@@ -91,10 +93,7 @@ _aliasing_call = jax.ffi.ffi_lowering("resjax_materialize", operand_output_alias
 
 
 def _materialize_cpu(ctx, x):
-  axes = ctx.module_context.axis_context
-  if isinstance(axes, sharding_impls.ShardingContext) and axes.num_devices == 1:
-    return _aliasing_call(ctx, x)
-  return [x]
+  return _aliasing_call(ctx, x) if _one_device(ctx) else [x]
 
 
 mlir.register_lowering(materialize_p, _materialize_cpu, platform="cpu")
