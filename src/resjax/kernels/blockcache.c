@@ -13,9 +13,10 @@
 // last one's temporaries a moment later, so the next block is often asked for while the last is
 // still held. A request for a size that is in use, with none of it free, waits up to 50 ms
 // ($RESJAX_BLOCKCACHE_WAIT_MS) for that block, and a block freed while another of its size is in
-// use is unmapped: a training loop keeps one block, not two. The first wait that times out means blocks of one size really are in
-// use at once (several executions side by side); from then on nothing waits and freed blocks are
-// kept, up to KEEP. Everything under THRESHOLD is glibc's malloc, untouched.
+// use is unmapped: a training loop keeps one block, not two. The first wait that times out means
+// blocks of one size really are in use at once (several executions side by side); from then on
+// nothing waits and freed blocks are kept, up to KEEP. Everything under THRESHOLD is glibc's
+// malloc, untouched.
 
 #define _GNU_SOURCE
 #include <dlfcn.h>
