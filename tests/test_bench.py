@@ -251,6 +251,24 @@ def test_compile_ratio_reads_the_deep_and_shallow_rows():
   assert bench_cli.compile_ratio(results) == pytest.approx(3.0)
 
 
+def test_a_failed_childs_error_is_its_cause_not_its_last_stack_frame():
+  """A native abort ends in stack frames; the error names the failed check above them (as an
+  XLA:GPU compile crash printed it on an H200), and a Python failure its exception."""
+  crash = ("W0000 00:00:1 ok.cc:1] a warning\n"
+           "F1204 18:25:24.373458 608 triton_tiling_propagation.cc:703] Check failed: "
+           "subdim_size_accumulator == dim_size (784 vs. 56)\n"
+           "*** Check failure stack trace: ***\n"
+           "    @     0x7fabf2eed62f  xla::Service::BuildExecutable()\n"
+           "    @           0x6bc7bd  Py_BytesMain\n")
+  assert bench_cli.failure_line(crash, -6).endswith("Check failed: subdim_size_accumulator == "
+                                                     "dim_size (784 vs. 56)")
+  signal = "*** SIGSEGV received at time=1 on cpu 3 ***\nPC: @ 0x1 (unknown)\n    @ 0x2 main\n"
+  assert bench_cli.failure_line(signal, -11).startswith("*** SIGSEGV")
+  python = 'Traceback (most recent call last):\n  File "x.py", line 1\nValueError: bad row\n'
+  assert bench_cli.failure_line(python, 1) == "ValueError: bad row"
+  assert bench_cli.failure_line("", -9) == "killed (exit code -9)"
+
+
 def test_child_env_keeps_a_users_malloc_settings(monkeypatch):
   monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
   assert bench_cli.child_env(None)["GLIBC_TUNABLES"] == bench_cli.MALLOC_TUNABLES

@@ -231,6 +231,23 @@ def test_gpu_bench_dry_run_writes_the_table_and_the_bench_json(tmp_path):
                            str(tmp_path / "gpu_bench.json")], cwd=REPO, capture_output=True,
                           text=True, env={**os.environ, "PYTHONPATH": str(REPO / "src")})
   assert merged.returncode == 0 and tokens in merged.stdout
+  # --recount replaces a wrong count (XLA:GPU's compiled program left out its library calls) with
+  # this resjax's, keeping the run's own; here both are this resjax's, so it comes back exactly.
+  counted = runs["resjax"][0]["flops_per_example"]
+  data["rows"][0]["runs"]["resjax"][0]["flops_per_example"] = counted / 100
+  (tmp_path / "gpu_bench.json").write_text(json.dumps(data))
+  proc = subprocess.run([sys.executable, "tools/gpu_bench.py", "--recount",
+                         str(tmp_path / "gpu_bench.json")], cwd=REPO, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  again = json.loads((tmp_path / "gpu_bench.json").read_text())["rows"][0]["runs"]["resjax"][0]
+  assert again["flops_per_example"] == counted
+  assert again["flops_per_example_as_measured"] == counted / 100
+  md = (tmp_path / "gpu_bench.md").read_text()
+  assert "counted again by `python tools/gpu_bench.py --recount`" in md and tokens in md
+  missing = subprocess.run([sys.executable, "tools/gpu_bench.py", "--recount",
+                            str(tmp_path / "none.json")], cwd=REPO, capture_output=True, text=True)
+  assert missing.returncode == 2 and "give --recount the gpu_bench.json" in missing.stderr
 
 
 def test_gpu_bench_names_what_the_budget_left_out(tmp_path):

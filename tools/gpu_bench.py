@@ -2,18 +2,20 @@
 256) and GPT-2 small (T=1024, batch 16) training at float32 and bfloat16, in resjax and in PyTorch
 (eager; torch.compile while time is left), as one markdown table with the date and the device.
 
-    python3 tools/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"   # GPU: ~8 minutes
+    python3 tools/gpu_bench.py --out "$OUT" 2>&1 | tee "$OUT/gpu_bench.log"   # GPU: ~7 minutes
     python tools/gpu_bench.py --dry-run --out /tmp/gpu_bench          # CPU, tiny shapes (below)
     python tools/gpu_bench.py --fetch-wheels      # here, first: wheels of what the GPU image lacks
+    python tools/gpu_bench.py --recount DIR/gpu_bench.json   # any machine: count FLOPs again
 
 Every measurement is ``python -m resjax.bench``'s own (one child process each: its rows, steps,
 columns and MFU; see resjax.bench.cli); this script orders them, caps their time and gathers them.
 It prints the device and the versions, measures resjax and PyTorch eager for every row and dtype
 (bf16 first), then torch.compile, each measurement capped at ``CAP_S`` and none started once the
-budget (``--budget``) is spent; the table names what did not run. After each measurement OUT holds
-``gpu_bench.json`` (the bench's ``--json`` format: ``python -m resjax.bench --merge
-OUT/gpu_bench.json`` prints the table again) and ``gpu_bench.md``, so a run cut short keeps what
-it measured.
+budget (``--budget``) is spent; the table names what did not run, and the log holds the last lines
+of a failed measurement's stderr (a compiler's abort names its cause above its stack trace). After
+each measurement OUT holds ``gpu_bench.json`` (the bench's ``--json`` format: ``python -m
+resjax.bench --merge OUT/gpu_bench.json`` prints the table again) and ``gpu_bench.md``, so a run
+cut short keeps what it measured.
 
 The GPU image holds JAX, flax, optax, orbax and PyTorch, but not ml_collections, and nothing can
 be fetched there. ``--fetch-wheels`` saves the wheels of ``FETCH``, at this environment's
@@ -175,14 +177,16 @@ def _last(text: str) -> str:
   return lines[-1] if lines else "no message"
 
 
-def header_lines(info: dict, argv: list[str]) -> list[str]:
+def header_lines(info: dict, argv: list[str] | None) -> list[str]:
   d, t, v = info["device"], info["torch"], info["versions"]
   torch_line = (f"torch {v.get('torch', '?')} (CUDA {t.get('cuda')}, cuDNN {t.get('cudnn')})"
                 if "error" not in t else f"PyTorch does not start: {t['error']}")
   pkgs = ", ".join(f"{k} {x}" for k, x in v.items() if k != "torch")
   title = f"# resjax and PyTorch training steps on {d['kind']} ({d['backend']}), {info['date']}"
   return [title, "",
-          f"`python tools/gpu_bench.py {' '.join(argv)}` at commit {info['commit']}; Python "
+          (f"`python tools/gpu_bench.py {' '.join(argv)}`" if argv is not None else
+           "`python tools/gpu_bench.py` (its arguments not recorded)")
+          + f" at commit {info['commit']}; Python "
           f"{info['python']}, {pkgs}; {torch_line}"
           + (f"; nvidia-smi: {info['nvidia_smi']}" if info.get("nvidia_smi") else "") + ".", "",
           "float32 rows may use TF32 tensor cores in both frameworks (XLA's default precision; "
@@ -222,15 +226,46 @@ def write_outputs(out: pathlib.Path, info: dict, args: dict, names, dtypes, runs
               if d in dtypes and runs.get((n, d))]
   raw = out / "gpu_bench.json"
   raw.write_text(json.dumps({"device": info["device"], "args": args, "machine": info,
-                             "rows": measured}, indent=1))
-  text = "\n".join(header_lines(info, argv)) + "\n"
-  if measured:
-    text += cli.report(*cli.merge([str(raw)]))
-  if skipped:
-    text += ("\n" if measured else "") + (f"Not measured: the budget of {args['budget']:.0f} s "
-                                           f"was spent before {', '.join(skipped)}.\n")
-  (out / "gpu_bench.md").write_text(text)
+                             "argv": argv, "skipped": skipped, "rows": measured}, indent=1))
+  return markdown(raw)
+
+
+def markdown(raw: pathlib.Path) -> str:
+  """gpu_bench.md beside ``raw`` (a gpu_bench.json), written from it; returns the markdown."""
+  data = json.loads(raw.read_text())
+  info, args = data["machine"], data["args"]
+  text = "\n".join(header_lines(info, data.get("argv"))) + "\n"
+  if info.get("recounted"):
+    text += (f"FLOPs per example: counted again by `python tools/gpu_bench.py --recount` at "
+             f"commit {info['recounted']}; the run's own count is each result's "
+             "`flops_per_example_as_measured`.\n\n")
+  if data["rows"]:
+    text += cli.report(*cli.merge([str(raw)]), torch_version=info["versions"].get("torch"))
+  if data.get("skipped"):
+    text += (("\n" if data["rows"] else "") + f"Not measured: the budget of {args['budget']:.0f} "
+             f"s was spent before {', '.join(data['skipped'])}.\n")
+  (raw.parent / "gpu_bench.md").write_text(text)
   return text
+
+
+def recount(raw: pathlib.Path) -> str:
+  """Counts every resjax measurement's FLOPs per example in ``raw`` again, here and with this
+  resjax, and rewrites ``raw`` and the gpu_bench.md beside it. Until this option came, resjax
+  asked XLA:GPU's compiled program, which leaves out the convolutions and matmuls it hands to
+  cuDNN and cuBLAS: ResNet-50's count came out at 1%, and every MFU with it."""
+  from resjax.bench import step  # JAX, and only here: the GPU run's own process never starts it
+
+  data = json.loads(raw.read_text())
+  dry = data["args"].get("dry_run", False)
+  for entry in data["rows"]:
+    row = rows.resolve_row(entry["row"], DRY_SHAPES[entry["row"]][0] if dry else None)
+    for r in entry["runs"].get("resjax", []):
+      if "error" not in r:
+        r.setdefault("flops_per_example_as_measured", r.get("flops_per_example"))
+        r["flops_per_example"] = step.row_flops(row, entry["dtype"])
+  data["machine"]["recounted"] = _git_commit()
+  raw.write_text(json.dumps(data, indent=1))
+  return markdown(raw)
 
 
 def main(argv=None) -> int:
@@ -248,10 +283,19 @@ def main(argv=None) -> int:
   p.add_argument("--wheels", default=str(REPO / ".whl"), help="wheels for what this machine lacks")
   p.add_argument("--fetch-wheels", action="store_true",
                  help="download the wheels of FETCH into --wheels, and stop")
+  p.add_argument("--recount", metavar="JSON",
+                 help="count the FLOPs of a gpu_bench.json's resjax rows again (any machine), "
+                      "rewrite it and its gpu_bench.md, and stop")
   args = p.parse_args(argv)
   wheels = pathlib.Path(args.wheels)
   if args.fetch_wheels:
     return fetch_wheels(wheels)
+  if args.recount:
+    raw = pathlib.Path(args.recount)
+    if not raw.is_file():
+      raise UserError(f"{raw} does not exist: give --recount the gpu_bench.json of a run")
+    print(recount(raw))
+    return 0
 
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
   dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
@@ -293,6 +337,8 @@ def main(argv=None) -> int:
     timeout = left if args.dry_run else min(CAP_S[impl], left)
     t = time.monotonic()
     r = cli.run_child(child_args(name, dtype, impl, steps, args.dry_run), env, timeout)
+    if "stderr_tail" in r:  # into the log: the cause of a crash is rarely one line
+      print("\n".join(f"#   {l}" for l in r.pop("stderr_tail")), file=sys.stderr)
     runs.setdefault((name, dtype), {})[impl] = [r]
     print(f"# {label}: " + (r["error"] if "error" in r else
                             f"{r['examples_per_s']:.1f} ex/s, compile {r['compile_s']:.1f} s, "

@@ -37,6 +37,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -81,9 +82,27 @@ def run_child(args: list[str], env: dict, timeout: float, threads: int | None = 
   except subprocess.TimeoutExpired:
     return {"error": f"timed out after {timeout:.0f} s"}
   if out.returncode:
-    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
-    return {"error": lines[-1] if lines else f"killed (exit code {out.returncode})"}
+    return {"error": failure_line(out.stderr, out.returncode),
+            "stderr_tail": out.stderr.strip().splitlines()[-STDERR_TAIL:]}
   return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+STDERR_TAIL = 40  # lines of a failed child's stderr kept in its result
+# A native crash prints its cause (an absl fatal log line, a failed check, the signal) above a
+# stack trace whose frames ("@ 0x...") say nothing on their own.
+_CAUSE = re.compile(r"^(F\d{4} |.*Check failed|\*\*\* SIG|Fatal Python error)")
+_FRAME = re.compile(r"^\s*(@\s+0x|\*\*\* Begin|PC: @)")
+
+
+def failure_line(stderr: str, returncode: int) -> str:
+  """The line of a failed child's stderr that names why: a native crash's cause, else its last
+  line that is not a stack frame (a Python exception's message)."""
+  lines = [l.strip() for l in stderr.splitlines() if l.strip()]
+  causes = [l for l in lines if _CAUSE.match(l)]
+  if causes:
+    return causes[0]
+  said = [l for l in lines if not _FRAME.match(l)]
+  return said[-1] if said else f"killed (exit code {returncode})"
 
 
 def median_result(results: list[dict]) -> dict:
@@ -376,13 +395,15 @@ def emit(text: str, out: str | None) -> int:
   return 0
 
 
-def report(results: dict, device: dict, args: dict) -> str:
-  """The markdown table of ``results`` with a footer saying how they were measured."""
+def report(results: dict, device: dict, args: dict, torch_version: str | None = None) -> str:
+  """The markdown table of ``results`` with a footer saying how they were measured (PyTorch's
+  version: ``torch_version``, else the one installed here)."""
   peak = rows.peak_tflops(device["kind"])
   table = markdown(results, peak=peak)
   ratio = compile_ratio(results)
   measured_torch = any(i in TORCH_IMPLS for by_impl in results.values() for i in by_impl)
-  torch_line = (f"PyTorch {_torch_version()}" if measured_torch and torch_available() else
+  torch_line = (f"PyTorch {torch_version}" if measured_torch and torch_version else
+                f"PyTorch {_torch_version()}" if measured_torch and torch_available() else
                 "PyTorch: not measured" + ("" if torch_available() else
                                            "; install it with pip install -e '.[bench]'"))
   threads = args.get("threads") or "default"

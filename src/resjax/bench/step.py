@@ -175,13 +175,27 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
   out["examples_per_s"] = batch / out["step_s"]
   if row.tokens:
     out["tokens_per_example"] = row.tokens
-  if flops:  # training = forward + backward (twice the forward's matmuls): 3x the forward
-    x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
-    example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
-    out["flops_per_example"] = 3 * inspect_model.flops_at_depth(
-        config.model, lambda cfg: inspect_model.xla_forward_flops(
-            cfg, example, task.num_classes, task.in_channels))
+  if flops:
+    out["flops_per_example"] = training_flops(config, task, arrays)
   return out
+
+
+def training_flops(config, task, arrays) -> float:
+  """FLOPs of one example's training step: forward + backward (twice the forward's matmuls), 3x
+  the forward as XLA counts it (inspect_model.xla_forward_flops)."""
+  x, _ = task.eval_inputs(arrays, next(iter(task.eval_batches(1)))[0])
+  example = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+  return 3 * inspect_model.flops_at_depth(
+      config.model, lambda cfg: inspect_model.xla_forward_flops(
+          cfg, example, task.num_classes, task.in_channels))
+
+
+def row_flops(row: Row, dtype: str = "float32") -> float:
+  """``training_flops`` of ``row``, counted without building its step: for a table whose FLOPs
+  an older resjax counted (tools/gpu_bench.py --recount)."""
+  config = _config(row, 2, dtype, True, None)
+  task = synthetic_task(row, config, 2)
+  return training_flops(config, task, task.device_arrays())
 
 
 def measure_torch(row: Row, batch: int, steps: int, dtype: str, mode: str,
