@@ -201,10 +201,10 @@ def test_version_floor_and_missing_wheels(monkeypatch, tmp_path):
     gpu_bench.install_lacking(tmp_path, tmp_path / "site")
 
 
-def _gpu_bench(tmp_path, *args):
+def _gpu_bench(tmp_path, *args, **env):
   return subprocess.run([sys.executable, "tools/gpu_bench.py", "--dry-run", "--out",
                          str(tmp_path), *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=600, env={**os.environ, "OUT": ""})
+                        timeout=600, env={**os.environ, "OUT": "", **env})
 
 
 def test_gpu_bench_dry_run_writes_the_table_and_the_bench_json(tmp_path):
@@ -250,10 +250,14 @@ def test_gpu_bench_dry_run_writes_the_table_and_the_bench_json(tmp_path):
   assert missing.returncode == 2 and "give --recount the gpu_bench.json" in missing.stderr
 
 
-def test_gpu_bench_names_what_the_budget_left_out(tmp_path):
-  proc = _gpu_bench(tmp_path, "--rows", "resnet110", "--budget", "0")
+def test_gpu_bench_names_what_the_budget_left_out_and_the_xla_flags(tmp_path):
+  """The table says what did not run, and the XLA_FLAGS its children ran under (a workaround
+  for a compiler's abort changes what is measured)."""
+  flag = "--xla_cpu_enable_fast_min_max=true"
+  proc = _gpu_bench(tmp_path, "--rows", "resnet110", "--budget", "0", XLA_FLAGS=flag)
   assert proc.returncode == 0, proc.stderr[-2000:]
   md = (tmp_path / "gpu_bench.md").read_text()
+  assert f"; XLA_FLAGS={flag}." in md
   assert "Not measured: the budget of 0 s was spent before resnet110 bfloat16 resjax," in md
   assert md.rstrip().endswith("resnet110 float32 torch-compile.")
   assert json.loads((tmp_path / "gpu_bench.json").read_text())["rows"] == []

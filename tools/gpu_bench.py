@@ -158,6 +158,7 @@ def describe_machine(env: dict) -> dict:
     _, out, _ = _run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
                       "--format=csv,noheader"])
     info["nvidia_smi"] = out
+  info["xla_flags"] = env.get("XLA_FLAGS", "")  # the children's, a workaround included
   code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({"
           "'cuda': torch.version.cuda, 'cudnn': torch.backends.cudnn.version(), "
           "'gpu': torch.cuda.get_device_name() if c else None}))")
@@ -188,7 +189,8 @@ def header_lines(info: dict, argv: list[str] | None) -> list[str]:
            "`python tools/gpu_bench.py` (its arguments not recorded)")
           + f" at commit {info['commit']}; Python "
           f"{info['python']}, {pkgs}; {torch_line}"
-          + (f"; nvidia-smi: {info['nvidia_smi']}" if info.get("nvidia_smi") else "") + ".", "",
+          + (f"; nvidia-smi: {info['nvidia_smi']}" if info.get("nvidia_smi") else "")
+          + (f"; XLA_FLAGS={info['xla_flags']}" if info.get("xla_flags") else "") + ".", "",
           "float32 rows may use TF32 tensor cores in both frameworks (XLA's default precision; "
           "cuDNN's default for PyTorch's convolutions, and the GPT twin sets matrix multiplies to "
           "match); MFU divides by the dense bf16 peak at both dtypes. Tokens/s: the GPT-2 rows' "
