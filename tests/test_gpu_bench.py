@@ -248,6 +248,12 @@ def test_gpu_bench_dry_run_writes_the_table_and_the_bench_json(tmp_path):
   missing = subprocess.run([sys.executable, "tools/gpu_bench.py", "--recount",
                             str(tmp_path / "none.json")], cwd=REPO, capture_output=True, text=True)
   assert missing.returncode == 2 and "give --recount the gpu_bench.json" in missing.stderr
+  (tmp_path / "other.json").write_text('{"rows": []}')
+  other = subprocess.run([sys.executable, "tools/gpu_bench.py", "--recount",
+                          str(tmp_path / "other.json")], cwd=REPO, capture_output=True, text=True)
+  assert other.returncode == 2 and other.stderr.count("\n") == 1
+  assert "is not a gpu_bench.json" in other.stderr
+  assert (tmp_path / "other.json").read_text() == '{"rows": []}'  # left as it was
 
 
 def test_gpu_bench_names_what_the_budget_left_out_and_the_xla_flags(tmp_path):

@@ -296,7 +296,12 @@ def main(argv=None) -> int:
     raw = pathlib.Path(args.recount)
     if not raw.is_file():
       raise UserError(f"{raw} does not exist: give --recount the gpu_bench.json of a run")
-    print(recount(raw))
+    try:
+      text = recount(raw)
+    except (ValueError, KeyError, TypeError) as e:  # json's errors are ValueErrors
+      raise UserError(f"{raw} is not a gpu_bench.json ({type(e).__name__}: {e}): give --recount "
+                      "the gpu_bench.json of a run") from None
+    print(text)
     return 0
 
   names = [n.strip() for n in args.rows.split(",") if n.strip()]
