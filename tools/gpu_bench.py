@@ -260,11 +260,14 @@ def recount(raw: pathlib.Path) -> str:
   data = json.loads(raw.read_text())
   dry = data["args"].get("dry_run", False)
   for entry in data["rows"]:
+    measured = [r for r in entry["runs"].get("resjax", []) if "error" not in r]
+    if not measured:
+      continue
     row = rows.resolve_row(entry["row"], DRY_SHAPES[entry["row"]][0] if dry else None)
-    for r in entry["runs"].get("resjax", []):
-      if "error" not in r:
-        r.setdefault("flops_per_example_as_measured", r.get("flops_per_example"))
-        r["flops_per_example"] = step.row_flops(row, entry["dtype"])
+    flops = step.row_flops(row, entry["dtype"])  # once per row: every repeat ran the same step
+    for r in measured:
+      r.setdefault("flops_per_example_as_measured", r.get("flops_per_example"))
+      r["flops_per_example"] = flops
   data["machine"]["recounted"] = _git_commit()
   raw.write_text(json.dumps(data, indent=1))
   return markdown(raw)

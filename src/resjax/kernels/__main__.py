@@ -20,10 +20,11 @@ def main(argv=None) -> int:
       print(f"oneDNN's wheels are not installed here ({', '.join(kernels.ONEDNN)}): CPU "
             f"convolutions stay matrix multiplies")
       return 0
-    path = kernels.build(verbose=args.verbose) if args.command == "build" else kernels.library_path()
+    building = args.command == "build"
+    path = kernels.build(verbose=args.verbose) if building else kernels.library_path()
     kernels.require()
     cache = kernels.blockcache_path()
-    print(f"{'built ' * (args.command == 'build')}{path} (oneDNN {kernels.onednn_version()}); "
+    print(f"{'built ' if building else ''}{path} (oneDNN {kernels.onednn_version()}); "
           f"block cache: {cache if cache.exists() else 'not built'}")
   except kernels.NotBuilt as e:
     print(f"error: {e}", file=sys.stderr)
