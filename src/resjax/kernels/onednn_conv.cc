@@ -20,6 +20,7 @@
 //
 // Build: python -m resjax.kernels build (see resjax/kernels/__init__.py).
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -87,8 +88,44 @@ struct Entry {
   memory::desc kernel;  // the primitive's weights (or diff_weights) layout
   memory::desc scratchpad;
   bool reorder = false;
+  // Where each HWIO element of the kernel sits in `kernel` (a blocked layout), and whether the
+  // layout pads the channels (the padding must then be zeros). Empty: oneDNN's reorder instead.
+  std::vector<int64_t> offsets;
+  bool padded = false;
   dnnl::reorder to_or_from_hwio;
 };
+
+// The offsets of a kernel's elements, in HWIO order, in the blocked layout `desc` (oneDNN's
+// blocking: outer strides over the dimensions divided by their blocks, then the inner blocks,
+// innermost last). Empty where `desc` is not a plain blocked layout.
+std::vector<int64_t> blocked_offsets(const memory::desc& desc, const Geometry& g) {
+  if (desc.get_format_kind() != memory::format_kind::blocked) return {};
+  for (int64_t p : desc.get_padded_offsets()) {
+    if (p != 0) return {};
+  }
+  memory::dims strides = desc.get_strides(), blks = desc.get_inner_blks(),
+               idxs = desc.get_inner_idxs();
+  const int nblks = desc.get_inner_nblks();
+  int64_t per_dim[4] = {1, 1, 1, 1};  // each logical dimension's product of inner blocks
+  for (int k = 0; k < nblks; ++k) per_dim[idxs[k]] *= blks[k];
+  std::vector<int64_t> out;
+  out.reserve(g.kh * g.kw * g.c * g.o);
+  for (int64_t h = 0; h < g.kh; ++h)
+    for (int64_t w = 0; w < g.kw; ++w)
+      for (int64_t i = 0; i < g.c; ++i)
+        for (int64_t o = 0; o < g.o; ++o) {
+          const int64_t x[4] = {o, i, h, w};  // oneDNN's logical (O, I, KH, KW)
+          int64_t off = 0, inner_stride = 1, below[4] = {1, 1, 1, 1};
+          for (int d = 0; d < 4; ++d) off += x[d] / per_dim[d] * strides[d];
+          for (int k = nblks - 1; k >= 0; --k) {  // innermost block first
+            off += x[idxs[k]] / below[idxs[k]] % blks[k] * inner_stride;
+            below[idxs[k]] *= blks[k];
+            inner_stride *= blks[k];
+          }
+          out.push_back(off);
+        }
+  return out;
+}
 
 Entry make(Direction d, const Geometry& g) {
   auto fwd = forward_desc(g);
@@ -117,6 +154,8 @@ Entry make(Direction d, const Geometry& g) {
   }
   e.reorder = e.kernel != hwio;
   if (e.reorder) {
+    e.offsets = blocked_offsets(e.kernel, g);
+    e.padded = e.kernel.get_size() != hwio.get_size();
     e.to_or_from_hwio = d == kBackwardWeights
                             ? dnnl::reorder(memory(e.kernel, cpu_engine()), memory(hwio, cpu_engine()))
                             : dnnl::reorder(memory(hwio, cpu_engine()), memory(e.kernel, cpu_engine()));
@@ -142,6 +181,29 @@ void* thread_buffer(int slot, size_t bytes) {
   return reinterpret_cast<void*>((p + 63) & ~uintptr_t{63});
 }
 
+// HWIO `hwio` into (or, for the weight gradient, out of) the primitive's kernel layout. A plain
+// loop over the offsets where the layout is blocked: oneDNN's reorder of these few KiB took about
+// 10x as long (README, Speed).
+void reorder(const Entry& e, dnnl::stream& stream, memory& hwio, memory& kernel, bool to_hwio) {
+  if (e.offsets.empty()) {
+    if (to_hwio) {
+      e.to_or_from_hwio.execute(stream, kernel, hwio);
+    } else {
+      e.to_or_from_hwio.execute(stream, hwio, kernel);
+    }
+    return;
+  }
+  float* plain = static_cast<float*>(hwio.get_data_handle());
+  float* blocked = static_cast<float*>(kernel.get_data_handle());
+  const int64_t n = static_cast<int64_t>(e.offsets.size());
+  if (to_hwio) {
+    for (int64_t j = 0; j < n; ++j) plain[j] = blocked[e.offsets[j]];
+  } else {
+    if (e.padded) std::fill_n(blocked, e.kernel.get_size() / sizeof(float), 0.0f);
+    for (int64_t j = 0; j < n; ++j) blocked[e.offsets[j]] = plain[j];
+  }
+}
+
 ffi::Error run(Direction d, const Geometry& g, void* act, void* other, void* out) {
   try {
     const Entry& e = lookup(d, g);
@@ -156,13 +218,13 @@ ffi::Error run(Direction d, const Geometry& g, void* act, void* other, void* out
     if (d == kForward) {
       src.set_data_handle(act);
       dst.set_data_handle(out);
-      if (e.reorder) e.to_or_from_hwio.execute(stream, hwio, kernel);
+      if (e.reorder) reorder(e, stream, hwio, kernel, false);
       e.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, kernel},
                               {DNNL_ARG_DST, dst}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else if (d == kBackwardData) {
       dst.set_data_handle(act);  // dy
       src.set_data_handle(out);  // dx
-      if (e.reorder) e.to_or_from_hwio.execute(stream, hwio, kernel);
+      if (e.reorder) reorder(e, stream, hwio, kernel, false);
       e.prim.execute(stream, {{DNNL_ARG_DIFF_DST, dst}, {DNNL_ARG_WEIGHTS, kernel},
                               {DNNL_ARG_DIFF_SRC, src}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
@@ -170,7 +232,7 @@ ffi::Error run(Direction d, const Geometry& g, void* act, void* other, void* out
       dst.set_data_handle(other);  // dy
       e.prim.execute(stream, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, dst},
                               {DNNL_ARG_DIFF_WEIGHTS, kernel}, {DNNL_ARG_SCRATCHPAD, scratch}});
-      if (e.reorder) e.to_or_from_hwio.execute(stream, kernel, hwio);
+      if (e.reorder) reorder(e, stream, hwio, kernel, true);
     }
     stream.wait();
   } catch (const dnnl::error& err) {
