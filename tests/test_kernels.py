@@ -228,6 +228,72 @@ def test_optional_build_is_a_no_op_without_the_wheels(tmp_path, monkeypatch):
 # ------------------------------------------------------------- scan stacks and the block cache
 
 
+# BatchNorm's per-channel sums (kernels.moments): channel counts that divide 64, read 64 floats a
+# row (the first on two threads where there are two), and counts that do not; ranks 4 and 2.
+SUM_SHAPES = [(64, 16, 16, 16), (4, 8, 8, 64), (3, 5, 7, 24), (2, 9, 9, 5), (300, 3)]
+
+
+def _channel_data(shape, seed=0, means=None):
+  """float32 data whose channels have different means (default 1, 2, ...), so that sums mixing
+  channels, rows or replicas are off by far more than rounding; and a cotangent."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal(shape) + (np.arange(1, shape[-1] + 1) if means is None else means)
+  return x.astype(np.float32), rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", SUM_SHAPES)
+def test_channel_sums_are_the_sums_they_replace(built, shape):
+  from resjax.kernels import moments
+  x, g = _channel_data(shape)
+  axes, n = tuple(range(len(shape) - 1)), x.size // shape[-1]
+  x64, g64 = x.astype(np.float64), g.astype(np.float64)
+  xc = (x64 - x64.mean(axes)).astype(np.float32)
+  exact = [x64.sum(axes), (x64 * x64).sum(axes), g64.sum(axes), (g64 * xc).sum(axes)]
+  scale = [np.abs(x64).sum(axes), (x64 * x64).sum(axes), np.abs(g64).sum(axes),
+           np.abs(g64 * xc).sum(axes)]
+  got = [*jax.jit(moments.moments)(x), *jax.jit(moments.grad_moments)(g, xc)]
+  for name, a, want, s in zip(("x", "x*x", "g", "g*xc"), got, exact, scale):
+    assert a.shape == (shape[-1],) and a.dtype == jnp.float32
+    err = np.abs(np.asarray(a, np.float64) - want)
+    assert (err <= f32_tol(n) * s).all(), (name, err.max(), (f32_tol(n) * s).min())
+  lowered = jax.jit(moments.moments).lower(x).as_text()
+  assert "@resjax_channel_moments" in lowered
+
+
+def test_channel_sums_under_vmap_are_each_replicas(built):
+  from resjax.kernels import moments
+  x, g = _channel_data((3, 4, 6, 6, 16))
+  g = g[0]  # one cotangent for every replica: a shared operand
+  batched = jax.jit(jax.vmap(moments.moments))(x)
+  shared = jax.jit(jax.vmap(moments.grad_moments, in_axes=(None, 0)))(g, x)
+  for r in range(3):  # the same call on the same rows: the same bits
+    for a, b in zip(batched, jax.jit(moments.moments)(x[r])):
+      np.testing.assert_array_equal(a[r], b)
+    for a, b in zip(shared, jax.jit(moments.grad_moments)(g, x[r])):
+      np.testing.assert_array_equal(a[r], b)
+
+
+def test_batchnorm_with_channel_sums_is_batchnorm(built, monkeypatch):
+  # Means within the spread: var = E[x^2] - mean^2 keeps its digits in float32 (both ways).
+  x, g = _channel_data((16, 6, 6, 32), seed=1, means=np.linspace(-1.0, 1.0, 32))
+  scale = jnp.linspace(0.5, 1.5, 32, dtype=jnp.float32)
+  bias = jnp.linspace(-1.0, 1.0, 32, dtype=jnp.float32)
+
+  def run():
+    def loss(x, scale, bias):
+      y, mean, var = layers.batch_norm_train(x, scale, bias, jnp.float32(1e-5))
+      return jnp.vdot(jnp.asarray(g), y) + jnp.sum(mean) + jnp.sum(var), (y, mean, var)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(x, scale, bias)
+
+  (_, ours), ours_grads = run()
+  monkeypatch.setattr(layers, "channel_sums", None)  # XLA's reductions, as without the kernels
+  (_, ref), ref_grads = run()
+  n = x.size // 32
+  for name, a, b in zip(("y", "mean", "var", "dx", "dscale", "dbias"), (*ours, *ours_grads),
+                        (*ref, *ref_grads)):
+    assert_f32_close(a, b, terms=n, depth=2, err_msg=name)  # sums, then sums of their products
+
+
 def _doubling_scan(x):
   """Five steps of c = 2c + i, stacking c and c - 1: small integers, exact in float32."""
   def body(c, i):
@@ -300,14 +366,19 @@ from resjax.kernels import stacks
 g = lambda x: stacks.materialize(x + 1.0)
 one_m = jax.jit(g).lower(x).as_text().count("@resjax_materialize")
 two_m = jax.jit(g, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("@resjax_materialize")
-print(one, two, one_m, two_m)
+from resjax.models import layers
+h = lambda x: layers.batch_norm_train(x, jnp.ones(2), jnp.zeros(2), jnp.float32(1e-5))[0]
+one_b = jax.jit(h).lower(x).as_text().count("@resjax_channel_moments")
+two_b = jax.jit(h, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("@resjax_channel_moments")
+print(one, two, one_m, two_m, one_b, two_b)
 """
   env = {**os.environ, "RESJAX_KERNELS_DIR": str(built.parent), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  assert out.stdout.split() == ["1", "0", "1", "0"]  # stacks, then resjax_materialize
+  # stacks, resjax_materialize, BatchNorm's one-pass sums: one device, then two
+  assert out.stdout.split() == ["1", "0", "1", "0", "1", "0"]
 
 
 # Rounds of malloc, fill and free of a 96 MiB block (over the tunables' 64 MiB mmap threshold, so

@@ -1,6 +1,7 @@
 """Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``), scan
-stacks without their zero fill (``uninitialized.cc``, ``stacks.py``), and a large-block cache for
-malloc (``blockcache.c``, see ``resjax.malloc``).
+stacks without their zero fill (``uninitialized.cc``, ``stacks.py``), BatchNorm's per-channel sums
+in one pass (``channel_sums.cc``, ``moments.py``), and a large-block cache for malloc
+(``blockcache.c``, see ``resjax.malloc``).
 
     pip install -e '.[onednn]'          # oneDNN's CPU build (OpenMP) and its headers, x86-64 Linux
     python -m resjax.kernels build      # compiles them against oneDNN and jaxlib's FFI
@@ -34,7 +35,7 @@ import sys
 import tempfile
 
 HERE = pathlib.Path(__file__).parent
-SOURCES = (HERE / "onednn_conv.cc", HERE / "uninitialized.cc")  # one library of custom calls
+SOURCES = (HERE / "onednn_conv.cc", HERE / "uninitialized.cc", HERE / "channel_sums.cc")  # one library
 BLOCKCACHE = HERE / "blockcache.c"  # an LD_PRELOAD library of its own
 ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the runtime and its headers (PyPI)
 TARGETS = {  # FFI target name -> symbol in the library
@@ -43,8 +44,10 @@ TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
     "resjax_uninitialized": "ResjaxUninitialized",
     "resjax_materialize": "ResjaxMaterialize",
+    "resjax_channel_moments": "ResjaxChannelMoments",
+    "resjax_channel_grad_moments": "ResjaxChannelGradMoments",
 }
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 C_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")
 INSTALL_HINT = "pip install -e '.[onednn]' && python -m resjax.kernels build"
 

@@ -32,6 +32,11 @@ from resjax import kernels
 from resjax.errors import ConfigError
 from resjax.kernels import conv as onednn
 
+try:
+  from resjax.kernels import moments as channel_sums
+except ImportError:  # the jax internals it lowers with have moved: BatchNorm's sums stay jnp's
+  channel_sums = None
+
 CONV_IMPLS = ("auto", "im2col", "onednn", "xla")
 he_normal = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")
 
@@ -320,12 +325,23 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
 # BatchNorm with a hand-written backward pass (training mode, float32, NHWC).
 # ------------------------------------------------------------------------------------------------
 
+def _one_pass_sums(x) -> bool:
+  """Whether BatchNorm's per-channel sums of ``x`` go through ``kernels.moments``: both sums of
+  each direction in one pass, where XLA:CPU reduces each on its own (README, Speed)."""
+  return channel_sums is not None and channel_sums.usable(x)
+
+
 @jax.custom_vjp
 def batch_norm_train(x, scale, bias, epsilon):
   """(y, mean, var) of BatchNorm over every axis but the last, as flax computes them."""
   axes = tuple(range(x.ndim - 1))
-  mean = x.mean(axes)
-  var = jnp.maximum(0.0, jnp.square(x).mean(axes) - jnp.square(mean))
+  if _one_pass_sums(x):
+    total, total_sq = channel_sums.moments(x)
+    n = x.size // x.shape[-1]
+    mean, mean_sq = total / n, total_sq / n
+  else:
+    mean, mean_sq = x.mean(axes), jnp.square(x).mean(axes)
+  var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
   return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
 
 
@@ -341,8 +357,10 @@ def _bn_bwd(residuals, cts):
   n = x.size // x.shape[-1]
   inv = jax.lax.rsqrt(var + epsilon)
   xc = x - mean
-  dbias = g.sum(axes)
-  dscale_raw = (g * xc).sum(axes)  # sum g * xhat / inv
+  if _one_pass_sums(x):
+    dbias, dscale_raw = channel_sums.grad_moments(g, xc)
+  else:
+    dbias, dscale_raw = g.sum(axes), (g * xc).sum(axes)  # dscale_raw: sum g * xhat / inv
   dx = (inv * scale) * (g - dbias / n - xc * (inv * inv) * (dscale_raw / n))
   dx = dx + g_mean / n + g_var * (2.0 / n) * xc
   return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
@@ -445,7 +463,8 @@ def relu(x: jax.Array, *, gate: str = "output") -> jax.Array:
 class BatchNorm(nnx.BatchNorm):
   """flax's BatchNorm; in training on float32 input on CPU its backward pass is written out
   (``batch_norm_train``: one reduction pass and one elementwise pass, where autodiff's takes
-  more, and only the input kept for it; README, Speed, has what that gains). Elsewhere, and for
+  more, and only the input kept for it; README, Speed, has what that gains). Where the kernels
+  are built, its per-channel sums take one pass each way (``kernels.moments``). Elsewhere, and for
   bf16 or masked or cross-device statistics, it is flax's own."""
 
   def __call__(self, x, use_running_average=None, *, mask=None):

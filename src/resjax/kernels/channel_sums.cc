@@ -1,0 +1,195 @@
+// Per-channel sums for BatchNorm's training step on CPU, as XLA FFI custom calls.
+//
+//   resjax_channel_moments      (x)           -> (sum x, sum x*x)
+//   resjax_channel_grad_moments (g, xc)       -> (sum g, sum g*xc)
+//
+// Sums run over every dimension of x but the last (the channels), within each replica: the
+// attribute `reduced` is how many dimensions before the channels are summed, and any before those
+// are replicas (resjax's seeds under vmap), with outputs of shape (replicas..., channels). Both
+// sums are taken in one pass over the operands, where XLA:CPU reduces each on its own (README,
+// Speed). Large operands are split between the OpenMP threads (oneDNN's team), each with partial
+// sums of its own, added in thread order. Partial sums of up to kChunk rows are float32, the
+// totals double; the results are float32.
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include <omp.h>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kChunk = 64;  // rows summed in float32 before adding into the double totals
+
+struct Layout {
+  int64_t replicas = 1, rows = 1, channels = 0;
+};
+
+// The operand's replicas, rows and channels; channels < 0 where `reduced` does not fit its rank.
+Layout layout(ffi::Buffer<ffi::F32>::Dimensions d, int64_t reduced) {
+  Layout l;
+  if (reduced < 0 || reduced + 1 > static_cast<int64_t>(d.size())) {
+    l.channels = -1;
+    return l;
+  }
+  l.channels = d[d.size() - 1];
+  int64_t lead = d.size() - 1 - reduced;
+  for (int64_t i = 0; i < lead; ++i) l.replicas *= d[i];
+  for (int64_t i = lead; i < static_cast<int64_t>(d.size()) - 1; ++i) l.rows *= d[i];
+  return l;
+}
+
+constexpr int64_t kRowsPerThread = 2048;  // vector rows below which a second thread costs more
+constexpr int64_t kWide = 64;  // elements per vector row: 64 % channels == 0 takes the fast loop
+
+// One pass over `rows` rows of `w` elements: s1 += sum of t1, s2 += sum of t2 per column, where
+// Pass::terms(a, b, m) gives (t1, t2) of an element. W > 0 fixes the width at compile time (the
+// partial sums then live in registers); W == 0 takes it from `w`.
+template <int W, typename Pass>
+__attribute__((always_inline)) inline void sweep(const float* __restrict a,
+                                                 const float* __restrict b,
+                                                 const float* __restrict m, int64_t rows,
+                                                 int64_t w, double* __restrict s1,
+                                                 double* __restrict s2) {
+  constexpr int64_t kMax = W > 0 ? W : 256;
+  const int64_t n = W > 0 ? W : w;
+  for (int64_t j0 = 0; j0 < n; j0 += kMax) {  // W == 0: columns in slices of kMax
+    const int64_t cols = W > 0 ? W : std::min<int64_t>(kMax, n - j0);
+    for (int64_t r0 = 0; r0 < rows; r0 += kChunk) {
+      const int64_t r1 = std::min(rows, r0 + kChunk);
+      float p1[kMax] = {}, p2[kMax] = {};
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* ar = a + r * n + j0;
+        const float* br = b + r * n + j0;
+        for (int64_t k = 0; k < cols; ++k) {
+          float t1, t2;
+          Pass::terms(ar[k], br[k], m[j0 + k], t1, t2);
+          p1[k] += t1;
+          p2[k] += t2;
+        }
+      }
+      for (int64_t k = 0; k < cols; ++k) {
+        s1[j0 + k] += p1[k];
+        s2[j0 + k] += p2[k];
+      }
+    }
+  }
+}
+
+struct MomentTerms {  // (x, x * x)
+  static inline void terms(float x, float, float, float& t1, float& t2) {
+    t1 = x;
+    t2 = x * x;
+  }
+};
+
+struct GradTerms {  // (g, g * xc)
+  static inline void terms(float g, float xc, float, float& t1, float& t2) {
+    t1 = g;
+    t2 = g * xc;
+  }
+};
+
+template <typename Pass>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sweep_wide(const float* a, const float* b, const float* m, int64_t rows, double* s1,
+                double* s2) {
+  sweep<kWide, Pass>(a, b, m, rows, kWide, s1, s2);
+}
+
+template <typename Pass>
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void sweep_any(const float* a, const float* b, const float* m, int64_t rows, int64_t c,
+               double* s1, double* s2) {
+  sweep<0, Pass>(a, b, m, rows, c, s1, s2);
+}
+
+// Per-channel sums of Pass's terms over `rows` rows of `c` channels into s1 and s2 (zeroed here).
+// Where c divides kWide and the rows fill whole vector rows, the data is read as rows of kWide
+// elements (several pixels each) and the columns folded onto their channels at the end.
+template <typename Pass>
+void channel_sums(const float* a, const float* b, const float* mean, int64_t rows, int64_t c,
+                  double* s1, double* s2) {
+  std::fill(s1, s1 + c, 0.0);
+  std::fill(s2, s2 + c, 0.0);
+  if (kWide % c == 0 && (rows * c) % kWide == 0) {
+    float m[kWide];
+    for (int64_t k = 0; k < kWide; ++k) m[k] = mean[k % c];
+    const int64_t wide_rows = rows * c / kWide;
+    const int teams = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(omp_get_max_threads(), wide_rows / kRowsPerThread)));
+    std::vector<double> parts(2 * kWide * teams, 0.0);  // each thread's (s1, s2) by column
+#pragma omp parallel num_threads(teams)
+    {
+      const int t = omp_get_thread_num();
+      const int64_t r0 = wide_rows * t / teams, r1 = wide_rows * (t + 1) / teams;
+      sweep_wide<Pass>(a + r0 * kWide, b + r0 * kWide, m, r1 - r0, &parts[2 * kWide * t],
+                       &parts[2 * kWide * t + kWide]);
+    }
+    for (int t = 0; t < teams; ++t) {  // in thread order: the same sums for the same team size
+      for (int64_t k = 0; k < kWide; ++k) {
+        s1[k % c] += parts[2 * kWide * t + k];
+        s2[k % c] += parts[2 * kWide * t + kWide + k];
+      }
+    }
+  } else {
+    sweep_any<Pass>(a, b, mean, rows, c, s1, s2);
+  }
+}
+
+ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
+                   ffi::ResultBuffer<ffi::F32> sum_sq, int64_t reduced) {
+  Layout l = layout(x.dimensions(), reduced);
+  if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
+  int64_t c = l.channels;
+  std::vector<double> s1(c), s2(c);
+  std::vector<float> zeros(c);
+  for (int64_t i = 0; i < l.replicas; ++i) {
+    const float* xi = x.typed_data() + i * l.rows * c;
+    channel_sums<MomentTerms>(xi, xi, zeros.data(), l.rows, c, s1.data(), s2.data());
+    for (int64_t k = 0; k < c; ++k) {
+      sum->typed_data()[i * c + k] = static_cast<float>(s1[k]);
+      sum_sq->typed_data()[i * c + k] = static_cast<float>(s2[k]);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xc,
+                       ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
+                       int64_t reduced) {
+  Layout l = layout(xc.dimensions(), reduced);
+  if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
+  if (g.element_count() != xc.element_count()) {
+    return ffi::Error::InvalidArgument("channel sums: g and xc differ in size");
+  }
+  int64_t c = l.channels;
+  std::vector<double> s1(c), s2(c);
+  std::vector<float> zeros(c);
+  for (int64_t i = 0; i < l.replicas; ++i) {
+    int64_t at = i * l.rows * c;
+    channel_sums<GradTerms>(g.typed_data() + at, xc.typed_data() + at, zeros.data(), l.rows, c,
+                            s1.data(), s2.data());
+    for (int64_t k = 0; k < c; ++k) {
+      sum->typed_data()[i * c + k] = static_cast<float>(s1[k]);
+      sum_product->typed_data()[i * c + k] = static_cast<float>(s2[k]);
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelMoments, Moments,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("reduced"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelGradMoments, GradMoments,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("reduced"));

@@ -1,0 +1,83 @@
+"""BatchNorm's per-channel sums in one pass each (``channel_sums.cc``), for ``layers.BatchNorm``'s
+training step on CPU.
+
+``moments(x)`` is ``(x.sum(axes), (x * x).sum(axes))`` and ``grad_moments(g, xc)`` is
+``(g.sum(axes), (g * xc).sum(axes))``, over every axis of float32 ``x`` (``xc``) but the last.
+Single-device CPU programs where the kernels are loaded take the custom calls; programs over
+several devices and other platforms take the same sums as jax.numpy writes them (XLA partitions
+those; a custom call has no sharding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import core
+from jax._src.interpreters import batching, mlir
+
+from resjax import kernels
+from resjax.kernels.stacks import _one_device
+
+
+def _axes(ndim: int, reduced: int) -> tuple[int, ...]:
+  return tuple(range(ndim - 1 - reduced, ndim - 1))
+
+
+def _out(x, reduced):
+  shape = x.shape[:x.ndim - 1 - reduced] + x.shape[-1:]
+  return core.ShapedArray(shape, jnp.float32)
+
+
+def _moments_ref(x, *, reduced):
+  axes = _axes(x.ndim, reduced)
+  return [x.sum(axes), jnp.square(x).sum(axes)]
+
+
+def _grad_moments_ref(g, xc, *, reduced):
+  axes = _axes(xc.ndim, reduced)
+  return [g.sum(axes), (g * xc).sum(axes)]
+
+
+def _primitive(name, reference):
+  p = core.Primitive(name)
+  p.multiple_results = True
+  p.def_abstract_eval(lambda first, *rest, reduced: [_out(first, reduced)] * 2)  # g or x: one shape
+  portable = mlir.lower_fun(reference, multiple_results=True)
+  mlir.register_lowering(p, portable)
+  custom_call = jax.ffi.ffi_lowering(name)
+
+  def cpu(ctx, *args, reduced):
+    if _one_device(ctx):
+      return custom_call(ctx, *args, reduced=np.int64(reduced))
+    return portable(ctx, *args, reduced=reduced)
+
+  mlir.register_lowering(p, cpu, platform="cpu")
+
+  def batch(args, dims, *, reduced):  # a vmapped axis is one more replica axis, in front
+    size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+    args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+    return p.bind(*args, reduced=reduced), (0, 0)
+
+  batching.primitive_batchers[p] = batch
+  return p
+
+
+moments_p = _primitive("resjax_channel_moments", _moments_ref)
+grad_moments_p = _primitive("resjax_channel_grad_moments", _grad_moments_ref)
+
+
+def usable(x: jax.Array) -> bool:
+  """Whether ``moments`` and ``grad_moments`` of ``x`` take the custom calls where lowered for one
+  CPU device: float32, and the kernels loaded."""
+  return x.dtype == jnp.float32 and x.ndim >= 2 and kernels.available()
+
+
+def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of x, sum of x * x) over every axis but the last."""
+  return tuple(moments_p.bind(x, reduced=x.ndim - 1))
+
+
+def grad_moments(g: jax.Array, xc: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of g, sum of g * xc) over every axis but the last."""
+  return tuple(grad_moments_p.bind(g, xc, reduced=xc.ndim - 1))
