@@ -182,8 +182,8 @@ void* thread_buffer(int slot, size_t bytes) {
 }
 
 // HWIO `hwio` into (or, for the weight gradient, out of) the primitive's kernel layout. A plain
-// loop over the offsets where the layout is blocked: oneDNN's reorder of these few KiB took about
-// 10x as long (README, Speed).
+// loop over the offsets where the layout is blocked: oneDNN's reorder took 60-75 us a call
+// whatever the kernel's size, 22 ms of a ResNet-110 step (README, Speed).
 void reorder(const Entry& e, dnnl::stream& stream, memory& hwio, memory& kernel, bool to_hwio) {
   if (e.offsets.empty()) {
     if (to_hwio) {
