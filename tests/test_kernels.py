@@ -228,7 +228,7 @@ def test_optional_build_is_a_no_op_without_the_wheels(tmp_path, monkeypatch):
 # ------------------------------------------------------------- scan stacks and the block cache
 
 
-# BatchNorm's per-channel sums (kernels.moments): channel counts that divide 64, read 64 floats a
+# BatchNorm's per-channel sums (kernels.channel_sums): channel counts that divide 64, read 64 floats a
 # row (the first on two threads where there are two), and counts that do not; ranks 4 and 2.
 SUM_SHAPES = [(64, 16, 16, 16), (4, 8, 8, 64), (3, 5, 7, 24), (2, 9, 9, 5), (300, 3)]
 
@@ -243,7 +243,7 @@ def _channel_data(shape, seed=0, means=None):
 
 @pytest.mark.parametrize("shape", SUM_SHAPES)
 def test_channel_sums_are_the_sums_they_replace(built, shape):
-  from resjax.kernels import moments
+  from resjax.kernels import channel_sums
   x, g = _channel_data(shape)
   axes, n = tuple(range(len(shape) - 1)), x.size // shape[-1]
   x64, g64 = x.astype(np.float64), g.astype(np.float64)
@@ -251,25 +251,25 @@ def test_channel_sums_are_the_sums_they_replace(built, shape):
   exact = [x64.sum(axes), (x64 * x64).sum(axes), g64.sum(axes), (g64 * xc).sum(axes)]
   scale = [np.abs(x64).sum(axes), (x64 * x64).sum(axes), np.abs(g64).sum(axes),
            np.abs(g64 * xc).sum(axes)]
-  got = [*jax.jit(moments.moments)(x), *jax.jit(moments.grad_moments)(g, xc)]
+  got = [*jax.jit(channel_sums.moments)(x), *jax.jit(channel_sums.grad_moments)(g, xc)]
   for name, a, want, s in zip(("x", "x*x", "g", "g*xc"), got, exact, scale):
     assert a.shape == (shape[-1],) and a.dtype == jnp.float32
     err = np.abs(np.asarray(a, np.float64) - want)
     assert (err <= f32_tol(n) * s).all(), (name, err.max(), (f32_tol(n) * s).min())
-  lowered = jax.jit(moments.moments).lower(x).as_text()
+  lowered = jax.jit(channel_sums.moments).lower(x).as_text()
   assert "@resjax_channel_moments" in lowered
 
 
 def test_channel_sums_under_vmap_are_each_replicas(built):
-  from resjax.kernels import moments
+  from resjax.kernels import channel_sums
   x, g = _channel_data((3, 4, 6, 6, 16))
   g = g[0]  # one cotangent for every replica: a shared operand
-  batched = jax.jit(jax.vmap(moments.moments))(x)
-  shared = jax.jit(jax.vmap(moments.grad_moments, in_axes=(None, 0)))(g, x)
+  batched = jax.jit(jax.vmap(channel_sums.moments))(x)
+  shared = jax.jit(jax.vmap(channel_sums.grad_moments, in_axes=(None, 0)))(g, x)
   for r in range(3):  # the same call on the same rows: the same bits
-    for a, b in zip(batched, jax.jit(moments.moments)(x[r])):
+    for a, b in zip(batched, jax.jit(channel_sums.moments)(x[r])):
       np.testing.assert_array_equal(a[r], b)
-    for a, b in zip(shared, jax.jit(moments.grad_moments)(g, x[r])):
+    for a, b in zip(shared, jax.jit(channel_sums.grad_moments)(g, x[r])):
       np.testing.assert_array_equal(a[r], b)
 
 

@@ -47,12 +47,11 @@ constexpr int64_t kRowsPerThread = 2048;  // vector rows below which a second th
 constexpr int64_t kWide = 64;  // elements per vector row: 64 % channels == 0 takes the fast loop
 
 // One pass over `rows` rows of `w` elements: s1 += sum of t1, s2 += sum of t2 per column, where
-// Pass::terms(a, b, m) gives (t1, t2) of an element. W > 0 fixes the width at compile time (the
+// Pass::terms(a, b) gives (t1, t2) of an element. W > 0 fixes the width at compile time (the
 // partial sums then live in registers); W == 0 takes it from `w`.
 template <int W, typename Pass>
 __attribute__((always_inline)) inline void sweep(const float* __restrict a,
-                                                 const float* __restrict b,
-                                                 const float* __restrict m, int64_t rows,
+                                                 const float* __restrict b, int64_t rows,
                                                  int64_t w, double* __restrict s1,
                                                  double* __restrict s2) {
   constexpr int64_t kMax = W > 0 ? W : 256;
@@ -67,7 +66,7 @@ __attribute__((always_inline)) inline void sweep(const float* __restrict a,
         const float* br = b + r * n + j0;
         for (int64_t k = 0; k < cols; ++k) {
           float t1, t2;
-          Pass::terms(ar[k], br[k], m[j0 + k], t1, t2);
+          Pass::terms(ar[k], br[k], t1, t2);
           p1[k] += t1;
           p2[k] += t2;
         }
@@ -81,14 +80,14 @@ __attribute__((always_inline)) inline void sweep(const float* __restrict a,
 }
 
 struct MomentTerms {  // (x, x * x)
-  static inline void terms(float x, float, float, float& t1, float& t2) {
+  static inline void terms(float x, float, float& t1, float& t2) {
     t1 = x;
     t2 = x * x;
   }
 };
 
 struct GradTerms {  // (g, g * xc)
-  static inline void terms(float g, float xc, float, float& t1, float& t2) {
+  static inline void terms(float g, float xc, float& t1, float& t2) {
     t1 = g;
     t2 = g * xc;
   }
@@ -96,29 +95,26 @@ struct GradTerms {  // (g, g * xc)
 
 template <typename Pass>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sweep_wide(const float* a, const float* b, const float* m, int64_t rows, double* s1,
-                double* s2) {
-  sweep<kWide, Pass>(a, b, m, rows, kWide, s1, s2);
+void sweep_wide(const float* a, const float* b, int64_t rows, double* s1, double* s2) {
+  sweep<kWide, Pass>(a, b, rows, kWide, s1, s2);
 }
 
 template <typename Pass>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sweep_any(const float* a, const float* b, const float* m, int64_t rows, int64_t c,
-               double* s1, double* s2) {
-  sweep<0, Pass>(a, b, m, rows, c, s1, s2);
+void sweep_any(const float* a, const float* b, int64_t rows, int64_t c, double* s1,
+               double* s2) {
+  sweep<0, Pass>(a, b, rows, c, s1, s2);
 }
 
 // Per-channel sums of Pass's terms over `rows` rows of `c` channels into s1 and s2 (zeroed here).
 // Where c divides kWide and the rows fill whole vector rows, the data is read as rows of kWide
 // elements (several pixels each) and the columns folded onto their channels at the end.
 template <typename Pass>
-void channel_sums(const float* a, const float* b, const float* mean, int64_t rows, int64_t c,
-                  double* s1, double* s2) {
+void channel_sums(const float* a, const float* b, int64_t rows, int64_t c, double* s1,
+                  double* s2) {
   std::fill(s1, s1 + c, 0.0);
   std::fill(s2, s2 + c, 0.0);
   if (kWide % c == 0 && (rows * c) % kWide == 0) {
-    float m[kWide];
-    for (int64_t k = 0; k < kWide; ++k) m[k] = mean[k % c];
     const int64_t wide_rows = rows * c / kWide;
     const int teams = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>(omp_get_max_threads(), wide_rows / kRowsPerThread)));
@@ -127,7 +123,7 @@ void channel_sums(const float* a, const float* b, const float* mean, int64_t row
     {
       const int t = omp_get_thread_num();
       const int64_t r0 = wide_rows * t / teams, r1 = wide_rows * (t + 1) / teams;
-      sweep_wide<Pass>(a + r0 * kWide, b + r0 * kWide, m, r1 - r0, &parts[2 * kWide * t],
+      sweep_wide<Pass>(a + r0 * kWide, b + r0 * kWide, r1 - r0, &parts[2 * kWide * t],
                        &parts[2 * kWide * t + kWide]);
     }
     for (int t = 0; t < teams; ++t) {  // in thread order: the same sums for the same team size
@@ -137,49 +133,43 @@ void channel_sums(const float* a, const float* b, const float* mean, int64_t row
       }
     }
   } else {
-    sweep_any<Pass>(a, b, mean, rows, c, s1, s2);
+    sweep_any<Pass>(a, b, rows, c, s1, s2);
   }
+}
+
+// Pass's two sums of (a, b) for each replica into out1 and out2, (replicas, channels) each.
+template <typename Pass>
+ffi::Error replica_sums(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                        ffi::ResultBuffer<ffi::F32> out1, ffi::ResultBuffer<ffi::F32> out2,
+                        int64_t reduced) {
+  Layout l = layout(a.dimensions(), reduced);
+  if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
+  if (a.element_count() != b.element_count()) {
+    return ffi::Error::InvalidArgument("channel sums: the two operands differ in size");
+  }
+  const int64_t c = l.channels;
+  if (c == 0) return ffi::Error::Success();
+  std::vector<double> s1(c), s2(c);
+  for (int64_t i = 0; i < l.replicas; ++i) {
+    const int64_t at = i * l.rows * c;
+    channel_sums<Pass>(a.typed_data() + at, b.typed_data() + at, l.rows, c, s1.data(), s2.data());
+    for (int64_t k = 0; k < c; ++k) {
+      out1->typed_data()[i * c + k] = static_cast<float>(s1[k]);
+      out2->typed_data()[i * c + k] = static_cast<float>(s2[k]);
+    }
+  }
+  return ffi::Error::Success();
 }
 
 ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
                    ffi::ResultBuffer<ffi::F32> sum_sq, int64_t reduced) {
-  Layout l = layout(x.dimensions(), reduced);
-  if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
-  int64_t c = l.channels;
-  std::vector<double> s1(c), s2(c);
-  std::vector<float> zeros(c);
-  for (int64_t i = 0; i < l.replicas; ++i) {
-    const float* xi = x.typed_data() + i * l.rows * c;
-    channel_sums<MomentTerms>(xi, xi, zeros.data(), l.rows, c, s1.data(), s2.data());
-    for (int64_t k = 0; k < c; ++k) {
-      sum->typed_data()[i * c + k] = static_cast<float>(s1[k]);
-      sum_sq->typed_data()[i * c + k] = static_cast<float>(s2[k]);
-    }
-  }
-  return ffi::Error::Success();
+  return replica_sums<MomentTerms>(x, x, sum, sum_sq, reduced);
 }
 
 ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xc,
                        ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
                        int64_t reduced) {
-  Layout l = layout(xc.dimensions(), reduced);
-  if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
-  if (g.element_count() != xc.element_count()) {
-    return ffi::Error::InvalidArgument("channel sums: g and xc differ in size");
-  }
-  int64_t c = l.channels;
-  std::vector<double> s1(c), s2(c);
-  std::vector<float> zeros(c);
-  for (int64_t i = 0; i < l.replicas; ++i) {
-    int64_t at = i * l.rows * c;
-    channel_sums<GradTerms>(g.typed_data() + at, xc.typed_data() + at, zeros.data(), l.rows, c,
-                            s1.data(), s2.data());
-    for (int64_t k = 0; k < c; ++k) {
-      sum->typed_data()[i * c + k] = static_cast<float>(s1[k]);
-      sum_product->typed_data()[i * c + k] = static_cast<float>(s2[k]);
-    }
-  }
-  return ffi::Error::Success();
+  return replica_sums<GradTerms>(g, xc, sum, sum_product, reduced);
 }
 
 }  // namespace

@@ -33,7 +33,7 @@ from resjax.errors import ConfigError
 from resjax.kernels import conv as onednn
 
 try:
-  from resjax.kernels import moments as channel_sums
+  from resjax.kernels import channel_sums
 except ImportError:  # the jax internals it lowers with have moved: BatchNorm's sums stay jnp's
   channel_sums = None
 
@@ -326,7 +326,7 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
 # ------------------------------------------------------------------------------------------------
 
 def _one_pass_sums(x) -> bool:
-  """Whether BatchNorm's per-channel sums of ``x`` go through ``kernels.moments``: both sums of
+  """Whether BatchNorm's per-channel sums of ``x`` go through ``kernels.channel_sums``: both sums of
   each direction in one pass, where XLA:CPU reduces each on its own (README, Speed)."""
   return channel_sums is not None and channel_sums.usable(x)
 
@@ -464,7 +464,7 @@ class BatchNorm(nnx.BatchNorm):
   """flax's BatchNorm; in training on float32 input on CPU its backward pass is written out
   (``batch_norm_train``: one reduction pass and one elementwise pass, where autodiff's takes
   more, and only the input kept for it; README, Speed, has what that gains). Where the kernels
-  are built, its per-channel sums take one pass each way (``kernels.moments``). Elsewhere, and for
+  are built, its per-channel sums take one pass each way (``kernels.channel_sums``). Elsewhere, and for
   bf16 or masked or cross-device statistics, it is flax's own."""
 
   def __call__(self, x, use_running_average=None, *, mask=None):
