@@ -4,6 +4,7 @@ training step against the matmul path."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -351,6 +352,89 @@ def test_a_kept_relu_output_is_computed_once_and_its_stack_write_is_a_copy(built
   assert "resjax_materialize" not in outside.as_text()
 
 
+@pytest.mark.parametrize("i", [-3, 0, 2, 9])
+def test_row_calls_are_dynamic_slices_with_the_index_clamped(built, i):
+  """resjax_read_row and resjax_write_row on a stack of 2 MiB rows: row i, and the stack with row i
+  replaced, exactly as XLA's dynamic slice and update compute them (i clamped into the stack)."""
+  stack = _normal((4, 512, 1024))
+  row = _normal((512, 1024), seed=1)
+  index = jnp.int32(i)
+  read = jax.jit(stacks.read_row_p.bind)
+  write = jax.jit(stacks.write_row_p.bind)
+  assert "resjax_read_row" in read.lower(stack, index).as_text()
+  assert "resjax_write_row" in write.lower(stack, row, index).as_text()
+  at = min(max(i, 0), 3)
+  np.testing.assert_array_equal(read(stack, index), stack[at])
+  np.testing.assert_array_equal(write(stack, row, index), stack.at[at].set(row))
+
+
+def test_a_scans_custom_call_rows_are_copied_by_the_row_calls(built):
+  """A scanned convolution on 4 MiB maps: its gradient's forward scan writes the rows a custom
+  call made or took (the convolution's input, kept for its weight gradient) with
+  resjax_write_row, and the backward scan reads them back for the weight gradient with
+  resjax_read_row. The gradient is the one jax's own row writes and reads give, bit for bit."""
+  x = _normal((64, 32, 32, 16))
+  ws = 0.1 * _normal((3, 3, 3, 16, 16), seed=1)
+
+  def loss(x, ws):
+    step = lambda h, w: (jax.nn.relu(onednn.conv(h, w, 1)) + h, None)
+    return jnp.sum(jax.lax.scan(step, x, ws)[0] ** 2)
+
+  grad = lambda: jax.jit(jax.grad(loss, argnums=(0, 1)))
+  hlo = grad().lower(x, ws).as_text()
+  assert hlo.count("@resjax_write_row") >= 1 and hlo.count("@resjax_read_row") >= 1
+  ours = grad()(x, ws)
+  stacks.uninstall()
+  try:
+    theirs_hlo = grad().lower(x, ws).as_text()
+    theirs = grad()(x, ws)
+  finally:
+    assert stacks.install()
+  assert "resjax_write_row" not in theirs_hlo and "resjax_read_row" not in theirs_hlo
+  for a, b in zip(ours, theirs):
+    np.testing.assert_array_equal(a, b)
+
+
+def _resnet20_loss_and_grads(row_reps=None):
+  """Loss and gradients of a scanned ResNet-20 on a batch of 8 8x8 images (16-channel maps of
+  8192 floats: rows of 64 hold 4 pixels), and the step's lowered text."""
+  cfg = ml_collections.ConfigDict({"name": "cifar_resnet", "depth": 20, "unit": "basic",
+                                   "placement": "post", "scan": True, "conv_impl": "onednn",
+                                   "shortcut": {"name": "identity", "option": "A"}})
+  model = nnx.jit(lambda: models.build(cfg, num_classes=10, in_channels=3,
+                                       rngs=nnx.Rngs(params=train.key(0))))()
+  x, labels = _normal((8, 8, 8, 3), seed=2), jnp.arange(8) % 10
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params, rest):
+    logits = nnx.merge(graphdef, params, rest, copy=True)(x, train=True)
+    return jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(
+        logits, labels[:, None], -1)[:, 0])
+
+  step = jax.jit(jax.value_and_grad(loss_fn))
+  text = step.lower(params, rest).as_text()
+  loss, grads = step(params, rest)
+  return loss, jax.tree.leaves(grads), text
+
+
+def test_batchnorm_and_relu_passes_over_rows_are_the_same_math(built, monkeypatch):
+  """Inside scans BatchNorm's and ReLU's passes over 16- and 32-channel maps run as rows of 64
+  floats (layers.ROW_FLOATS), each result behind resjax_materialize in that shape; the loss and
+  every gradient are those of the same passes over NHWC maps to float32 rounding (the backward
+  pass's per-channel sums are added in another order)."""
+  row_results = lambda text: [  # materialized maps of 128 rows or more (a replica axis first)
+      line for line in text.splitlines() if "@resjax_materialize" in line
+      and re.search(r"tensor<(1x)?\d{3,}x64xf32>$", line.split("->")[-1].strip())]
+  loss, grads, text = _resnet20_loss_and_grads()
+  assert len(row_results(text)) >= 4, "no BatchNorm/ReLU result is materialized as rows of 64"
+  monkeypatch.setattr(layers, "_row_reps", lambda x: 0)
+  loss_nhwc, grads_nhwc, text_nhwc = _resnet20_loss_and_grads()
+  assert not row_results(text_nhwc)
+  assert_f32_close(loss, loss_nhwc, terms=576, depth=19, gain=10)
+  for a, b in zip(grads, grads_nhwc):
+    assert_f32_close(a, b, terms=576, depth=2 * 19, gain=100, scale=float(jnp.abs(b).max()))
+
+
 def test_programs_over_several_devices_keep_jaxs_stacks_and_no_custom_calls(built):
   code = f"""
 import jax, jax.numpy as jnp
@@ -370,15 +454,24 @@ from resjax.models import layers
 h = lambda x: layers.batch_norm_train(x, jnp.ones(2), jnp.zeros(2), jnp.float32(1e-5))[0]
 one_b = jax.jit(h).lower(x).as_text().count("@resjax_channel_moments")
 two_b = jax.jit(h, in_shardings=NamedSharding(mesh, P("d"))).lower(x).as_text().count("@resjax_channel_moments")
-print(one, two, one_m, two_m, one_b, two_b)
+from resjax.kernels import conv as onednn
+big = jnp.zeros((4, 64, 32, 32, 16))
+k = lambda x, ws: jnp.sum(jax.lax.scan(lambda h, w: (onednn.conv(h, w, 1), None), x, ws)[0])
+gk = jax.grad(k)
+ws = jnp.zeros((3, 3, 3, 16, 16))
+rows = lambda t: t.count("@resjax_write_row") + t.count("@resjax_read_row")
+one_r = rows(jax.jit(gk).lower(big[0], ws).as_text())
+two_r = rows(jax.jit(jax.vmap(gk, (0, None)), in_shardings=(NamedSharding(mesh, P("d")), None)).lower(big, ws).as_text())
+print(one, two, one_m, two_m, one_b, two_b, int(one_r > 0), two_r)
 """
   env = {**os.environ, "RESJAX_KERNELS_DIR": str(built.parent), "JAX_PLATFORMS": "cpu",
          "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
   out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
   assert out.returncode == 0, out.stderr
-  # stacks, resjax_materialize, BatchNorm's one-pass sums: one device, then two
-  assert out.stdout.split() == ["1", "0", "1", "0", "1", "0"]
+  # stacks, resjax_materialize, BatchNorm's one-pass sums, the scan's row calls: one device,
+  # then two
+  assert out.stdout.split() == ["1", "0", "1", "0", "1", "0", "1", "0"]
 
 
 # Rounds of malloc, fill and free of a 96 MiB block (over the tunables' 64 MiB mmap threshold, so

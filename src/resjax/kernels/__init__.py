@@ -44,6 +44,8 @@ TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
     "resjax_uninitialized": "ResjaxUninitialized",
     "resjax_materialize": "ResjaxMaterialize",
+    "resjax_write_row": "ResjaxWriteRow",
+    "resjax_read_row": "ResjaxReadRow",
     "resjax_channel_moments": "ResjaxChannelMoments",
     "resjax_channel_grad_moments": "ResjaxChannelGradMoments",
 }

@@ -1,5 +1,5 @@
-"""``lax.scan``'s stacked outputs on CPU without their zero fill, and values a scan keeps computed
-once (``materialize``, used by ``layers.relu`` in scan bodies).
+"""``lax.scan``'s stacks on CPU: stacked outputs without their zero fill, rows copied on every core,
+and values a scan keeps computed once (``materialize``, used by ``layers.relu`` in scan bodies).
 
 jax starts every stacked output of a scan (its ``ys``, and the residuals that a scan's forward pass
 keeps for its backward pass) as a broadcast of zeros, which the loop then overwrites row by row.
@@ -9,17 +9,28 @@ from the ``resjax_uninitialized`` custom call (``uninitialized.cc``) instead. Th
 every row before anything reads it. Programs over several devices, sharded or varying avals, and
 other platforms keep jax's zeros.
 
-It replaces jax's private ``loops._empty_array``, and only where that has the signature it was
-written against (jax 0.10); elsewhere ``install()`` returns False and changes nothing.
+Each step of a scan reads its rows of the stacked inputs and writes its rows of the stacked outputs.
+Where a row is a custom call's operand or result (a convolution's input kept for its backward pass,
+its output kept for BatchNorm's), XLA:CPU copies it between the stack and a buffer of its own on
+one thread. ``install()`` also lowers single-device CPU scans so that those rows, where they are
+large, are copied by ``resjax_read_row`` and ``resjax_write_row``, split between the cores; rows
+that XLA fuses into their elementwise producers or consumers stay XLA's.
+
+It replaces jax's private ``loops._empty_array`` and the CPU lowering of ``scan_p``, and only where
+they have the signatures they were written against (jax 0.10); elsewhere ``install()`` returns
+False and changes nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import jax
+import jax.numpy as jnp
 from jax._src import core, sharding_impls
 from jax._src.interpreters import ad, batching, mlir
+from jax._src.lax import slicing
 from jax._src.lax.control_flow import loops
 
 TARGET = "resjax_uninitialized"
@@ -55,32 +66,175 @@ def _varying(aval) -> bool:
   return bool(getattr(getattr(aval, "mat", None), "varying", None) or getattr(aval, "vma", None))
 
 
+def _plain(aval) -> bool:
+  return (aval.sharding.mesh.empty and aval.memory_space == core.MemorySpace.Device
+          and not _varying(aval) and not jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended))
+
+
 def _empty_array(prefix, length_spec, aval):
   """A stack of ``prefix`` rows of ``aval``, the custom call's where the aval is plain."""
-  if (aval.sharding.mesh.empty and aval.memory_space == core.MemorySpace.Device
-      and not _varying(aval) and not jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)):
+  if _plain(aval):
     return uninitialized_p.bind(shape=(*prefix, *aval.shape), dtype=aval.dtype)
   return _jax_empty_array(prefix, length_spec, aval)
 
 
-def install() -> bool:
-  """Makes scans lowered from now on start their stacks uninitialized (see above); whether it did."""
-  if _jax_empty_array is None:
+# Row i of a stack, and the stack with row i replaced: XLA's dynamic slice and in-place dynamic
+# update slice, or on single-device CPU the custom calls (uninitialized.cc), which copy on every
+# core. i is clamped to the stack either way.
+ROW_COPY_MIN_BYTES = 1 << 20  # smaller rows stay XLA's
+
+read_row_p = core.Primitive("resjax_read_row")
+read_row_p.def_abstract_eval(lambda stack, i: core.ShapedArray(stack.shape[1:], stack.dtype))
+write_row_p = core.Primitive("resjax_write_row")
+write_row_p.def_abstract_eval(lambda stack, row, i: core.ShapedArray(stack.shape, stack.dtype))
+
+_xla_read = mlir.lower_fun(
+    lambda stack, i: slicing.dynamic_index_in_dim(stack, i, 0, keepdims=False,
+                                                  allow_negative_indices=False),
+    multiple_results=False)
+_xla_write = mlir.lower_fun(
+    lambda stack, row, i: slicing.dynamic_update_index_in_dim(stack, row, i, 0,
+                                                              allow_negative_indices=False),
+    multiple_results=False)
+_read_call = jax.ffi.ffi_lowering("resjax_read_row")
+_write_call = jax.ffi.ffi_lowering("resjax_write_row", operand_output_aliases={0: 0})
+
+mlir.register_lowering(read_row_p, _xla_read)
+mlir.register_lowering(write_row_p, _xla_write)
+mlir.register_lowering(
+    read_row_p, lambda ctx, *a: (_read_call if _one_device(ctx) else _xla_read)(ctx, *a),
+    platform="cpu")
+mlir.register_lowering(
+    write_row_p, lambda ctx, *a: (_write_call if _one_device(ctx) else _xla_write)(ctx, *a),
+    platform="cpu")
+
+
+def _copied_rows(stack, i) -> bool:
+  """Whether a row of ``stack`` at ``i`` goes through the row custom calls."""
+  aval = core.typeof(stack)
+  return (_plain(aval) and core.typeof(i).dtype == jnp.int32 and aval.ndim >= 1
+          and aval.size // max(aval.shape[0], 1) * aval.dtype.itemsize >= ROW_COPY_MIN_BYTES)
+
+
+def _calls_out(eqn) -> bool:
+  return eqn.primitive.name == "ffi_call" or eqn.primitive.name.startswith("resjax_")
+
+
+def _called_out(v, jaxpr, inner: bool = False) -> bool:
+  """Whether ``jaxpr``'s value ``v`` is a custom call's result (looking inside calls such as
+  custom_vjp_call, whose results are their own jaxpr's), or else an input of the scan body."""
+  if isinstance(v, core.Literal):
     return False
+  eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
+  if eqn is None:
+    return not inner  # the body's input; a call's input could be anything outside it
+  if _calls_out(eqn):
+    return True
+  if eqn.primitive.name == "reshape":  # the same buffer
+    return _called_out(eqn.invars[0], jaxpr, inner)
+  sub = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
+  sub = getattr(sub, "jaxpr", sub)
+  if not isinstance(sub, core.Jaxpr) or len(sub.outvars) != len(eqn.outvars):
+    return False
+  return _called_out(sub.outvars[eqn.outvars.index(v)], sub, inner=True)
+
+
+def _rows_of(jaxpr, num_consts: int, num_carry: int) -> tuple[list[bool], list[bool]]:
+  """Which stacked inputs of a scan body are read for a custom call, and which stacked outputs are
+  a custom call's result or an input passed through: the rows XLA would copy on one thread."""
+  body = jaxpr.jaxpr
+  xs = body.invars[num_consts + num_carry:]
+  read = {v for eqn in body.eqns if _calls_out(eqn) for v in eqn.invars
+          if not isinstance(v, core.Literal)}
+  for eqn in reversed(body.eqns):  # a custom call's operand reshaped from a row is that row
+    if eqn.primitive.name == "reshape" and eqn.outvars[0] in read:
+      read.update(v for v in eqn.invars if not isinstance(v, core.Literal))
+  written = [_called_out(v, body) for v in body.outvars[num_carry:]]
+  return [v in read for v in xs], written
+
+
+class _ScanSlicing:
+  """``loops.slicing`` while a scan lowers: the k-th row read (write) of each traced step goes
+  through the custom call where ``reads[k]`` (``writes[k]``) says so and the row qualifies."""
+
+  def __init__(self, reads: list[bool], writes: list[bool]):
+    self.reads, self.writes, self.n_read, self.n_written = reads, writes, 0, 0
+
+  def __getattr__(self, name):
+    return getattr(slicing, name)
+
+  def dynamic_index_in_dim(self, stack, i, axis=0, keepdims=True, **kw):
+    k, self.n_read = self.n_read % len(self.reads), self.n_read + 1
+    if self.reads[k] and axis == 0 and not keepdims and _copied_rows(stack, i):
+      return read_row_p.bind(stack, i)
+    return slicing.dynamic_index_in_dim(stack, i, axis, keepdims, **kw)
+
+  def dynamic_update_index_in_dim(self, stack, row, i, axis, **kw):
+    k, self.n_written = self.n_written % len(self.writes), self.n_written + 1
+    if (self.writes[k] and axis == 0 and core.typeof(row).shape == core.typeof(stack).shape[1:]
+        and _copied_rows(stack, i)):
+      return write_row_p.bind(stack, row, i)
+    return slicing.dynamic_update_index_in_dim(stack, row, i, axis, **kw)
+
+
+_jax_scan_impl = getattr(loops, "_scan_impl", None)
+
+
+@contextlib.contextmanager
+def _slicing(proxy):
+  outer, loops.slicing = loops.slicing, proxy
   try:
-    params = list(inspect.signature(_jax_empty_array).parameters)
+    yield
+  finally:
+    loops.slicing = outer
+
+
+def _scan_impl(*args, reverse, length, num_consts, num_carry, jaxpr, unroll):
+  """jax's scan, its custom-call rows copied by ``resjax_read_row`` and ``resjax_write_row``."""
+  params = dict(reverse=reverse, length=length, num_consts=num_consts, num_carry=num_carry,
+                jaxpr=jaxpr, unroll=unroll)
+  if unroll != 1:
+    return _jax_scan_impl(*args, **params)
+  reads, writes = _rows_of(jaxpr, num_consts, num_carry)
+  if not any(reads) and not any(writes):
+    return _jax_scan_impl(*args, **params)
+  with _slicing(_ScanSlicing(reads or [False], writes or [False])):
+    return _jax_scan_impl(*args, **params)
+
+
+_scan_lowering = mlir.lower_fun(_scan_impl, multiple_results=True)
+
+
+def _signature(f) -> list[str] | None:
+  try:
+    return list(inspect.signature(f).parameters)
   except (TypeError, ValueError):
+    return None
+
+
+def install() -> bool:
+  """Makes scans lowered from now on start their stacks uninitialized and copy custom calls' rows
+  on every core (see above); whether it did."""
+  if _jax_empty_array is None or _jax_scan_impl is None:
     return False
-  if params != ["prefix", "length_spec", "aval"]:
+  if _signature(_jax_empty_array) != ["prefix", "length_spec", "aval"]:
+    return False
+  if (_signature(_jax_scan_impl) != ["args", "reverse", "length", "num_consts", "num_carry",
+                                     "jaxpr", "unroll"]
+      or not callable(getattr(loops.slicing, "dynamic_index_in_dim", None))):
     return False
   loops._empty_array = _empty_array
+  mlir.register_lowering(loops.scan_p, _scan_lowering, platform="cpu")
   return True
 
 
 def uninstall() -> None:
-  """Back to jax's zero-filled stacks for scans lowered from now on."""
+  """Back to jax's zero-filled stacks and single-threaded row copies for scans lowered from now on."""
   if _jax_empty_array is not None:
     loops._empty_array = _jax_empty_array
+  cpu = mlir._platform_specific_lowerings.get("cpu", {})
+  if getattr(cpu.get(loops.scan_p), "rule", None) is _scan_lowering:
+    del cpu[loops.scan_p]
 
 
 # x behind resjax_materialize, an aliasing custom call that does nothing: XLA computes x once

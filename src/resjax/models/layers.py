@@ -22,6 +22,7 @@ Every form uses the symmetric padding k // 2 of the papers' code, so all compute
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 
 import jax
@@ -342,27 +343,43 @@ def batch_norm_train(x, scale, bias, epsilon):
   else:
     mean, mean_sq = x.mean(axes), jnp.square(x).mean(axes)
   var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
-  return (x - mean) * (jax.lax.rsqrt(var + epsilon) * scale) + bias, mean, var
+  a = jax.lax.rsqrt(var + epsilon) * scale
+  if reps := _row_reps(x):
+    y = (_rows(x) - _lanes(mean, reps)) * _lanes(a, reps) + _lanes(bias, reps)
+    return y.reshape(x.shape), mean, var
+  return (x - mean) * a + bias, mean, var
 
 
 def _bn_fwd(x, scale, bias, epsilon):
   y, mean, var = batch_norm_train(x, scale, bias, epsilon)
-  return (y, mean, var), (x, mean, var, scale, epsilon)
+  kept = _rows(x) if _row_reps(x) else x  # in rows, the backward pass's passes are rows too
+  return (y, mean, var), (kept, mean, var, scale, epsilon)
 
 
 def _bn_bwd(residuals, cts):
   x, mean, var, scale, epsilon = residuals
   g, g_mean, g_var = cts
+  c = g.shape[-1]
+  reps = x.shape[-1] // c if x.shape != g.shape else 0  # x kept as rows (_bn_fwd)
+  if reps:
+    g = g.reshape(x.shape)
+    per = functools.partial(_lanes, reps=reps)
+    fold = lambda v: v.reshape(reps, c).sum(0)
+  else:
+    per = fold = lambda v: v
   axes = tuple(range(x.ndim - 1))
-  n = x.size // x.shape[-1]
+  n = x.size // c
   inv = jax.lax.rsqrt(var + epsilon)
-  xc = x - mean
+  xc = x - per(mean)
   if _one_pass_sums(x):
     dbias, dscale_raw = channel_sums.grad_moments(g, xc)
   else:
     dbias, dscale_raw = g.sum(axes), (g * xc).sum(axes)  # dscale_raw: sum g * xhat / inv
-  dx = (inv * scale) * (g - dbias / n - xc * (inv * inv) * (dscale_raw / n))
-  dx = dx + g_mean / n + g_var * (2.0 / n) * xc
+  dbias, dscale_raw = fold(dbias), fold(dscale_raw)
+  dx = per(inv * scale) * (g - per(dbias / n) - xc * per((inv * inv) * (dscale_raw / n)))
+  dx = dx + per(g_mean / n) + per(g_var * (2.0 / n)) * xc
+  if reps:
+    dx = _materialized_rows(dx).reshape(cts[0].shape)
   return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
 
 
@@ -376,6 +393,14 @@ batch_norm_train.defvjp(_bn_fwd, _bn_bwd)
 # The tangent of ReLU gated by its output. As a checkpoint of its own, linearizing it saves y (kept
 # anyway as the next layer's input) and recomputes y > 0 in the backward pass.
 _relu_gate = jax.checkpoint(lambda y, t: jnp.where(y > 0, t, jnp.zeros_like(t)), prevent_cse=False)
+
+
+# The same gate over rows (``_row_reps``), so that its transpose, the backward pass's gate, is a
+# pass over rows too. It reshapes inside the checkpoint, so that what linearizing it saves is y
+# itself, the array the next convolution keeps, not a second stack of the same values.
+_relu_gate_rows = jax.checkpoint(
+    lambda y, t: jnp.where(_rows(y) > 0, _rows(t), jnp.zeros_like(_rows(t))).reshape(t.shape),
+    prevent_cse=False)
 
 
 _scanning = False  # True while run_units traces a scan's body
@@ -398,9 +423,49 @@ def _materialized(x):
   else ``x``. XLA fuses a ReLU's elementwise producer (BatchNorm's apply, a residual add) into
   every consumer, so a value that a scan both uses and keeps is computed a second time inside the
   stack's row write, which XLA:CPU runs on one thread; behind the custom call the write is a copy.
-  Outside scans it is left to fuse (README, Speed, has the measurements)."""
+  Outside scans it is left to fuse (README, Speed, has the measurements). Where ``_row_reps``
+  allows, the pass that computes it runs over rows (``_rows``)."""
   if not _scanning or not kernels.available():
     return x
+  if _row_reps(x):
+    return _materialized_rows(_rows(x)).reshape(x.shape)
+  from resjax.kernels import stacks
+  return stacks.materialize(x)
+
+
+# XLA:CPU runs an elementwise pass over an NHWC map with few channels as loops whose innermost
+# trip is the channel count: a BatchNorm apply and ReLU over 128x32x32x16 floats took 0.75 ms on
+# 2 cores, the same pass over the same memory as rows of 64 floats 0.17 ms (README, Speed). So
+# inside scan bodies on CPU, with the kernels loaded, BatchNorm and ReLU compute such maps as rows of
+# ROW_FLOATS (the per-channel vectors repeated along a row), and each pass's result goes behind
+# ``materialize`` in that shape: XLA emits a fusion's loops over its result's shape, and the custom
+# call keeps the result a row array. The values are the same, element for element.
+ROW_FLOATS = 64
+
+
+def _row_reps(x) -> int:
+  """How many copies of ``x``'s channels a row of ROW_FLOATS holds, where ``x``'s passes run as
+  rows (a float32 map of at least 3 axes and at most ROW_FLOATS channels, inside a scan body on
+  CPU with the kernels loaded); 0 elsewhere."""
+  c = x.shape[-1] if x.ndim else 0
+  if (not _scanning or x.ndim < 3 or x.dtype != jnp.float32 or not c or ROW_FLOATS % c
+      or x.size % ROW_FLOATS or jax.default_backend() != "cpu" or not kernels.available()):
+    return 0
+  return ROW_FLOATS // c
+
+
+def _rows(x):
+  return x.reshape(-1, ROW_FLOATS)
+
+
+def _lanes(v, reps: int):
+  """A per-channel vector repeated along a row, computed on its own (XLA fuses a repeat into its
+  consumer as index arithmetic, which puts the slow loops back)."""
+  from resjax.kernels import stacks
+  return stacks.materialize(jnp.tile(v, reps))
+
+
+def _materialized_rows(x):
   from resjax.kernels import stacks
   return stacks.materialize(x)
 
@@ -413,7 +478,7 @@ def _relu_gated_by_output(x):
 @_relu_gated_by_output.defjvp
 def _relu_jvp(primals, tangents):
   y = _relu_gated_by_output(primals[0])
-  return y, _relu_gate(y, tangents[0])
+  return y, (_relu_gate_rows if _row_reps(y) else _relu_gate)(y, tangents[0])
 
 
 _UINT = {2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint64}
@@ -433,10 +498,16 @@ def _relu_gated_by_mask(x):
 
 
 def _relu_mask_fwd(x):
+  if _row_reps(x):  # both passes over rows, the mask kept as rows
+    r = _rows(x)
+    return (_materialized_rows(jnp.maximum(r, jnp.zeros_like(r))).reshape(x.shape),
+            _materialized_rows(r > 0))
   return _relu_gated_by_mask(x), _materialized(x > 0)
 
 
 def _relu_mask_bwd(mask, g):
+  if mask.shape != g.shape:  # kept as rows (_relu_mask_fwd)
+    return (_materialized_rows(_select_bits(mask, g.reshape(mask.shape))).reshape(g.shape),)
   return (_select_bits(mask, g),)
 
 
