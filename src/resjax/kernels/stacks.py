@@ -1,5 +1,6 @@
-"""``lax.scan``'s stacks on CPU: stacked outputs without their zero fill, rows copied on every core,
-and values a scan keeps computed once (``materialize``, used by ``layers.relu`` in scan bodies).
+"""``lax.scan``'s stacks on CPU: stacked outputs without their zero fill, custom calls' rows copied
+by custom calls of their own, and values a scan keeps computed once (``materialize``, used by
+``layers.relu`` in scan bodies).
 
 jax starts every stacked output of a scan (its ``ys``, and the residuals that a scan's forward pass
 keeps for its backward pass) as a broadcast of zeros, which the loop then overwrites row by row.
@@ -13,8 +14,9 @@ Each step of a scan reads its rows of the stacked inputs and writes its rows of 
 Where a row is a custom call's operand or result (a convolution's input kept for its backward pass,
 its output kept for BatchNorm's), XLA:CPU copies it between the stack and a buffer of its own on
 one thread. ``install()`` also lowers single-device CPU scans so that those rows, where they are
-large, are copied by ``resjax_read_row`` and ``resjax_write_row``, split between the cores; rows
-that XLA fuses into their elementwise producers or consumers stay XLA's.
+large, are copied by ``resjax_read_row`` (split between the cores: the convolution that reads the
+row waits for it) and ``resjax_write_row`` (a memcpy, see ``uninitialized.cc``); rows that XLA
+fuses into their elementwise producers or consumers stay XLA's.
 
 It replaces jax's private ``loops._empty_array`` and the CPU lowering of ``scan_p``, and only where
 they have the signatures they were written against (jax 0.10); elsewhere ``install()`` returns
@@ -79,8 +81,8 @@ def _empty_array(prefix, length_spec, aval):
 
 
 # Row i of a stack, and the stack with row i replaced: XLA's dynamic slice and in-place dynamic
-# update slice, or on single-device CPU the custom calls (uninitialized.cc), which copy on every
-# core. i is clamped to the stack either way.
+# update slice, or on single-device CPU the custom calls (uninitialized.cc). i is clamped to the
+# stack either way.
 ROW_COPY_MIN_BYTES = 1 << 20  # smaller rows stay XLA's
 
 read_row_p = core.Primitive("resjax_read_row")
@@ -214,7 +216,7 @@ def _signature(f) -> list[str] | None:
 
 def install() -> bool:
   """Makes scans lowered from now on start their stacks uninitialized and copy custom calls' rows
-  on every core (see above); whether it did."""
+  with the row calls (see above); whether it did."""
   if _jax_empty_array is None or _jax_scan_impl is None:
     return False
   if _signature(_jax_empty_array) != ["prefix", "length_spec", "aval"]:
@@ -229,7 +231,7 @@ def install() -> bool:
 
 
 def uninstall() -> None:
-  """Back to jax's zero-filled stacks and single-threaded row copies for scans lowered from now on."""
+  """Back to jax's zero-filled stacks and row copies for scans lowered from now on."""
   if _jax_empty_array is not None:
     loops._empty_array = _jax_empty_array
   cpu = mlir._platform_specific_lowerings.get("cpu", {})

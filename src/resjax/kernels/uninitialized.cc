@@ -35,10 +35,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxMaterialize, Materialize,
 
 // resjax_write_row (stack, row, i) -> stack with row i replaced (the result aliases the stack), and
 // resjax_read_row (stack, i) -> row i: a scan's stack writes and reads on CPU where the row is a
-// custom call's value (resjax/kernels/stacks.py). XLA:CPU copies those on one thread; here the
-// calling thread and tasks on XLA's intra-op thread pool take 256 KiB chunks from a shared counter
-// until none is left, so a pool thread that is busy elsewhere delays nothing but its own chunk.
-// i is clamped to the stack, as XLA's dynamic slices are.
+// custom call's value (resjax/kernels/stacks.py). XLA:CPU copies those rows on one thread. A read
+// feeds the convolution that waits for it, so it is split: the calling thread and tasks on XLA's
+// intra-op thread pool take 256 KiB chunks from a shared counter until none is left, and a pool
+// thread busy elsewhere delays nothing but a chunk it has taken. A write is one memcpy on the
+// calling thread: XLA runs it beside the next unit's work, and split the same way it stalled
+// whenever a pool thread was preempted mid-chunk (README, Speed). i is clamped to the stack, as
+// XLA's dynamic slices are.
 
 #include <algorithm>
 #include <atomic>
@@ -90,23 +93,22 @@ std::size_t RowOffset(const ffi::AnyBuffer& stack, std::size_t row_bytes, std::i
 
 }  // namespace
 
-static ffi::Error WriteRow(ffi::ThreadPool pool, ffi::AnyBuffer stack, ffi::AnyBuffer row,
+static ffi::Error WriteRow(ffi::AnyBuffer stack, ffi::AnyBuffer row,
                            ffi::Buffer<ffi::DataType::S32> index,
                            ffi::Result<ffi::AnyBuffer> out) {
   char* dst = static_cast<char*>(out->untyped_data());
   if (stack.untyped_data() != dst) {  // not aliased after all: start from the stack
-    ParallelCopy(pool, dst, static_cast<const char*>(stack.untyped_data()), stack.size_bytes());
+    std::memcpy(dst, stack.untyped_data(), stack.size_bytes());
   }
   const std::size_t bytes = row.size_bytes();
   if (bytes == 0) return ffi::Error::Success();
-  ParallelCopy(pool, dst + RowOffset(stack, bytes, index.typed_data()[0]),
-               static_cast<const char*>(row.untyped_data()), bytes);
+  std::memcpy(dst + RowOffset(stack, bytes, index.typed_data()[0]),
+              static_cast<const char*>(row.untyped_data()), bytes);
   return ffi::Error::Success();
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxWriteRow, WriteRow,
                               ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::DataType::S32>>()
