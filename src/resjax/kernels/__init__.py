@@ -1,5 +1,6 @@
 """Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``), scan
-stacks without their zero fill (``uninitialized.cc``, ``stacks.py``), BatchNorm's per-channel sums
+stacks without their zero fill and with custom calls' rows copied by calls of their own
+(``uninitialized.cc``, ``stacks.py``), BatchNorm's per-channel sums
 in one pass (``channel_sums.cc``, ``channel_sums.py``), and a large-block cache for malloc
 (``blockcache.c``, see ``resjax.malloc``).
 
