@@ -376,7 +376,7 @@ def _bn_bwd(residuals, cts):
   else:
     dbias, dscale_raw = g.sum(axes), (g * xc).sum(axes)  # dscale_raw: sum g * xhat / inv
   dbias, dscale_raw = fold(dbias), fold(dscale_raw)
-  dx = per(inv * scale) * (g - per(dbias / n) - xc * per((inv * inv) * (dscale_raw / n)))
+  dx = per(inv * scale) * (g - per(dbias / n) - xc * per(inv * inv) * per(dscale_raw / n))
   dx = dx + per(g_mean / n) + per(g_var * (2.0 / n)) * xc
   if reps:
     dx = _materialized_rows(dx).reshape(cts[0].shape)
@@ -439,7 +439,8 @@ def _materialized(x):
 # inside scan bodies on CPU, with the kernels loaded, BatchNorm and ReLU compute such maps as rows of
 # ROW_FLOATS (the per-channel vectors repeated along a row), and each pass's result goes behind
 # ``materialize`` in that shape: XLA emits a fusion's loops over its result's shape, and the custom
-# call keeps the result a row array. The values are the same, element for element.
+# call keeps the result a row array. The forward values are the same, element for element; the
+# backward pass adds its per-channel sums in another order (over ROW_FLOATS columns, then folded).
 ROW_FLOATS = 64
 
 
