@@ -122,23 +122,28 @@ def _calls_out(eqn) -> bool:
   return eqn.primitive.name == "ffi_call" or eqn.primitive.name.startswith("resjax_")
 
 
-def _called_out(v, jaxpr, inner: bool = False) -> bool:
+def _called_out(v, jaxpr, produced: dict, inner: bool = False) -> bool:
   """Whether ``jaxpr``'s value ``v`` is a custom call's result (looking inside calls such as
-  custom_vjp_call, whose results are their own jaxpr's), or else an input of the scan body."""
+  custom_vjp_call, whose results are their own jaxpr's), or else an input of the scan body.
+  ``produced``: {value: the equation that makes it} of ``jaxpr``."""
   if isinstance(v, core.Literal):
     return False
-  eqn = next((e for e in jaxpr.eqns if v in e.outvars), None)
+  eqn = produced.get(v)
   if eqn is None:
     return not inner  # the body's input; a call's input could be anything outside it
   if _calls_out(eqn):
     return True
   if eqn.primitive.name == "reshape":  # the same buffer
-    return _called_out(eqn.invars[0], jaxpr, inner)
+    return _called_out(eqn.invars[0], jaxpr, produced, inner)
   sub = eqn.params.get("call_jaxpr", eqn.params.get("jaxpr"))
   sub = getattr(sub, "jaxpr", sub)
   if not isinstance(sub, core.Jaxpr) or len(sub.outvars) != len(eqn.outvars):
     return False
-  return _called_out(sub.outvars[eqn.outvars.index(v)], sub, inner=True)
+  return _called_out(sub.outvars[eqn.outvars.index(v)], sub, _producers(sub), inner=True)
+
+
+def _producers(jaxpr) -> dict:
+  return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
 
 
 def _rows_of(jaxpr, num_consts: int, num_carry: int) -> tuple[list[bool], list[bool]]:
@@ -151,7 +156,8 @@ def _rows_of(jaxpr, num_consts: int, num_carry: int) -> tuple[list[bool], list[b
   for eqn in reversed(body.eqns):  # a custom call's operand reshaped from a row is that row
     if eqn.primitive.name == "reshape" and eqn.outvars[0] in read:
       read.update(v for v in eqn.invars if not isinstance(v, core.Literal))
-  written = [_called_out(v, body) for v in body.outvars[num_carry:]]
+  produced = _producers(body)
+  written = [_called_out(v, body, produced) for v in body.outvars[num_carry:]]
   return [v in read for v in xs], written
 
 

@@ -379,7 +379,7 @@ def _bn_bwd(residuals, cts):
   dx = per(inv * scale) * (g - per(dbias / n) - xc * per(inv * inv) * per(dscale_raw / n))
   dx = dx + per(g_mean / n) + per(g_var * (2.0 / n)) * xc
   if reps:
-    dx = _materialized_rows(dx).reshape(cts[0].shape)
+    dx = _materialize(dx).reshape(cts[0].shape)
   return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
 
 
@@ -428,9 +428,8 @@ def _materialized(x):
   if not _scanning or not kernels.available():
     return x
   if _row_reps(x):
-    return _materialized_rows(_rows(x)).reshape(x.shape)
-  from resjax.kernels import stacks
-  return stacks.materialize(x)
+    return _materialize(_rows(x)).reshape(x.shape)
+  return _materialize(x)
 
 
 # XLA:CPU runs an elementwise pass over an NHWC map with few channels as loops whose innermost
@@ -462,11 +461,11 @@ def _rows(x):
 def _lanes(v, reps: int):
   """A per-channel vector repeated along a row, computed on its own (XLA fuses a repeat into its
   consumer as index arithmetic, which puts the slow loops back)."""
-  from resjax.kernels import stacks
-  return stacks.materialize(jnp.tile(v, reps))
+  return _materialize(jnp.tile(v, reps))
 
 
-def _materialized_rows(x):
+def _materialize(x):
+  """``kernels.stacks.materialize``, imported on first use, as the kernels are loaded."""
   from resjax.kernels import stacks
   return stacks.materialize(x)
 
@@ -501,14 +500,14 @@ def _relu_gated_by_mask(x):
 def _relu_mask_fwd(x):
   if _row_reps(x):  # both passes over rows, the mask kept as rows
     r = _rows(x)
-    return (_materialized_rows(jnp.maximum(r, jnp.zeros_like(r))).reshape(x.shape),
-            _materialized_rows(r > 0))
+    return (_materialize(jnp.maximum(r, jnp.zeros_like(r))).reshape(x.shape),
+            _materialize(r > 0))
   return _relu_gated_by_mask(x), _materialized(x > 0)
 
 
 def _relu_mask_bwd(mask, g):
   if mask.shape != g.shape:  # kept as rows (_relu_mask_fwd)
-    return (_materialized_rows(_select_bits(mask, g.reshape(mask.shape))).reshape(g.shape),)
+    return (_materialize(_select_bits(mask, g.reshape(mask.shape))).reshape(g.shape),)
   return (_select_bits(mask, g),)
 
 
