@@ -134,10 +134,12 @@ def test_resnet_training_step_matches_the_matmul_path(built):
     if impl == "onednn":
       hlo = step.lower(params, rest).compile().as_text()
       calls = {d: hlo.count(f'custom_call_target="resjax_onednn_conv_bwd_{d}"')
-               for d in ("weights", "data")}
-      # Every convolution's weight gradient; every data gradient but the first layer's, whose
-      # input is the images and whose data gradient XLA removes as dead code.
-      assert calls["weights"] > 1 and calls["data"] == calls["weights"] - 1
+               for d in ("weights", "weights_row", "data")}
+      # Every convolution's weight gradient (inside the stages' scans, on the saved input read in
+      # place); every data gradient but the first layer's, whose input is the images and whose
+      # data gradient XLA removes as dead code.
+      weights = calls["weights"] + calls["weights_row"]
+      assert calls["weights_row"] > 1 and calls["data"] == weights - 1
     loss, grads = step(params, rest)
     results[impl] = (loss, jax.tree.leaves(grads))
   _assert_resnet20_close(results["onednn"], results["im2col"])
@@ -363,46 +365,63 @@ def test_a_kept_relu_output_is_computed_once_and_its_stack_write_is_a_copy(built
 
 
 @pytest.mark.parametrize("i", [-3, 0, 2, 9])
-def test_row_calls_are_dynamic_slices_with_the_index_clamped(built, i):
-  """resjax_read_row and resjax_write_row on a stack of 2 MiB rows: row i, and the stack with row i
-  replaced, exactly as XLA's dynamic slice and update compute them (i clamped into the stack)."""
+def test_row_calls_address_the_row_with_the_index_clamped(built, i):
+  """resjax_write_row on a stack of 2 MiB rows is the stack with row i replaced, exactly as XLA's
+  dynamic update slice computes it; the weight gradient of row i of a stack of inputs is the one of
+  that row sliced out. i is clamped into the stack, as XLA's dynamic slices clamp it."""
   stack = _normal((4, 512, 1024))
   row = _normal((512, 1024), seed=1)
   index = jnp.int32(i)
-  read = jax.jit(stacks.read_row_p.bind)
   write = jax.jit(stacks.write_row_p.bind)
-  assert "resjax_read_row" in read.lower(stack, index).as_text()
   assert "resjax_write_row" in write.lower(stack, row, index).as_text()
   at = min(max(i, 0), 3)
-  np.testing.assert_array_equal(read(stack, index), stack[at])
   np.testing.assert_array_equal(write(stack, row, index), stack.at[at].set(row))
+
+  xs, g, w = _normal((4, 8, 6, 6, 3), seed=2), _normal((8, 6, 6, 5), seed=3), jnp.zeros((3, 3, 3, 5))
+  weight_grad = lambda x, g: jax.vjp(lambda w: onednn.conv(x, w, 1), w)[1](g)[0]
+  (call,) = [e for e in jax.make_jaxpr(weight_grad)(xs[0], g).eqns
+             if e.params.get("target_name") == "resjax_onednn_conv_bwd_weights"]
+  in_place = jax.jit(lambda xs, i, g: stacks.row_call_p.bind(
+      xs, i, g, row_target=stacks.ROW_OPERAND_TARGETS["resjax_onednn_conv_bwd_weights"],
+      ffi=tuple(call.params.items()))[0])
+  assert "resjax_onednn_conv_bwd_weights_row" in in_place.lower(xs, index, g).as_text()
+  # The same oneDNN primitive on the same values, but from another address: each weight's sum of
+  # 8*6*6 products may be blocked differently, so the bound scales with the sums of |products|.
+  magnitude = float(jnp.max(jax.jit(weight_grad)(jnp.abs(xs[at]), jnp.abs(g))))
+  assert_f32_close(in_place(xs, index, g), jax.jit(weight_grad)(xs[at], g), terms=8 * 6 * 6,
+                   scale=magnitude)
 
 
 def test_a_scans_custom_call_rows_are_copied_by_the_row_calls(built):
-  """A scanned convolution on 4 MiB maps: its gradient's forward scan writes the rows a custom
-  call made or took (the convolution's input, kept for its weight gradient) with
-  resjax_write_row, and the backward scan reads them back for the weight gradient with
-  resjax_read_row. The gradient is the one jax's own row writes and reads give: the calls copy
-  bytes, so only XLA's fusion of the rest of the two programs may round differently."""
+  """Scanned convolutions on 4 MiB maps, one of them of a stacked input z. The gradient's forward
+  scan writes the rows a custom call made or took (h, kept for its weight gradient) with
+  resjax_write_row. The backward scan's weight gradients read their inputs in place, from the
+  stacks of h and of z (the _row variant, no row copy). The gradient is the one jax's own row
+  writes and reads give: the calls copy or address the same bytes, so only XLA's fusion of the
+  rest of the two programs may round differently."""
   x = _normal((64, 32, 32, 16))
   ws = 0.1 * _normal((3, 3, 3, 16, 16), seed=1)
+  zs = _normal((3, 64, 32, 32, 16), seed=3)
 
-  def loss(x, ws):
-    step = lambda h, w: (jax.nn.relu(onednn.conv(h, w, 1)) + h, None)
-    return jnp.sum(jax.lax.scan(step, x, ws)[0] ** 2)
+  def loss(x, ws, zs):
+    step = lambda h, wz: (jax.nn.relu(onednn.conv(h, wz[0], 1)) + onednn.conv(wz[1], wz[0], 1) + h,
+                          None)
+    return jnp.sum(jax.lax.scan(step, x, (ws, zs))[0] ** 2)
 
-  grad = lambda: jax.jit(jax.grad(loss, argnums=(0, 1)))
-  hlo = grad().lower(x, ws).as_text()
-  assert hlo.count("@resjax_write_row") >= 1 and hlo.count("@resjax_read_row") >= 1
-  ours = grad()(x, ws)
+  grad = lambda: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  hlo = grad().lower(x, ws, zs).as_text()
+  assert hlo.count("@resjax_write_row") >= 1
+  assert hlo.count("@resjax_onednn_conv_bwd_weights_row") == 2
+  assert "@resjax_onednn_conv_bwd_weights(" not in hlo
+  ours = grad()(x, ws, zs)
   stacks.uninstall()
   try:
-    theirs_hlo = grad().lower(x, ws).as_text()
-    theirs = grad()(x, ws)
+    theirs_hlo = grad().lower(x, ws, zs).as_text()
+    theirs = grad()(x, ws, zs)
   finally:
     assert stacks.install()
-  assert "resjax_write_row" not in theirs_hlo and "resjax_read_row" not in theirs_hlo
-  for a, b in zip(ours, theirs):  # 3 convolutions of 3*3*16 terms, through ReLU and the adds
+  assert not re.search(r"resjax_(write_row|onednn_conv_bwd_weights_row)", theirs_hlo)
+  for a, b in zip(ours, theirs):  # 3 units of 3*3*16-term convolutions, through ReLU and the adds
     assert_f32_close(a, b, terms=144, depth=2 * 3, gain=4, scale=float(jnp.abs(b).max()))
 
 
@@ -451,7 +470,7 @@ big = jnp.zeros((4, 64, 32, 32, 16))
 k = lambda x, ws: jnp.sum(jax.lax.scan(lambda h, w: (onednn.conv(h, w, 1), None), x, ws)[0])
 gk = jax.grad(k)
 ws = jnp.zeros((3, 3, 3, 16, 16))
-rows = lambda t: t.count("@resjax_write_row") + t.count("@resjax_read_row")
+rows = lambda t: t.count("@resjax_write_row") + t.count("@resjax_onednn_conv_bwd_weights_row")
 one_r = rows(jax.jit(gk).lower(big[0], ws).as_text())
 two_r = rows(jax.jit(jax.vmap(gk, (0, None)), in_shardings=(NamedSharding(mesh, P("d")), None)).lower(big, ws).as_text())
 print(one, two, one_m, two_m, one_b, two_b, int(one_r > 0), two_r)

@@ -42,11 +42,11 @@ ONEDNN = ("onednn-cpu-gomp", "onednn-devel-cpu-gomp")  # the runtime and its hea
 TARGETS = {  # FFI target name -> symbol in the library
     "resjax_onednn_conv_fwd": "ResjaxOnednnConvFwd",
     "resjax_onednn_conv_bwd_weights": "ResjaxOnednnConvBwdWeights",
+    "resjax_onednn_conv_bwd_weights_row": "ResjaxOnednnConvBwdWeightsRow",
     "resjax_onednn_conv_bwd_data": "ResjaxOnednnConvBwdData",
     "resjax_uninitialized": "ResjaxUninitialized",
     "resjax_materialize": "ResjaxMaterialize",
     "resjax_write_row": "ResjaxWriteRow",
-    "resjax_read_row": "ResjaxReadRow",
     "resjax_channel_moments": "ResjaxChannelMoments",
     "resjax_channel_grad_moments": "ResjaxChannelGradMoments",
 }

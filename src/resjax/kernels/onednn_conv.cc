@@ -303,6 +303,23 @@ ffi::Error BackwardWeights(F32 x, F32 dy, F32Out dw, int64_t stride, int64_t pad
                       dw->typed_data());
 }
 
+// The same weight gradient with x read in place as row i of a stack of them (a scan's saved
+// inputs, see stacks.py): i clamped to the stack, as a dynamic slice would.
+ffi::Error BackwardWeightsRow(F32 stack, ffi::Buffer<ffi::S32> index, F32 dy, F32Out dw,
+                              int64_t stride, int64_t pad) {
+  Dims s = stack.dimensions();
+  if (s.size() < 5) {
+    return ffi::Error::InvalidArgument("the row weight gradient takes a stack of NHWC inputs");
+  }
+  Dims sx = s.last(s.size() - 1), sdy = dy.dimensions(), sw = dw->dimensions();
+  int64_t row = 1;
+  for (int64_t d : sx) row *= d;
+  int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(s[0] - 1, 0));
+  Geometry g = geometry(conv_dims(sx), conv_dims(sw), conv_dims(sdy), stride, pad);
+  return each_replica(kBackwardWeights, sx, sdy, sw, g, stack.typed_data() + i * row,
+                      dy.typed_data(), dw->typed_data());
+}
+
 ffi::Error BackwardData(F32 dy, F32 w, F32 after, F32Out dx, int64_t stride, int64_t pad) {
   (void)after;
   Dims sdy = dy.dimensions(), sw = w.dimensions(), sx = dx->dimensions();
@@ -319,6 +336,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvFwd, Forward,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwdWeights, BackwardWeights,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Ret<F32>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwdWeightsRow, BackwardWeightsRow,
+                              ffi::Ffi::Bind().Arg<F32>().Arg<ffi::Buffer<ffi::S32>>().Arg<F32>()
+                                  .Ret<F32>().Attr<int64_t>("stride").Attr<int64_t>("pad"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxOnednnConvBwdData, BackwardData,
                               ffi::Ffi::Bind().Arg<F32>().Arg<F32>().Arg<F32>().Ret<F32>()
                                   .Attr<int64_t>("stride").Attr<int64_t>("pad"));

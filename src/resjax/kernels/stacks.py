@@ -13,10 +13,10 @@ other platforms keep jax's zeros.
 Each step of a scan reads its rows of the stacked inputs and writes its rows of the stacked outputs.
 Where a row is a custom call's operand or result (a convolution's input kept for its backward pass,
 its output kept for BatchNorm's), XLA:CPU copies it between the stack and a buffer of its own on
-one thread. ``install()`` also lowers single-device CPU scans so that those rows, where they are
-large, are copied by ``resjax_read_row`` (split between the cores: the convolution that reads the
-row waits for it) and ``resjax_write_row`` (a memcpy, see ``uninitialized.cc``); rows that XLA
-fuses into their elementwise producers or consumers stay XLA's.
+one thread. ``install()`` also lowers single-device CPU scans so that the weight gradient reads its
+saved input in place, from the stack at the row's index (``ROW_OPERAND_TARGETS``), and that large
+rows a custom call makes are written by ``resjax_write_row`` (a memcpy, see ``uninitialized.cc``);
+rows that XLA fuses into their elementwise producers or consumers stay XLA's.
 
 It replaces jax's private ``loops._empty_array`` and the CPU lowering of ``scan_p``, and only where
 they have the signatures they were written against (jax 0.10); elsewhere ``install()`` returns
@@ -31,6 +31,7 @@ import inspect
 import jax
 import jax.numpy as jnp
 from jax._src import core, sharding_impls
+from jax._src import ffi as jffi
 from jax._src.interpreters import ad, batching, mlir
 from jax._src.lax import slicing
 from jax._src.lax.control_flow import loops
@@ -80,39 +81,27 @@ def _empty_array(prefix, length_spec, aval):
   return _jax_empty_array(prefix, length_spec, aval)
 
 
-# Row i of a stack, and the stack with row i replaced: XLA's dynamic slice and in-place dynamic
-# update slice, or on single-device CPU the custom calls (uninitialized.cc). i is clamped to the
-# stack either way.
+# The stack with row i replaced: XLA's in-place dynamic update slice, or on single-device CPU the
+# custom call (uninitialized.cc). i is clamped to the stack either way.
 ROW_COPY_MIN_BYTES = 1 << 20  # smaller rows stay XLA's
 
-read_row_p = core.Primitive("resjax_read_row")
-read_row_p.def_abstract_eval(lambda stack, i: core.ShapedArray(stack.shape[1:], stack.dtype))
 write_row_p = core.Primitive("resjax_write_row")
 write_row_p.def_abstract_eval(lambda stack, row, i: core.ShapedArray(stack.shape, stack.dtype))
 
-_xla_read = mlir.lower_fun(
-    lambda stack, i: slicing.dynamic_index_in_dim(stack, i, 0, keepdims=False,
-                                                  allow_negative_indices=False),
-    multiple_results=False)
 _xla_write = mlir.lower_fun(
     lambda stack, row, i: slicing.dynamic_update_index_in_dim(stack, row, i, 0,
                                                               allow_negative_indices=False),
     multiple_results=False)
-_read_call = jax.ffi.ffi_lowering("resjax_read_row")
 _write_call = jax.ffi.ffi_lowering("resjax_write_row", operand_output_aliases={0: 0})
 
-mlir.register_lowering(read_row_p, _xla_read)
 mlir.register_lowering(write_row_p, _xla_write)
-mlir.register_lowering(
-    read_row_p, lambda ctx, *a: (_read_call if _one_device(ctx) else _xla_read)(ctx, *a),
-    platform="cpu")
 mlir.register_lowering(
     write_row_p, lambda ctx, *a: (_write_call if _one_device(ctx) else _xla_write)(ctx, *a),
     platform="cpu")
 
 
 def _copied_rows(stack, i) -> bool:
-  """Whether a row of ``stack`` at ``i`` goes through the row custom calls."""
+  """Whether a row of ``stack`` at ``i`` is written by ``resjax_write_row``."""
   aval = core.typeof(stack)
   return (_plain(aval) and core.typeof(i).dtype == jnp.int32 and aval.ndim >= 1
           and aval.size // max(aval.shape[0], 1) * aval.dtype.itemsize >= ROW_COPY_MIN_BYTES)
@@ -146,36 +135,23 @@ def _producers(jaxpr) -> dict:
   return {v: eqn for eqn in jaxpr.eqns for v in eqn.outvars}
 
 
-def _rows_of(jaxpr, num_consts: int, num_carry: int) -> tuple[list[bool], list[bool]]:
-  """Which stacked inputs of a scan body are read for a custom call, and which stacked outputs are
-  a custom call's result or an input passed through: the rows XLA would copy on one thread."""
+def _rows_written(jaxpr, num_carry: int) -> list[bool]:
+  """Which stacked outputs of a scan body are a custom call's result or an input passed through:
+  the rows XLA would copy on one thread."""
   body = jaxpr.jaxpr
-  xs = body.invars[num_consts + num_carry:]
-  read = {v for eqn in body.eqns if _calls_out(eqn) for v in eqn.invars
-          if not isinstance(v, core.Literal)}
-  for eqn in reversed(body.eqns):  # a custom call's operand reshaped from a row is that row
-    if eqn.primitive.name == "reshape" and eqn.outvars[0] in read:
-      read.update(v for v in eqn.invars if not isinstance(v, core.Literal))
   produced = _producers(body)
-  written = [_called_out(v, body, produced) for v in body.outvars[num_carry:]]
-  return [v in read for v in xs], written
+  return [_called_out(v, body, produced) for v in body.outvars[num_carry:]]
 
 
 class _ScanSlicing:
-  """``loops.slicing`` while a scan lowers: the k-th row read (write) of each traced step goes
-  through the custom call where ``reads[k]`` (``writes[k]``) says so and the row qualifies."""
+  """``loops.slicing`` while a scan lowers: the k-th row write of each traced step goes through
+  ``resjax_write_row`` where ``writes[k]`` says so and the row qualifies."""
 
-  def __init__(self, reads: list[bool], writes: list[bool]):
-    self.reads, self.writes, self.n_read, self.n_written = reads, writes, 0, 0
+  def __init__(self, writes: list[bool]):
+    self.writes, self.n_written = writes, 0
 
   def __getattr__(self, name):
     return getattr(slicing, name)
-
-  def dynamic_index_in_dim(self, stack, i, axis=0, keepdims=True, **kw):
-    k, self.n_read = self.n_read % len(self.reads), self.n_read + 1
-    if self.reads[k] and axis == 0 and not keepdims and _copied_rows(stack, i):
-      return read_row_p.bind(stack, i)
-    return slicing.dynamic_index_in_dim(stack, i, axis, keepdims, **kw)
 
   def dynamic_update_index_in_dim(self, stack, row, i, axis, **kw):
     k, self.n_written = self.n_written % len(self.writes), self.n_written + 1
@@ -183,6 +159,64 @@ class _ScanSlicing:
         and _copied_rows(stack, i)):
       return write_row_p.bind(stack, row, i)
     return slicing.dynamic_update_index_in_dim(stack, row, i, axis, **kw)
+
+
+# A custom call whose operand is a row of the scan's stacked inputs can take the stack and the row's
+# index instead, and read the row in place: {target: its row variant}, operand 0 the row. The
+# weight gradient reads the convolution's saved input, the largest rows a backward scan copies.
+ROW_OPERAND_TARGETS = {"resjax_onednn_conv_bwd_weights": "resjax_onednn_conv_bwd_weights_row"}
+
+row_call_p = core.Primitive("resjax_row_operand_call")
+row_call_p.multiple_results = True
+row_call_p.def_abstract_eval(lambda stack, i, *rest, row_target, ffi: list(dict(ffi)["result_avals"]))
+
+
+def _row_call_xla(ctx, stack, i, *rest, row_target, ffi):
+  def call(stack, i, *rest):
+    row = slicing.dynamic_index_in_dim(stack, i, 0, keepdims=False, allow_negative_indices=False)
+    return jffi.ffi_call_p.bind(row, *rest, **dict(ffi))
+  return mlir.lower_fun(call, multiple_results=True)(ctx, stack, i, *rest)
+
+
+def _row_call_cpu(ctx, stack, i, *rest, row_target, ffi):
+  if not _one_device(ctx):
+    return _row_call_xla(ctx, stack, i, *rest, row_target=row_target, ffi=ffi)
+  return jax.ffi.ffi_lowering(row_target)(ctx, stack, i, *rest, **dict(dict(ffi)["attributes"]))
+
+
+mlir.register_lowering(row_call_p, _row_call_xla)
+mlir.register_lowering(row_call_p, _row_call_cpu, platform="cpu")
+
+
+def _rows_in_place(args, num_consts: int, num_carry: int, length: int, jaxpr):
+  """The scan with each ``ROW_OPERAND_TARGETS`` call on a row of a stacked input taking the whole
+  stack (a new const) and the row's index (a new stacked input, ``arange(length)``, so that jax's
+  reverse order applies to it as to the rows), or None where there is none."""
+  body = jaxpr.jaxpr
+  first_xs = num_consts + num_carry
+  position = {v: k for k, v in enumerate(body.invars[first_xs:])}
+  calls = [eqn for eqn in body.eqns
+           if eqn.primitive is jffi.ffi_call_p and eqn.params["target_name"] in ROW_OPERAND_TARGETS
+           and eqn.invars and eqn.invars[0] in position
+           and _plain(core.typeof(args[first_xs + position[eqn.invars[0]]]))]
+  if not calls:
+    return None
+  rows = list(dict.fromkeys(eqn.invars[0] for eqn in calls))
+  stacks = [args[first_xs + position[v]] for v in rows]
+  stack_vars = {v: core.Var(core.typeof(a)) for v, a in zip(rows, stacks)}
+  index = core.Var(core.ShapedArray((), jnp.int32))
+  replaced = {id(eqn) for eqn in calls}
+  eqns = [core.new_jaxpr_eqn(
+              [stack_vars[eqn.invars[0]], index, *eqn.invars[1:]], eqn.outvars, row_call_p,
+              dict(row_target=ROW_OPERAND_TARGETS[eqn.params["target_name"]],
+                   ffi=tuple(eqn.params.items())), eqn.effects, eqn.source_info, eqn.ctx)
+          if id(eqn) in replaced else eqn for eqn in body.eqns]
+  invars = [*body.invars[:num_consts], *stack_vars.values(), *body.invars[num_consts:], index]
+  new_body = core.Jaxpr(body.constvars, invars, body.outvars, eqns, body.effects,
+                        body.debug_info.with_unknown_names() if body.debug_info else None)
+  new_args = [*args[:num_consts], *stacks, *args[num_consts:],
+              jnp.arange(length, dtype=jnp.int32)]
+  return new_args, num_consts + len(stacks), core.ClosedJaxpr(new_body, jaxpr.consts)
 
 
 _jax_scan_impl = getattr(loops, "_scan_impl", None)
@@ -198,15 +232,20 @@ def _slicing(proxy):
 
 
 def _scan_impl(*args, reverse, length, num_consts, num_carry, jaxpr, unroll):
-  """jax's scan, its custom-call rows copied by ``resjax_read_row`` and ``resjax_write_row``."""
+  """jax's scan, its weight gradients reading their rows in place and its custom-call rows
+  written by ``resjax_write_row``."""
   params = dict(reverse=reverse, length=length, num_consts=num_consts, num_carry=num_carry,
                 jaxpr=jaxpr, unroll=unroll)
   if unroll != 1:
     return _jax_scan_impl(*args, **params)
-  reads, writes = _rows_of(jaxpr, num_consts, num_carry)
-  if not any(reads) and not any(writes):
+  in_place = _rows_in_place(args, num_consts, num_carry, length, jaxpr)
+  if in_place is not None:
+    args, num_consts, jaxpr = in_place
+    params.update(num_consts=num_consts, jaxpr=jaxpr)
+  writes = _rows_written(jaxpr, num_carry)
+  if not any(writes):
     return _jax_scan_impl(*args, **params)
-  with _slicing(_ScanSlicing(reads or [False], writes or [False])):
+  with _slicing(_ScanSlicing(writes)):
     return _jax_scan_impl(*args, **params)
 
 
@@ -229,7 +268,7 @@ def install() -> bool:
     return False
   if (_signature(_jax_scan_impl) != ["args", "reverse", "length", "num_consts", "num_carry",
                                      "jaxpr", "unroll"]
-      or not callable(getattr(loops.slicing, "dynamic_index_in_dim", None))):
+      or not callable(getattr(loops.slicing, "dynamic_update_index_in_dim", None))):
     return False
   loops._empty_array = _empty_array
   mlir.register_lowering(loops.scan_p, _scan_lowering, platform="cpu")

@@ -33,57 +33,17 @@ static ffi::Error Materialize(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> out)
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxMaterialize, Materialize,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
-// resjax_write_row (stack, row, i) -> stack with row i replaced (the result aliases the stack), and
-// resjax_read_row (stack, i) -> row i: a scan's stack writes and reads on CPU where the row is a
-// custom call's value (resjax/kernels/stacks.py). XLA:CPU copies those rows on one thread. A read
-// feeds the convolution that waits for it, so it is split: the calling thread and tasks on XLA's
-// intra-op thread pool take 256 KiB chunks from a shared counter until none is left, and a pool
-// thread busy elsewhere delays nothing but a chunk it has taken. A write is one memcpy on the
-// calling thread: XLA runs it beside the next unit's work, and split the same way it stalled
-// whenever a pool thread was preempted mid-chunk (README, Speed). i is clamped to the stack, as
-// XLA's dynamic slices are.
+// resjax_write_row (stack, row, i) -> stack with row i replaced (the result aliases the stack): a
+// scan's stack write on CPU where the row is a custom call's value (resjax/kernels/stacks.py),
+// one memcpy on the calling thread. XLA runs it beside the next unit's work; split between threads
+// it stalled whenever a pool thread was preempted mid-chunk (README, Speed). i is clamped to the
+// stack, as XLA's dynamic update slices are.
 
 #include <algorithm>
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
-#include <thread>
 
 namespace {
-
-struct CopyJob {
-  static constexpr std::size_t kChunk = std::size_t{1} << 18;
-  char* dst;
-  const char* src;
-  std::size_t bytes;
-  std::int64_t chunks;
-  std::atomic<std::int64_t> next{0};
-  std::atomic<std::int64_t> done{0};
-
-  void Work() {
-    for (std::int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      const std::size_t begin = static_cast<std::size_t>(c) * kChunk;
-      std::memcpy(dst + begin, src + begin, std::min(kChunk, bytes - begin));
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
-void ParallelCopy(ffi::ThreadPool& pool, char* dst, const char* src, std::size_t bytes) {
-  auto job = std::make_shared<CopyJob>();
-  job->dst = dst;
-  job->src = src;
-  job->bytes = bytes;
-  job->chunks = static_cast<std::int64_t>((bytes + CopyJob::kChunk - 1) / CopyJob::kChunk);
-  const std::int64_t helpers =
-      std::min<std::int64_t>(pool.num_threads(), job->chunks / 4);  // a task: 4 chunks or more
-  for (std::int64_t t = 0; t < helpers; ++t) {
-    pool.Schedule([job] { job->Work(); });  // holds the job: it may start after the copy is done
-  }
-  job->Work();
-  while (job->done.load(std::memory_order_acquire) < job->chunks) std::this_thread::yield();
-}
 
 std::size_t RowOffset(const ffi::AnyBuffer& stack, std::size_t row_bytes, std::int32_t i) {
   const std::int64_t rows = stack.dimensions().size() == 0 ? 1 : stack.dimensions()[0];
@@ -110,25 +70,6 @@ static ffi::Error WriteRow(ffi::AnyBuffer stack, ffi::AnyBuffer row,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxWriteRow, WriteRow,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::DataType::S32>>()
-                                  .Ret<ffi::AnyBuffer>());
-
-static ffi::Error ReadRow(ffi::ThreadPool pool, ffi::AnyBuffer stack,
-                          ffi::Buffer<ffi::DataType::S32> index,
-                          ffi::Result<ffi::AnyBuffer> out) {
-  const std::size_t bytes = out->size_bytes();
-  if (bytes == 0) return ffi::Error::Success();
-  ParallelCopy(pool, static_cast<char*>(out->untyped_data()),
-               static_cast<const char*>(stack.untyped_data()) +
-                   RowOffset(stack, bytes, index.typed_data()[0]),
-               bytes);
-  return ffi::Error::Success();
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxReadRow, ReadRow,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::DataType::S32>>()
                                   .Ret<ffi::AnyBuffer>());
