@@ -260,11 +260,12 @@ def test_channel_sums_are_the_sums_they_replace(built, shape):
   x, g = _channel_data(shape)
   axes, n = tuple(range(len(shape) - 1)), x.size // shape[-1]
   x64, g64 = x.astype(np.float64), g.astype(np.float64)
-  xc = (x64 - x64.mean(axes)).astype(np.float32)
+  mean = x64.mean(axes).astype(np.float32)
+  xc = (x - mean).astype(np.float64)  # x - mean rounded to float32, as the kernel forms it
   exact = [x64.sum(axes), (x64 * x64).sum(axes), g64.sum(axes), (g64 * xc).sum(axes)]
   scale = [np.abs(x64).sum(axes), (x64 * x64).sum(axes), np.abs(g64).sum(axes),
            np.abs(g64 * xc).sum(axes)]
-  got = [*jax.jit(channel_sums.moments)(x), *jax.jit(channel_sums.grad_moments)(g, xc)]
+  got = [*jax.jit(channel_sums.moments)(x), *jax.jit(channel_sums.grad_moments)(g, x, mean)]
   for name, a, want, s in zip(("x", "x*x", "g", "g*xc"), got, exact, scale):
     assert a.shape == (shape[-1],) and a.dtype == jnp.float32
     err = np.abs(np.asarray(a, np.float64) - want)
@@ -278,11 +279,12 @@ def test_channel_sums_under_vmap_are_each_replicas(built):
   x, g = _channel_data((3, 4, 6, 6, 16))
   g = g[0]  # one cotangent for every replica: a shared operand
   batched = jax.jit(jax.vmap(channel_sums.moments))(x)
-  shared = jax.jit(jax.vmap(channel_sums.grad_moments, in_axes=(None, 0)))(g, x)
+  mean = x.mean((1, 2, 3))  # (replicas, channels)
+  shared = jax.jit(jax.vmap(channel_sums.grad_moments, in_axes=(None, 0, 0)))(g, x, mean)
   for r in range(3):  # the same call on the same rows: the same bits
     for a, b in zip(batched, jax.jit(channel_sums.moments)(x[r])):
       np.testing.assert_array_equal(a[r], b)
-    for a, b in zip(shared, jax.jit(channel_sums.grad_moments)(g, x[r])):
+    for a, b in zip(shared, jax.jit(channel_sums.grad_moments)(g, x[r], mean[r])):
       np.testing.assert_array_equal(a[r], b)
 
 
@@ -381,15 +383,25 @@ def test_row_calls_address_the_row_with_the_index_clamped(built, i):
   weight_grad = lambda x, g: jax.vjp(lambda w: onednn.conv(x, w, 1), w)[1](g)[0]
   (call,) = [e for e in jax.make_jaxpr(weight_grad)(xs[0], g).eqns
              if e.params.get("target_name") == "resjax_onednn_conv_bwd_weights"]
-  in_place = jax.jit(lambda xs, i, g: stacks.row_call_p.bind(
-      xs, i, g, row_target=stacks.ROW_OPERAND_TARGETS["resjax_onednn_conv_bwd_weights"],
-      ffi=tuple(call.params.items()))[0])
+  in_place = jax.jit(lambda xs, i, g: stacks.row_call_p.bind(xs, i, g,
+                                                              **stacks.row_call_params(call))[0])
   assert "resjax_onednn_conv_bwd_weights_row" in in_place.lower(xs, index, g).as_text()
   # The same oneDNN primitive on the same values, but from another address: each weight's sum of
   # 8*6*6 products may be blocked differently, so the bound scales with the sums of |products|.
   magnitude = float(jnp.max(jax.jit(weight_grad)(jnp.abs(xs[at]), jnp.abs(g))))
   assert_f32_close(in_place(xs, index, g), jax.jit(weight_grad)(xs[at], g), terms=8 * 6 * 6,
                    scale=magnitude)
+
+  from resjax.kernels import channel_sums  # BatchNorm's backward sums of row i, read in place
+  maps, cot = _channel_data((4, 8, 6, 6, 16), seed=4)
+  mean = maps[at].mean((0, 1, 2))
+  (call,) = jax.make_jaxpr(channel_sums.grad_moments)(cot[0], maps[0], mean).eqns
+  sums = jax.jit(lambda maps, i, g, mean: stacks.row_call_p.bind(
+      maps, i, g, mean, **stacks.row_call_params(call)))
+  assert "resjax_channel_grad_moments_row" in sums.lower(maps, index, cot[0], mean).as_text()
+  for a, b in zip(sums(maps, index, cot[0], mean),
+                  jax.jit(channel_sums.grad_moments)(cot[0], maps[at], mean)):
+    np.testing.assert_array_equal(a, b)  # the kernel's order of addition ignores the address
 
 
 def test_a_scans_custom_call_rows_are_copied_by_the_row_calls(built):

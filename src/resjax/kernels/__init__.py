@@ -49,6 +49,7 @@ TARGETS = {  # FFI target name -> symbol in the library
     "resjax_write_row": "ResjaxWriteRow",
     "resjax_channel_moments": "ResjaxChannelMoments",
     "resjax_channel_grad_moments": "ResjaxChannelGradMoments",
+    "resjax_channel_grad_moments_row": "ResjaxChannelGradMomentsRow",
 }
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 C_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")

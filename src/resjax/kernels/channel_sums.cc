@@ -1,7 +1,12 @@
 // Per-channel sums for BatchNorm's training step on CPU, as XLA FFI custom calls.
 //
-//   resjax_channel_moments      (x)           -> (sum x, sum x*x)
-//   resjax_channel_grad_moments (g, xc)       -> (sum g, sum g*xc)
+//   resjax_channel_moments          (x)              -> (sum x, sum x*x)
+//   resjax_channel_grad_moments     (g, x, mean)     -> (sum g, sum g*(x - mean))
+//   resjax_channel_grad_moments_row (g, xs, i, mean) -> the same with x row i of the stack xs
+//
+// The backward pass's sums take x and its per-channel mean, so that x - mean is formed in registers
+// rather than as a map of its own; the _row variant reads x in place from a scan's stack of saved
+// inputs (i clamped to the stack, as a dynamic slice would; resjax/kernels/stacks.py).
 //
 // Sums run over every dimension of x but the last (the channels), within each replica: the
 // attribute `reduced` is how many dimensions before the channels are summed, and any before those
@@ -47,11 +52,12 @@ constexpr int64_t kRowsPerThread = 2048;  // vector rows below which a second th
 constexpr int64_t kWide = 64;  // elements per vector row: 64 % channels == 0 takes the fast loop
 
 // One pass over `rows` rows of `w` elements: s1 += sum of t1, s2 += sum of t2 per column, where
-// Pass::terms(a, b) gives (t1, t2) of an element. W > 0 fixes the width at compile time (the
+// Pass::terms(a, b, m) gives (t1, t2) of an element, m its column's entry of `shift`. W > 0 fixes the width at compile time (the
 // partial sums then live in registers); W == 0 takes it from `w`.
 template <int W, typename Pass>
 __attribute__((always_inline)) inline void sweep(const float* __restrict a,
-                                                 const float* __restrict b, int64_t rows,
+                                                 const float* __restrict b,
+                                                 const float* __restrict shift, int64_t rows,
                                                  int64_t w, double* __restrict s1,
                                                  double* __restrict s2) {
   constexpr int64_t kMax = W > 0 ? W : 256;
@@ -66,7 +72,7 @@ __attribute__((always_inline)) inline void sweep(const float* __restrict a,
         const float* br = b + r * n + j0;
         for (int64_t k = 0; k < cols; ++k) {
           float t1, t2;
-          Pass::terms(ar[k], br[k], t1, t2);
+          Pass::terms(ar[k], br[k], shift[j0 + k], t1, t2);
           p1[k] += t1;
           p2[k] += t2;
         }
@@ -80,42 +86,46 @@ __attribute__((always_inline)) inline void sweep(const float* __restrict a,
 }
 
 struct MomentTerms {  // (x, x * x)
-  static inline void terms(float x, float, float& t1, float& t2) {
+  static inline void terms(float x, float, float, float& t1, float& t2) {
     t1 = x;
     t2 = x * x;
   }
 };
 
-struct GradTerms {  // (g, g * xc)
-  static inline void terms(float g, float xc, float& t1, float& t2) {
+struct GradTerms {  // (g, g * (x - mean))
+  static inline void terms(float g, float x, float mean, float& t1, float& t2) {
     t1 = g;
-    t2 = g * xc;
+    t2 = g * (x - mean);
   }
 };
 
 template <typename Pass>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sweep_wide(const float* a, const float* b, int64_t rows, double* s1, double* s2) {
-  sweep<kWide, Pass>(a, b, rows, kWide, s1, s2);
+void sweep_wide(const float* a, const float* b, const float* shift, int64_t rows, double* s1,
+                double* s2) {
+  sweep<kWide, Pass>(a, b, shift, rows, kWide, s1, s2);
 }
 
 template <typename Pass>
 __attribute__((target_clones("avx512f", "avx2", "default")))
-void sweep_any(const float* a, const float* b, int64_t rows, int64_t c, double* s1,
-               double* s2) {
-  sweep<0, Pass>(a, b, rows, c, s1, s2);
+void sweep_any(const float* a, const float* b, const float* shift, int64_t rows, int64_t c,
+               double* s1, double* s2) {
+  sweep<0, Pass>(a, b, shift, rows, c, s1, s2);
 }
 
-// Per-channel sums of Pass's terms over `rows` rows of `c` channels into s1 and s2 (zeroed here).
-// Where c divides kWide and the rows fill whole vector rows, the data is read as rows of kWide
-// elements (several pixels each) and the columns folded onto their channels at the end.
+// Per-channel sums of Pass's terms over `rows` rows of `c` channels into s1 and s2 (zeroed here),
+// `shift` one value per channel. Where c divides kWide and the rows fill whole vector rows, the
+// data is read as rows of kWide elements (several pixels each) and the columns folded onto their
+// channels at the end.
 template <typename Pass>
-void channel_sums(const float* a, const float* b, int64_t rows, int64_t c, double* s1,
-                  double* s2) {
+void channel_sums(const float* a, const float* b, const float* shift, int64_t rows, int64_t c,
+                  double* s1, double* s2) {
   std::fill(s1, s1 + c, 0.0);
   std::fill(s2, s2 + c, 0.0);
   if (kWide % c == 0 && (rows * c) % kWide == 0) {
     const int64_t wide_rows = rows * c / kWide;
+    float wide_shift[kWide];
+    for (int64_t k = 0; k < kWide; ++k) wide_shift[k] = shift[k % c];
     const int teams = static_cast<int>(std::max<int64_t>(
         1, std::min<int64_t>(omp_get_max_threads(), wide_rows / kRowsPerThread)));
     std::vector<double> parts(2 * kWide * teams, 0.0);  // each thread's (s1, s2) by column
@@ -123,8 +133,8 @@ void channel_sums(const float* a, const float* b, int64_t rows, int64_t c, doubl
     {
       const int t = omp_get_thread_num();
       const int64_t r0 = wide_rows * t / teams, r1 = wide_rows * (t + 1) / teams;
-      sweep_wide<Pass>(a + r0 * kWide, b + r0 * kWide, r1 - r0, &parts[2 * kWide * t],
-                       &parts[2 * kWide * t + kWide]);
+      sweep_wide<Pass>(a + r0 * kWide, b + r0 * kWide, wide_shift, r1 - r0,
+                       &parts[2 * kWide * t], &parts[2 * kWide * t + kWide]);
     }
     for (int t = 0; t < teams; ++t) {  // in thread order: the same sums for the same team size
       for (int64_t k = 0; k < kWide; ++k) {
@@ -133,26 +143,30 @@ void channel_sums(const float* a, const float* b, int64_t rows, int64_t c, doubl
       }
     }
   } else {
-    sweep_any<Pass>(a, b, rows, c, s1, s2);
+    sweep_any<Pass>(a, b, shift, rows, c, s1, s2);
   }
 }
 
-// Pass's two sums of (a, b) for each replica into out1 and out2, (replicas, channels) each.
+// Pass's two sums of (a, b) for each replica into out1 and out2, (replicas, channels) each; `b`
+// holds b_count elements (a's count), `shift` one value per channel for each replica, or nullptr
+// for zeros.
 template <typename Pass>
-ffi::Error replica_sums(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                        ffi::ResultBuffer<ffi::F32> out1, ffi::ResultBuffer<ffi::F32> out2,
-                        int64_t reduced) {
+ffi::Error replica_sums(ffi::Buffer<ffi::F32> a, const float* b, int64_t b_count,
+                        const float* shift, ffi::ResultBuffer<ffi::F32> out1,
+                        ffi::ResultBuffer<ffi::F32> out2, int64_t reduced) {
   Layout l = layout(a.dimensions(), reduced);
   if (l.channels < 0) return ffi::Error::InvalidArgument("channel sums: rank below `reduced` + 1");
-  if (a.element_count() != b.element_count()) {
+  if (static_cast<int64_t>(a.element_count()) != b_count) {
     return ffi::Error::InvalidArgument("channel sums: the two operands differ in size");
   }
   const int64_t c = l.channels;
   if (c == 0) return ffi::Error::Success();
   std::vector<double> s1(c), s2(c);
+  std::vector<float> zeros(shift ? 0 : c, 0.0f);
   for (int64_t i = 0; i < l.replicas; ++i) {
     const int64_t at = i * l.rows * c;
-    channel_sums<Pass>(a.typed_data() + at, b.typed_data() + at, l.rows, c, s1.data(), s2.data());
+    channel_sums<Pass>(a.typed_data() + at, b + at, shift ? shift + i * c : zeros.data(), l.rows,
+                       c, s1.data(), s2.data());
     for (int64_t k = 0; k < c; ++k) {
       out1->typed_data()[i * c + k] = static_cast<float>(s1[k]);
       out2->typed_data()[i * c + k] = static_cast<float>(s2[k]);
@@ -163,13 +177,32 @@ ffi::Error replica_sums(ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
 
 ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
                    ffi::ResultBuffer<ffi::F32> sum_sq, int64_t reduced) {
-  return replica_sums<MomentTerms>(x, x, sum, sum_sq, reduced);
+  return replica_sums<MomentTerms>(x, x.typed_data(), x.element_count(), nullptr, sum, sum_sq,
+                                   reduced);
 }
 
-ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xc,
+ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
                        ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
                        int64_t reduced) {
-  return replica_sums<GradTerms>(g, xc, sum, sum_product, reduced);
+  if (mean.element_count() != sum->element_count()) {
+    return ffi::Error::InvalidArgument("channel grad sums: one mean per channel and replica");
+  }
+  return replica_sums<GradTerms>(g, x.typed_data(), x.element_count(), mean.typed_data(), sum,
+                                 sum_product, reduced);
+}
+
+ffi::Error GradMomentsRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
+                          ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> mean,
+                          ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
+                          int64_t reduced) {
+  const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
+  const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
+  const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
+  if (mean.element_count() != sum->element_count()) {
+    return ffi::Error::InvalidArgument("channel grad sums: one mean per channel and replica");
+  }
+  return replica_sums<GradTerms>(g, xs.typed_data() + i * row, row, mean.typed_data(), sum,
+                                 sum_product, reduced);
 }
 
 }  // namespace
@@ -180,6 +213,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelMoments, Moments,
                                   .Attr<int64_t>("reduced"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelGradMoments, GradMoments,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("reduced"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelGradMomentsRow, GradMomentsRow,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("reduced"));

@@ -1,8 +1,9 @@
 """BatchNorm's per-channel sums in one pass each (``channel_sums.cc``), for ``layers.BatchNorm``'s
 training step on CPU.
 
-``moments(x)`` is ``(x.sum(axes), (x * x).sum(axes))`` and ``grad_moments(g, xc)`` is
-``(g.sum(axes), (g * xc).sum(axes))``, over every axis of float32 ``x`` (``xc``) but the last.
+``moments(x)`` is ``(x.sum(axes), (x * x).sum(axes))`` and ``grad_moments(g, x, mean)`` is
+``(g.sum(axes), (g * (x - mean)).sum(axes))``, over every axis of float32 ``x`` but the last
+(``mean`` one value per channel, formed into ``x - mean`` in registers, never as a map).
 Single-device CPU programs where the kernels are loaded take the custom calls; programs over
 several devices and other platforms take the same sums as jax.numpy writes them (XLA partitions
 those; a custom call has no sharding).
@@ -34,9 +35,10 @@ def _moments_ref(x, *, reduced):
   return [x.sum(axes), jnp.square(x).sum(axes)]
 
 
-def _grad_moments_ref(g, xc, *, reduced):
-  axes = _axes(xc.ndim, reduced)
-  return [g.sum(axes), (g * xc).sum(axes)]
+def _grad_moments_ref(g, x, mean, *, reduced):
+  axes = _axes(x.ndim, reduced)
+  mean = mean.reshape(mean.shape[:-1] + (1,) * reduced + mean.shape[-1:])
+  return [g.sum(axes), (g * (x - mean)).sum(axes)]
 
 
 def _primitive(name, reference):
@@ -78,6 +80,6 @@ def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return tuple(moments_p.bind(x, reduced=x.ndim - 1))
 
 
-def grad_moments(g: jax.Array, xc: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of g, sum of g * xc) over every axis but the last."""
-  return tuple(grad_moments_p.bind(g, xc, reduced=xc.ndim - 1))
+def grad_moments(g: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(sum of g, sum of g * (x - mean)) over every axis but the last; ``mean`` per channel."""
+  return tuple(grad_moments_p.bind(g, x, mean, reduced=x.ndim - 1))

@@ -14,7 +14,7 @@ Each step of a scan reads its rows of the stacked inputs and writes its rows of 
 Where a row is a custom call's operand or result (a convolution's input kept for its backward pass,
 its output kept for BatchNorm's), XLA:CPU copies it between the stack and a buffer of its own on
 one thread. ``install()`` also lowers single-device CPU scans so that the weight gradient reads its
-saved input in place, from the stack at the row's index (``ROW_OPERAND_TARGETS``), and that large
+saved input in place, from the stack at the row's index (``ROW_OPERANDS``), and that large
 rows a custom call makes are written by ``resjax_write_row`` (a memcpy, see ``uninitialized.cc``);
 rows that XLA fuses into their elementwise producers or consumers stay XLA's.
 
@@ -30,6 +30,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import core, sharding_impls
 from jax._src import ffi as jffi
 from jax._src.interpreters import ad, batching, mlir
@@ -161,56 +162,89 @@ class _ScanSlicing:
     return slicing.dynamic_update_index_in_dim(stack, row, i, axis, **kw)
 
 
-# A custom call whose operand is a row of the scan's stacked inputs can take the stack and the row's
-# index instead, and read the row in place: {target: its row variant}, operand 0 the row. The
-# weight gradient reads the convolution's saved input, the largest rows a backward scan copies.
-ROW_OPERAND_TARGETS = {"resjax_onednn_conv_bwd_weights": "resjax_onednn_conv_bwd_weights_row"}
+# Custom calls one of whose operands is a row of the scan's stacked inputs can take the stack and
+# the row's index instead, and read the row in place: {FFI target or primitive: (its row variant,
+# the operand that is the row)}. The weight gradient reads the convolution's saved input, and
+# BatchNorm's backward sums its saved input: the largest rows a backward scan would copy.
+ROW_OPERANDS = {"resjax_onednn_conv_bwd_weights": ("resjax_onednn_conv_bwd_weights_row", 0),
+                "resjax_channel_grad_moments": ("resjax_channel_grad_moments_row", 1)}
 
 row_call_p = core.Primitive("resjax_row_operand_call")
 row_call_p.multiple_results = True
-row_call_p.def_abstract_eval(lambda stack, i, *rest, row_target, ffi: list(dict(ffi)["result_avals"]))
+row_call_p.def_abstract_eval(lambda stack, i, *rest, avals, **_: list(avals))
 
 
-def _row_call_xla(ctx, stack, i, *rest, row_target, ffi):
+def _operands(inserted, rest, operand):
+  """The call's operands: ``rest`` with ``inserted`` (the row, or the stack and index) at
+  ``operand``."""
+  return [*rest[:operand], *inserted, *rest[operand:]]
+
+
+def _row_call_xla(ctx, stack, i, *rest, prim, params, operand, **_):
   def call(stack, i, *rest):
     row = slicing.dynamic_index_in_dim(stack, i, 0, keepdims=False, allow_negative_indices=False)
-    return jffi.ffi_call_p.bind(row, *rest, **dict(ffi))
+    return prim.bind(*_operands([row], rest, operand), **dict(params))
   return mlir.lower_fun(call, multiple_results=True)(ctx, stack, i, *rest)
 
 
-def _row_call_cpu(ctx, stack, i, *rest, row_target, ffi):
+def _row_call_cpu(ctx, stack, i, *rest, row_target, attributes, operand, **kw):
   if not _one_device(ctx):
-    return _row_call_xla(ctx, stack, i, *rest, row_target=row_target, ffi=ffi)
-  return jax.ffi.ffi_lowering(row_target)(ctx, stack, i, *rest, **dict(dict(ffi)["attributes"]))
+    return _row_call_xla(ctx, stack, i, *rest, operand=operand, **kw)
+  avals = ctx.avals_in  # in the call's operand order, as the operands
+  ctx = ctx.replace(avals_in=_operands(avals[:2], avals[2:], operand))
+  return jax.ffi.ffi_lowering(row_target)(ctx, *_operands([stack, i], rest, operand),
+                                          **dict(attributes))
 
 
 mlir.register_lowering(row_call_p, _row_call_xla)
 mlir.register_lowering(row_call_p, _row_call_cpu, platform="cpu")
 
 
+def _row_operand(eqn) -> tuple[str, int, tuple] | None:
+  """(row variant, row operand, FFI attributes) of a call that has one, else None."""
+  if eqn.primitive is jffi.ffi_call_p:
+    found = ROW_OPERANDS.get(eqn.params["target_name"])
+    return found and (*found, tuple(eqn.params["attributes"]))
+  found = ROW_OPERANDS.get(eqn.primitive.name)
+  return found and (*found, tuple((k, np.int64(v)) for k, v in eqn.params.items()))
+
+
+def row_call_params(eqn) -> dict:
+  """``row_call_p``'s parameters for ``eqn``'s call, bound as (stack, i, the other operands)."""
+  row_target, operand, attributes = _row_operand(eqn)
+  return dict(row_target=row_target, operand=operand, attributes=attributes, prim=eqn.primitive,
+              params=tuple(eqn.params.items()), avals=tuple(v.aval for v in eqn.outvars))
+
+
+def _row_call(eqn, stack, i):
+  """``eqn``'s call with its row operand read in place as row ``i`` of ``stack``."""
+  rest = [v for k, v in enumerate(eqn.invars) if k != _row_operand(eqn)[1]]
+  return core.new_jaxpr_eqn([stack, i, *rest], eqn.outvars, row_call_p, row_call_params(eqn),
+                            eqn.effects, eqn.source_info, eqn.ctx)
+
+
 def _rows_in_place(args, num_consts: int, num_carry: int, length: int, jaxpr):
-  """The scan with each ``ROW_OPERAND_TARGETS`` call on a row of a stacked input taking the whole
-  stack (a new const) and the row's index (a new stacked input, ``arange(length)``, so that jax's
-  reverse order applies to it as to the rows), or None where there is none."""
+  """The scan with each ``ROW_OPERANDS`` call on a row of a stacked input taking the whole stack (a
+  new const) and the row's index (a new stacked input, ``arange(length)``, so that jax's reverse
+  order applies to it as to the rows), or None where there is none."""
   body = jaxpr.jaxpr
   first_xs = num_consts + num_carry
   position = {v: k for k, v in enumerate(body.invars[first_xs:])}
-  calls = [eqn for eqn in body.eqns
-           if eqn.primitive is jffi.ffi_call_p and eqn.params["target_name"] in ROW_OPERAND_TARGETS
-           and eqn.invars and eqn.invars[0] in position
-           and _plain(core.typeof(args[first_xs + position[eqn.invars[0]]]))]
+
+  def row_of(eqn):
+    found = _row_operand(eqn)
+    v = found and len(eqn.invars) > found[1] and eqn.invars[found[1]]
+    return v if v in position and _plain(core.typeof(args[first_xs + position[v]])) else None
+
+  calls = {id(eqn): v for eqn in body.eqns if (v := row_of(eqn)) is not None}
   if not calls:
     return None
-  rows = list(dict.fromkeys(eqn.invars[0] for eqn in calls))
+  rows = list(dict.fromkeys(calls.values()))
   stacks = [args[first_xs + position[v]] for v in rows]
   stack_vars = {v: core.Var(core.typeof(a)) for v, a in zip(rows, stacks)}
   index = core.Var(core.ShapedArray((), jnp.int32))
-  replaced = {id(eqn) for eqn in calls}
-  eqns = [core.new_jaxpr_eqn(
-              [stack_vars[eqn.invars[0]], index, *eqn.invars[1:]], eqn.outvars, row_call_p,
-              dict(row_target=ROW_OPERAND_TARGETS[eqn.params["target_name"]],
-                   ffi=tuple(eqn.params.items())), eqn.effects, eqn.source_info, eqn.ctx)
-          if id(eqn) in replaced else eqn for eqn in body.eqns]
+  eqns = [_row_call(eqn, stack_vars[calls[id(eqn)]], index) if id(eqn) in calls else eqn
+          for eqn in body.eqns]
   invars = [*body.invars[:num_consts], *stack_vars.values(), *body.invars[num_consts:], index]
   new_body = core.Jaxpr(body.constvars, invars, body.outvars, eqns, body.effects,
                         body.debug_info.with_unknown_names() if body.debug_info else None)

@@ -371,8 +371,8 @@ def _bn_bwd(residuals, cts):
   n = x.size // c
   inv = jax.lax.rsqrt(var + epsilon)
   xc = x - per(mean)
-  if _one_pass_sums(x):
-    dbias, dscale_raw = channel_sums.grad_moments(g, xc)
+  if _one_pass_sums(x):  # forms xc in registers, reading x (in a scan, in place in its stack)
+    dbias, dscale_raw = channel_sums.grad_moments(g, x, per(mean))
   else:
     dbias, dscale_raw = g.sum(axes), (g * xc).sum(axes)  # dscale_raw: sum g * xhat / inv
   dbias, dscale_raw = fold(dbias), fold(dscale_raw)
