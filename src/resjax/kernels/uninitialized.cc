@@ -34,16 +34,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxMaterialize, Materialize,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // resjax_write_row (stack, row, i) -> stack with row i replaced (the result aliases the stack): a
-// scan's stack write on CPU where the row is a custom call's value (resjax/kernels/stacks.py),
-// one memcpy on the calling thread. XLA runs it beside the next unit's work; split between threads
-// it stalled whenever a pool thread was preempted mid-chunk (README, Speed). i is clamped to the
-// stack, as XLA's dynamic update slices are.
+// scan's stack write on CPU where the row is a custom call's value (resjax/kernels/stacks.py), on
+// the calling thread. XLA runs it beside the next unit's work; split between threads it stalled
+// whenever a pool thread was preempted mid-chunk (README, Speed). The row is read again only by
+// the backward pass, long after, so it is written with non-temporal stores: straight to memory,
+// without first reading the destination's cache lines or evicting the next convolution's
+// operands. i is clamped to the stack, as XLA's dynamic update slices are.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 namespace {
+
+// memcpy, the 16-byte-aligned middle of dst by non-temporal stores where SSE2 has them.
+void StreamCopy(char* dst, const char* src, std::size_t bytes) {
+#if defined(__SSE2__)
+  const std::size_t head = std::min(bytes, (16 - reinterpret_cast<std::uintptr_t>(dst) % 16) % 16);
+  std::memcpy(dst, src, head);
+  std::size_t k = head;
+  for (; k + 64 <= bytes; k += 64) {
+    const __m128i* s = reinterpret_cast<const __m128i*>(src + k);
+    __m128i* d = reinterpret_cast<__m128i*>(dst + k);
+    __m128i a = _mm_loadu_si128(s), b = _mm_loadu_si128(s + 1), c = _mm_loadu_si128(s + 2),
+            e = _mm_loadu_si128(s + 3);
+    _mm_stream_si128(d, a);
+    _mm_stream_si128(d + 1, b);
+    _mm_stream_si128(d + 2, c);
+    _mm_stream_si128(d + 3, e);
+  }
+  _mm_sfence();  // the streamed lines visible before anything after the call reads them
+  std::memcpy(dst + k, src + k, bytes - k);
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
 
 std::size_t RowOffset(const ffi::AnyBuffer& stack, std::size_t row_bytes, std::int32_t i) {
   const std::int64_t rows = stack.dimensions().size() == 0 ? 1 : stack.dimensions()[0];
@@ -62,8 +91,8 @@ static ffi::Error WriteRow(ffi::AnyBuffer stack, ffi::AnyBuffer row,
   }
   const std::size_t bytes = row.size_bytes();
   if (bytes == 0) return ffi::Error::Success();
-  std::memcpy(dst + RowOffset(stack, bytes, index.typed_data()[0]),
-              static_cast<const char*>(row.untyped_data()), bytes);
+  StreamCopy(dst + RowOffset(stack, bytes, index.typed_data()[0]),
+             static_cast<const char*>(row.untyped_data()), bytes);
   return ffi::Error::Success();
 }
 
