@@ -419,23 +419,23 @@ def scanning():
 
 
 def _materialized(x):
-  """``x`` behind ``kernels.stacks.materialize`` inside a scan body where the kernels are loaded,
-  else ``x``. XLA fuses a ReLU's elementwise producer (BatchNorm's apply, a residual add) into
+  """``x`` behind ``kernels.stacks.materialize`` where the kernels are loaded: as rows where
+  ``_row_reps`` allows (the pass that computes it then runs over rows, ``_rows``), else inside a
+  scan body only. XLA fuses a ReLU's elementwise producer (BatchNorm's apply, a residual add) into
   every consumer, so a value that a scan both uses and keeps is computed a second time inside the
   stack's row write, which XLA:CPU runs on one thread; behind the custom call the write is a copy.
-  Outside scans it is left to fuse (README, Speed, has the measurements). Where ``_row_reps``
-  allows, the pass that computes it runs over rows (``_rows``)."""
-  if not _scanning or not kernels.available():
+  Outside scans an NHWC value is left to fuse (README, Speed, has the measurements)."""
+  if not kernels.available():
     return x
   if _row_reps(x):
     return _materialize(_rows(x)).reshape(x.shape)
-  return _materialize(x)
+  return _materialize(x) if _scanning else x
 
 
 # XLA:CPU runs an elementwise pass over an NHWC map with few channels as loops whose innermost
 # trip is the channel count: a BatchNorm apply and ReLU over 128x32x32x16 floats took 0.75 ms on
 # 2 cores, the same pass over the same memory as rows of 64 floats 0.17 ms (README, Speed). So
-# inside scan bodies on CPU, with the kernels loaded, BatchNorm and ReLU compute such maps as rows of
+# on CPU, with the kernels loaded, BatchNorm and ReLU compute such maps as rows of
 # ROW_FLOATS (the per-channel vectors repeated along a row), and each pass's result goes behind
 # ``materialize`` in that shape: XLA emits a fusion's loops over its result's shape, and the custom
 # call keeps the result a row array. The forward values are the same, element for element; the
@@ -445,10 +445,10 @@ ROW_FLOATS = 64
 
 def _row_reps(x) -> int:
   """How many copies of ``x``'s channels a row of ROW_FLOATS holds, where ``x``'s passes run as
-  rows (a float32 map of at least 3 axes and at most ROW_FLOATS channels, inside a scan body on
-  CPU with the kernels loaded); 0 elsewhere."""
+  rows (a float32 map of at least 3 axes and at most ROW_FLOATS channels, on CPU with the kernels
+  loaded); 0 elsewhere."""
   c = x.shape[-1] if x.ndim else 0
-  if (not _scanning or x.ndim < 3 or x.dtype != jnp.float32 or not c or ROW_FLOATS % c
+  if (x.ndim < 3 or x.dtype != jnp.float32 or not c or ROW_FLOATS % c
       or x.size % ROW_FLOATS or jax.default_backend() != "cpu" or not kernels.available()):
     return 0
   return ROW_FLOATS // c
