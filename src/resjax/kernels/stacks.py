@@ -1,6 +1,6 @@
-"""``lax.scan``'s stacks on CPU: stacked outputs without their zero fill, custom calls' rows copied
-by custom calls of their own, and values a scan keeps computed once (``materialize``, used by
-``layers.relu`` in scan bodies).
+"""``lax.scan``'s stacks on CPU: stacked outputs without their zero fill, custom calls' rows read in
+place or written by a custom call of its own, and values computed once (``materialize``, used by
+``layers``' BatchNorm and ReLU).
 
 jax starts every stacked output of a scan (its ``ys``, and the residuals that a scan's forward pass
 keeps for its backward pass) as a broadcast of zeros, which the loop then overwrites row by row.
@@ -13,10 +13,11 @@ other platforms keep jax's zeros.
 Each step of a scan reads its rows of the stacked inputs and writes its rows of the stacked outputs.
 Where a row is a custom call's operand or result (a convolution's input kept for its backward pass,
 its output kept for BatchNorm's), XLA:CPU copies it between the stack and a buffer of its own on
-one thread. ``install()`` also lowers single-device CPU scans so that the weight gradient reads its
-saved input in place, from the stack at the row's index (``ROW_OPERANDS``), and that large
-rows a custom call makes are written by ``resjax_write_row`` (a memcpy, see ``uninitialized.cc``);
-rows that XLA fuses into their elementwise producers or consumers stay XLA's.
+one thread. ``install()`` also lowers single-device CPU scans so that the weight gradient and
+BatchNorm's backward sums read their saved inputs in place, from the stack at the row's index
+(``ROW_OPERANDS``), and that large rows a custom call makes are written by ``resjax_write_row``
+(non-temporal stores, see ``uninitialized.cc``); rows that XLA fuses into their elementwise
+producers or consumers stay XLA's.
 
 It replaces jax's private ``loops._empty_array`` and the CPU lowering of ``scan_p``, and only where
 they have the signatures they were written against (jax 0.10); elsewhere ``install()`` returns
