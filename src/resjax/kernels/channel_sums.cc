@@ -52,8 +52,8 @@ constexpr int64_t kRowsPerThread = 2048;  // vector rows below which a second th
 constexpr int64_t kWide = 64;  // elements per vector row: 64 % channels == 0 takes the fast loop
 
 // One pass over `rows` rows of `w` elements: s1 += sum of t1, s2 += sum of t2 per column, where
-// Pass::terms(a, b, m) gives (t1, t2) of an element, m its column's entry of `shift`. W > 0 fixes the width at compile time (the
-// partial sums then live in registers); W == 0 takes it from `w`.
+// Pass::terms(a, b, m) gives (t1, t2) of an element, m its column's entry of `shift`. W > 0 fixes
+// the width at compile time (the partial sums then live in registers); W == 0 takes it from `w`.
 template <int W, typename Pass>
 __attribute__((always_inline)) inline void sweep(const float* __restrict a,
                                                  const float* __restrict b,
@@ -181,14 +181,20 @@ ffi::Error Moments(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> sum,
                                    reduced);
 }
 
-ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
-                       ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
-                       int64_t reduced) {
+// GradTerms' sums of g and of x, `x_count` elements, after checking one mean per sum.
+ffi::Error grad_sums(ffi::Buffer<ffi::F32> g, const float* x, int64_t x_count,
+                     ffi::Buffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> sum,
+                     ffi::ResultBuffer<ffi::F32> sum_product, int64_t reduced) {
   if (mean.element_count() != sum->element_count()) {
     return ffi::Error::InvalidArgument("channel grad sums: one mean per channel and replica");
   }
-  return replica_sums<GradTerms>(g, x.typed_data(), x.element_count(), mean.typed_data(), sum,
-                                 sum_product, reduced);
+  return replica_sums<GradTerms>(g, x, x_count, mean.typed_data(), sum, sum_product, reduced);
+}
+
+ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> mean,
+                       ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
+                       int64_t reduced) {
+  return grad_sums(g, x.typed_data(), x.element_count(), mean, sum, sum_product, reduced);
 }
 
 ffi::Error GradMomentsRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
@@ -198,11 +204,7 @@ ffi::Error GradMomentsRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
   const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
   const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
   const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
-  if (mean.element_count() != sum->element_count()) {
-    return ffi::Error::InvalidArgument("channel grad sums: one mean per channel and replica");
-  }
-  return replica_sums<GradTerms>(g, xs.typed_data() + i * row, row, mean.typed_data(), sum,
-                                 sum_product, reduced);
+  return grad_sums(g, xs.typed_data() + i * row, row, mean, sum, sum_product, reduced);
 }
 
 }  // namespace
