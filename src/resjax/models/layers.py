@@ -273,14 +273,26 @@ def scan_kept_gib(step, h, scanned, units: int) -> float:
   return units * kept / 2**30
 
 
-def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none"):
+# On CPU a scan of at most this many units, without remat, is lowered unrolled where its caller
+# asks (``run_units(..., unroll_on_cpu=True)``; ``lax.scan``'s unroll=True: the same jaxpr and
+# parameters, straight-line code). XLA then reads each value kept for the backward pass where its
+# unit made it: no rows copied into stacks, no loop carry copied (README, Speed, has the
+# measurements). Longer scans keep the loop, whose compile time does not grow with depth, and so
+# do rematerialized ones: unrolled, XLA would merge the recomputation with the forward pass
+# (prevent_cse=False below) and keep what remat is there to drop.
+CPU_UNROLL_MAX_UNITS = 32
+
+
+def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none",
+              unroll_on_cpu: bool = False):
   """Runs ``apply(unit, h) -> h`` through identical units: under ``jax.lax.scan`` over the units
   stacked on axis 0 of ``units`` (``scan``), else a Python loop over a list of them.
 
   With ``probes`` (one per unit, on axis 0) each unit's input gets its probe added, and the RMS of
   every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
   the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
-  and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step.
+  and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step. ``unroll_on_cpu``:
+  unrolled on CPU up to ``CPU_UNROLL_MAX_UNITS`` units without remat (see there).
   """
   check_remat(remat)
 
@@ -306,8 +318,9 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
     h, r = probed(unit, h, probe)
     return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)  # parameters come back unchanged
 
+  length = jax.tree.leaves(stacked)[0].shape[0]
   if remat == "auto":
-    kept = (scan_kept_gib(step, x, (stacked, probes), jax.tree.leaves(stacked)[0].shape[0])
+    kept = (scan_kept_gib(step, x, (stacked, probes), length)
             if jax.default_backend() == "cpu" else None)
     remat = resolve_remat(remat, kept)
     if _chosen is not None:
@@ -316,8 +329,10 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   if remat != "none":
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
+  unroll = (unroll_on_cpu and remat == "none" and jax.default_backend() == "cpu"
+            and length <= CPU_UNROLL_MAX_UNITS)
   with scanning():
-    x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
+    x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes), unroll=True if unroll else 1)
   nnx.update(units, updated)
   return x, norms
 
