@@ -14,9 +14,9 @@ Blocks of 64 MiB and more still cost a fresh mapping each step. Where ``python -
 build`` has built ``blockcache.c``, ``environment`` also puts it in ``LD_PRELOAD``: it keeps such a
 block mapped after free for the next request of its size (see there).
 
-Under ``TUNABLES`` the heap is never trimmed by itself, so what compiling a program freed (LLVM's
-working memory) stays resident through training; ``release_freed`` hands it back once the step is
-compiled.
+Under ``TUNABLES`` the heap is never trimmed by itself, so what compiling a program freed (the
+compiler's working memory) stays resident through training; ``release_freed`` hands it back once
+the step is compiled.
 
 ``python -m resjax.main``, ``python -m resjax.caution`` and the bench's children run with these;
 ``reexec`` starts the command again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
