@@ -273,14 +273,18 @@ def scan_kept_gib(step, h, scanned, units: int) -> float:
   return units * kept / 2**30
 
 
-# On CPU a scan of at most this many units, without remat, is lowered unrolled where its caller
-# asks (``run_units(..., unroll_on_cpu=True)``; ``lax.scan``'s unroll=True: the same jaxpr and
+# On CPU a scan of at most CPU_UNROLL_MAX_UNITS units whose input map (per replica) has at least
+# CPU_UNROLL_MIN_MAP_BYTES, without remat, is lowered unrolled where its caller asks
+# (``run_units(..., unroll_on_cpu=True)``; ``lax.scan``'s unroll=True: the same jaxpr and
 # parameters, straight-line code). XLA then reads each value kept for the backward pass where its
-# unit made it: no rows copied into stacks, no loop carry copied (README, Speed, has the
-# measurements). Longer scans keep the loop, whose compile time does not grow with depth, and so
-# do rematerialized ones: unrolled, XLA would merge the recomputation with the forward pass
+# unit made it: no rows copied into stacks, no loop carry copied. That saving grows with the map,
+# while the unrolled program compiles slower whatever its size: ResNet-110's step on CIFAR's 8 MiB
+# maps ran faster unrolled, its quickstart row on 256 KiB digit maps slower (README, Speed).
+# Longer scans keep the loop, whose compile time does not grow with depth, and so do
+# rematerialized ones: unrolled, XLA would merge the recomputation with the forward pass
 # (prevent_cse=False below) and keep what remat is there to drop.
 CPU_UNROLL_MAX_UNITS = 32
+CPU_UNROLL_MIN_MAP_BYTES = 1 << 20
 
 
 def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none",
@@ -292,7 +296,7 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
   the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
   and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step. ``unroll_on_cpu``:
-  unrolled on CPU up to ``CPU_UNROLL_MAX_UNITS`` units without remat (see there).
+  unrolled on CPU where ``CPU_UNROLL_MAX_UNITS`` says (see there).
   """
   check_remat(remat)
 
@@ -330,7 +334,8 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
   unroll = (unroll_on_cpu and remat == "none" and jax.default_backend() == "cpu"
-            and length <= CPU_UNROLL_MAX_UNITS)
+            and length <= CPU_UNROLL_MAX_UNITS
+            and x.size * x.dtype.itemsize >= CPU_UNROLL_MIN_MAP_BYTES)
   with scanning():
     x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes), unroll=True if unroll else 1)
   nnx.update(units, updated)
