@@ -125,10 +125,9 @@ def _assert_resnet20_close(results_a, results_b):
     assert_f32_close(a, b, terms=576, depth=2 * 19, gain=100, scale=float(jnp.abs(b).max()))
 
 
-def test_resnet_training_step_matches_the_matmul_path(built, monkeypatch):
+def test_resnet_training_step_matches_the_matmul_path(built):
   """One SGD step of a scanned ResNet-20 (CIFAR shapes at 8x8): loss and updated parameters equal
   those of the matmul convolutions to float32 rounding, and the step's program calls oneDNN."""
-  monkeypatch.setattr(layers, "CPU_UNROLL_MAX_UNITS", 0)  # the stages' scans as loops
   results = {}
   for impl in ("onednn", "im2col"):
     step, params, rest = _resnet20_step(impl)
@@ -144,30 +143,6 @@ def test_resnet_training_step_matches_the_matmul_path(built, monkeypatch):
     loss, grads = step(params, rest)
     results[impl] = (loss, jax.tree.leaves(grads))
   _assert_resnet20_close(results["onednn"], results["im2col"])
-
-
-def test_short_scans_unroll_on_cpu_to_the_same_step(built, monkeypatch):
-  """On CPU a ResNet stage's scan of at most layers.CPU_UNROLL_MAX_UNITS units lowers unrolled where
-  its maps are large enough: the compiled step has no loop, and every weight gradient reads its
-  input where the unit made it, not a row of a stack. Loss and gradients are the looped step's to
-  float32 rounding. ResNet-20's 8x8 maps of batch 8 here (32 KiB) are below the size that unrolls
-  (CPU_UNROLL_MIN_MAP_BYTES) and keep the loop; lowered to 8 KiB, they unroll, unless the unit
-  count allowed is below the stages' 2."""
-  results, hlos = [], []
-  units, big = layers.CPU_UNROLL_MAX_UNITS, layers.CPU_UNROLL_MIN_MAP_BYTES
-  assert big > 32 << 10
-  for most, least in ((units, 8 << 10), (units, big), (1, 8 << 10)):
-    monkeypatch.setattr(layers, "CPU_UNROLL_MAX_UNITS", most)
-    monkeypatch.setattr(layers, "CPU_UNROLL_MIN_MAP_BYTES", least)
-    step, params, rest = _resnet20_step()
-    hlos.append(step.lower(params, rest).compile().as_text())
-    loss, grads = step(params, rest)
-    results.append((loss, jax.tree.leaves(grads)))
-  loops = [len(re.findall(r" while\(", hlo)) for hlo in hlos]
-  rows = [hlo.count('custom_call_target="resjax_onednn_conv_bwd_weights_row"') for hlo in hlos]
-  assert loops[0] == 0 and min(loops[1:]) >= 6, loops  # three stages, forward and backward
-  assert rows[0] == 0 and min(rows[1:]) > 1, rows
-  _assert_resnet20_close(*results[:2])
 
 
 def test_auto_is_onednn_once_built_and_float32_only(built):

@@ -14,10 +14,6 @@ Blocks of 64 MiB and more still cost a fresh mapping each step. Where ``python -
 build`` has built ``blockcache.c``, ``environment`` also puts it in ``LD_PRELOAD``: it keeps such a
 block mapped after free for the next request of its size (see there).
 
-Under ``TUNABLES`` the heap is never trimmed by itself, so what compiling a program freed (the
-compiler's working memory) stays resident through training; ``release_freed`` hands it back once
-the step is compiled.
-
 ``python -m resjax.main``, ``python -m resjax.caution`` and the bench's children run with these;
 ``reexec`` starts the command again under them where they are not set yet. It leaves alone a ``GLIBC_TUNABLES`` the user set, a
 machine whose JAX has an accelerator plugin (``jax_plugins``, libtpu) or platform other than CPU,
@@ -81,19 +77,3 @@ def reexec(environ=os.environ) -> None:
   sys.stdout.flush()
   sys.stderr.flush()
   os.execve(sys.executable, sys.orig_argv, environment(environ))
-
-
-def release_freed() -> bool:
-  """Returns the free pages of glibc's heap to the OS (``malloc_trim``); False where the C library
-  is not glibc. Training and the bench call it once, after compiling the step (README, Speed, has
-  what it frees)."""
-  if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-    return False
-  import ctypes
-
-  try:
-    libc = ctypes.CDLL("libc.so.6")
-  except OSError:
-    return False
-  libc.malloc_trim(0)
-  return True

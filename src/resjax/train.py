@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from resjax import configs, fileio, malloc, models, provenance, sharding, tasks
+from resjax import configs, fileio, models, provenance, sharding, tasks
 from resjax import optim as optim_lib
 from resjax.errors import CheckpointError, ConfigError, quiet_logs
 from resjax.models import layers, shortcuts
@@ -885,7 +885,6 @@ def train_loop(run: Run, state, record: Record):
         with layers.remats_chosen() as chosen:
           run.step_fn.lower(state, record.window, *args).compile()
         record.compile_s = time.time() - t_compile
-        malloc.release_freed()  # what the compiler freed (see there)
         requested = run.config.get("model", {}).get("remat", "none")  # a task may bring its model
         record.remat_used = layers.remat_used(requested, chosen)
       state, record.window = run.step_fn(state, record.window, *args)

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resjax import configs, inspect_model, malloc, models, tasks, train
+from resjax import configs, inspect_model, models, tasks, train
 from resjax.bench.rows import Row
 from resjax.data.images import ImageSplits
 from resjax.data.text import TextSplits
@@ -139,7 +139,6 @@ def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = Tru
   with layers.remats_chosen() as chosen:
     compiled = step_fn.lower(state, window, batch_at(0), aug_keys, arrays).compile()
   compile_s = time.perf_counter() - t
-  malloc.release_freed()  # as train.train_loop does
   return CompiledStep(compiled, state, window, batch_at, aug_keys, arrays, task, config, init_s,
                       compile_s, layers.remat_used(config.model.get("remat", "none"), chosen))
 

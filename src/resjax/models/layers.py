@@ -273,30 +273,14 @@ def scan_kept_gib(step, h, scanned, units: int) -> float:
   return units * kept / 2**30
 
 
-# On CPU a scan of at most CPU_UNROLL_MAX_UNITS units whose input map (per replica) has at least
-# CPU_UNROLL_MIN_MAP_BYTES, without remat, is lowered unrolled where its caller asks
-# (``run_units(..., unroll_on_cpu=True)``; ``lax.scan``'s unroll=True: the same jaxpr and
-# parameters, straight-line code). XLA then reads each value kept for the backward pass where its
-# unit made it: no rows copied into stacks, no loop carry copied. That saving grows with the map,
-# while the unrolled program compiles slower whatever its size: ResNet-110's step on CIFAR's 8 MiB
-# maps ran faster unrolled, its quickstart row on 256 KiB digit maps slower (README, Speed).
-# Longer scans keep the loop, whose compile time does not grow with depth, and so do
-# rematerialized ones: unrolled, XLA would merge the recomputation with the forward pass
-# (prevent_cse=False below) and keep what remat is there to drop.
-CPU_UNROLL_MAX_UNITS = 32
-CPU_UNROLL_MIN_MAP_BYTES = 1 << 20
-
-
-def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none",
-              unroll_on_cpu: bool = False):
+def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str = "none"):
   """Runs ``apply(unit, h) -> h`` through identical units: under ``jax.lax.scan`` over the units
   stacked on axis 0 of ``units`` (``scan``), else a Python loop over a list of them.
 
   With ``probes`` (one per unit, on axis 0) each unit's input gets its probe added, and the RMS of
   every unit's input comes back as a (units,) array (else None). Under the scan, what changed in
   the units besides parameters (BatchNorm statistics, RNG counters) is written back to ``units``,
-  and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step. ``unroll_on_cpu``:
-  unrolled on CPU where ``CPU_UNROLL_MAX_UNITS`` says (see there).
+  and ``remat`` (``REMATS``) names the checkpoint policy of the scanned step.
   """
   check_remat(remat)
 
@@ -322,9 +306,8 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
     h, r = probed(unit, h, probe)
     return h, (nnx.state(unit, nnx.Not(nnx.Param)), r)  # parameters come back unchanged
 
-  length = jax.tree.leaves(stacked)[0].shape[0]
   if remat == "auto":
-    kept = (scan_kept_gib(step, x, (stacked, probes), length)
+    kept = (scan_kept_gib(step, x, (stacked, probes), jax.tree.leaves(stacked)[0].shape[0])
             if jax.default_backend() == "cpu" else None)
     remat = resolve_remat(remat, kept)
     if _chosen is not None:
@@ -333,11 +316,8 @@ def run_units(units, apply, x: jax.Array, probes=None, *, scan: bool, remat: str
   if remat != "none":
     # prevent_cse=False: inside a scan, XLA cannot merge the recomputation with the forward pass.
     step = jax.checkpoint(step, policy=policy, prevent_cse=False)
-  unroll = (unroll_on_cpu and remat == "none" and jax.default_backend() == "cpu"
-            and length <= CPU_UNROLL_MAX_UNITS
-            and x.size * x.dtype.itemsize >= CPU_UNROLL_MIN_MAP_BYTES)
   with scanning():
-    x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes), unroll=True if unroll else 1)
+    x, (updated, norms) = jax.lax.scan(step, x, (stacked, probes))
   nnx.update(units, updated)
   return x, norms
 

@@ -249,8 +249,7 @@ class Stage(nnx.Module):
     x = self.first(x, train=train)
     rest_probes = probes[1] if probes is not None and self.n > 1 else None
     x, rest_rms = layers.run_units(self.rest, lambda unit, h: unit(h, train=train), x,
-                                   rest_probes, scan=self.scan, remat=self.remat,
-                                   unroll_on_cpu=True)
+                                   rest_probes, scan=self.scan, remat=self.remat)
     if rest_rms is not None:
       input_rms.append(rest_rms)
     return x if probes is None else (x, input_rms)
