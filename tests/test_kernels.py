@@ -568,3 +568,47 @@ def test_the_block_cache_keeps_a_freed_large_block_mapped(built, users_tunables)
     # The same block, its pages still mapped: a fresh one faults each 2 MiB (48 times) or 4 KiB.
     assert got["waited"]["same"] and got["waited"]["faults"] < 8, got
     assert got["both_kept"], got
+
+
+_POOL_CHILD = """
+import ctypes, json, os
+from resjax import kernels
+cores = os.sched_getaffinity(0)
+before = len(os.listdir("/proc/self/task"))
+done = kernels.one_pool_thread()
+import jax, jax.numpy as jnp
+jax.devices()
+started = len(os.listdir("/proc/self/task")) - before
+from resjax.kernels import conv as onednn
+x, w = jnp.ones((2, 8, 8, 16)), jnp.ones((3, 3, 16, 16))
+g = jax.jit(jax.grad(lambda x, w: onednn.conv(x, w, 1).sum(), argnums=1))(x, w)
+gomp = next(l.split()[-1] for l in open("/proc/self/maps") if "libgomp" in l)
+print(json.dumps({"done": done, "again": kernels.one_pool_thread(), "started": started,
+                  "all_cores": all(os.sched_getaffinity(int(t)) == cores
+                                   for t in os.listdir("/proc/self/task")),
+                  "omp_threads": ctypes.CDLL(gomp).omp_get_max_threads(), "cores": len(cores),
+                  "grad": float(g[1, 1, 0, 0])}))
+"""
+
+
+def test_one_pool_thread_starts_xlas_pool_small_and_gives_every_thread_its_cores(built):
+  """Where it applies, XLA's pool starts with fewer threads than by default, yet afterwards every
+  thread may run on every core, OpenMP's team spans them all, and the numbers are the same."""
+  if len(os.sched_getaffinity(0)) < 2:
+    pytest.skip("needs 2 cores")
+  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", kernels.ONE_POOL_THREAD_ENV)}
+  env.update(RESJAX_KERNELS_DIR=str(built.parent), JAX_PLATFORMS="cpu")
+  runs = {}
+  for pool in ("one", "cores"):
+    child_env = {**env, **({kernels.ONE_POOL_THREAD_ENV: "cores"} if pool == "cores" else {})}
+    out = subprocess.run([sys.executable, "-c", _POOL_CHILD], env=child_env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    runs[pool] = json.loads(out.stdout.strip().splitlines()[-1])
+  one, cores = runs["one"], runs["cores"]
+  assert one["done"] and not cores["done"]
+  assert not one["again"]  # JAX's backends had started: nothing to do
+  assert one["started"] < cores["started"]
+  assert one["all_cores"] and cores["all_cores"]
+  assert one["omp_threads"] == one["cores"]
+  assert one["grad"] == cores["grad"] == 8 * 8 * 2  # every output pixel sees w[1, 1] once

@@ -397,6 +397,10 @@ def main(argv) -> int:
   if _MODE.value == "describe":
     print(json.dumps(describe(config), indent=1))
     return 0
+  from resjax import kernels, models
+  if not _MULTIHOST.value and any(models.onednn_convolutions(rc.model)
+                                  for _, rc in resolved_runs(config)):
+    kernels.one_pool_thread()  # before JAX starts its CPU client (see there)
   if _MODE.value == "diagnose":
     from resjax import diagnose
     resolved = resolved_runs(config)

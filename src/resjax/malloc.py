@@ -22,8 +22,6 @@ and anything but Linux with glibc.
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import os
 import platform
 import sys
@@ -34,21 +32,16 @@ ENV = "GLIBC_TUNABLES"
 PRELOAD = "LD_PRELOAD"
 
 
-def cpu_only(environ=os.environ) -> bool:
-  """Whether JAX here can only run on its CPU: JAX_PLATFORMS says so, or, where it is not set, no
-  accelerator plugin is installed. Decided without importing JAX."""
-  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
-  if platforms:
-    return all(p == "cpu" for p in platforms)
-  if importlib.metadata.entry_points(group="jax_plugins"):
-    return False
-  return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
-
-
 def wanted(environ=os.environ) -> bool:
   """Whether this process should be started again under ``TUNABLES``."""
   return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and ENV not in environ
-          and bool(sys.executable) and cpu_only(environ))
+          and bool(sys.executable) and _cpu_only(environ))
+
+
+def _cpu_only(environ) -> bool:
+  from resjax import kernels  # the standard library only, no JAX
+
+  return kernels.cpu_only(environ)
 
 
 def environment(environ=os.environ) -> dict:

@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from resjax import configs, inspect_model, models, tasks, train
+from resjax import configs, inspect_model, kernels, models, tasks, train
 from resjax.bench.rows import Row
 from resjax.data.images import ImageSplits
 from resjax.data.text import TextSplits
@@ -146,6 +146,8 @@ def build_step(row: Row, batch: int, dtype: str = "float32", *, scan: bool = Tru
 def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, scan: bool = True,
                    conv_impl: str | None = None, remat: str | None = None,
                    flops: bool = True) -> dict:
+  model = {**row.model, **({"conv_impl": conv_impl} if conv_impl else {})}
+  one_thread = models.onednn_convolutions(model) and kernels.one_pool_thread()  # as main does
   device = jax.devices()[0]  # the runtime started: what the process holds before the model
   base_gib = resident_gib()
   step = build_step(row, batch, dtype, scan=scan, conv_impl=conv_impl, remat=remat)
@@ -171,6 +173,7 @@ def measure_resjax(row: Row, batch: int, steps: int, dtype: str = "float32", *, 
          "conv_impl": (layers.resolve_conv_impl(config.model.get("conv_impl", "auto"))
                        if "conv_impl" in config.model or row.data["kind"] == "image" else None),
          "loss": loss, "backend": jax.default_backend(), "device": device.device_kind,
+         "xla_pool": "one thread" if one_thread else "a thread per core",
          "jax": jax.__version__}
   out["examples_per_s"] = batch / out["step_s"]
   if row.tokens:

@@ -28,6 +28,7 @@ import ctypes
 import functools
 import hashlib
 import importlib.metadata
+import importlib.util
 import os
 import pathlib
 import shutil
@@ -167,6 +168,66 @@ def _load() -> ctypes.CDLL | NotBuilt:
     return lib
   stacks.install()
   return lib
+
+
+def cpu_only(environ=os.environ) -> bool:
+  """Whether JAX here can only run on its CPU: JAX_PLATFORMS says so, or, where it is not set, no
+  accelerator plugin is installed. Decided without importing JAX."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return all(p == "cpu" for p in platforms)
+  if importlib.metadata.entry_points(group="jax_plugins"):
+    return False
+  return not any(importlib.util.find_spec(m) is not None for m in ("jax_plugins", "libtpu"))
+
+
+# XLA:CPU runs a program's thunks, custom calls included, on its intra-op pool, a thread per core.
+# Each pool thread that calls oneDNN becomes the master of an OpenMP team of its own, and libgomp,
+# counting more threads than cores, then has every worker sleep between parallel regions. With a
+# pool of one thread all custom calls come from that thread: one team, whose worker waits between
+# regions spinning, as under PyTorch (README, Speed, has the threads and the times). XLA sizes its
+# pool by the cores the process may run on when its CPU client starts, and has no setting for it.
+ONE_POOL_THREAD_ENV = "RESJAX_XLA_POOL"  # "cores": XLA's own pool of a thread per core
+
+
+def one_pool_thread(environ=os.environ) -> bool:
+  """Starts JAX's CPU client with a pool of one thread (see above) where this process will call
+  the built oneDNN library from XLA:CPU: Linux, JAX on its CPU only and as one device, more than one
+  core, before JAX's backends and OpenMP start, and ``RESJAX_XLA_POOL`` not ``cores``. The process
+  runs on one core while the client starts; every thread then gets all its cores back. Returns
+  whether it did."""
+  if (environ.get(ONE_POOL_THREAD_ENV) == "cores" or not hasattr(os, "sched_getaffinity")
+      or not cpu_only(environ) or not library_path().exists()
+      or "xla_force_host_platform_device_count" in environ.get("XLA_FLAGS", "")):
+    return False
+  cores = os.sched_getaffinity(0)
+  if len(cores) < 2 or _openmp_loaded():
+    return False
+  import jax
+  from jax._src import xla_bridge
+
+  if xla_bridge.backends_are_initialized() or jax.config.jax_num_cpu_devices > 1:
+    return False
+  os.sched_setaffinity(0, {min(cores)})
+  try:
+    jax.devices("cpu")
+  finally:
+    for _ in range(2):  # and any thread started while the first pass ran
+      for tid in os.listdir("/proc/self/task"):
+        try:
+          os.sched_setaffinity(int(tid), cores)
+        except OSError:  # a thread that has exited
+          pass
+  return True
+
+
+def _openmp_loaded() -> bool:
+  """Whether libgomp is loaded (it counts the cores it may use when it loads)."""
+  try:
+    with open("/proc/self/maps") as f:
+      return "libgomp" in f.read()
+  except OSError:
+    return True
 
 
 def available() -> bool:

@@ -23,6 +23,15 @@ MODELS = {
     "transformer": ("resjax.models.transformer:from_config", "resjax.models.transformer:repeats"),
 }
 
+CONVOLUTIONAL = ("cifar_resnet", "imagenet_resnet", "highway")  # the models built on convolutions
+
+
+def onednn_convolutions(model_cfg) -> bool:
+  """Whether ``model_cfg`` asks for convolutions that run on oneDNN where the kernels are built
+  (``conv_impl`` "auto" or "onednn"); decided from the config alone, loading nothing."""
+  return (model_cfg.get("name") in CONVOLUTIONAL
+          and model_cfg.get("conv_impl", "auto") in ("auto", "onednn"))
+
 
 def _entry(name: str, which: int):
   if name not in MODELS:
