@@ -382,6 +382,10 @@ def test_row_calls_address_the_row_with_the_index_clamped(built, i):
   assert "resjax_write_row" in write.lower(stack, row, index).as_text()
   at = min(max(i, 0), 3)
   np.testing.assert_array_equal(write(stack, row, index), stack.at[at].set(row))
+  # A row of no whole number of pages, split between the OpenMP team in parts of whole pages.
+  odd_stack, odd_row = _normal((3, 517, 1031), seed=5), _normal((517, 1031), seed=6)
+  np.testing.assert_array_equal(write(odd_stack, odd_row, index),
+                                odd_stack.at[min(max(i, 0), 2)].set(odd_row))
 
   xs, g, w = _normal((4, 8, 6, 6, 3), seed=2), _normal((8, 6, 6, 5), seed=3), jnp.zeros((3, 3, 3, 5))
   weight_grad = lambda x, g: jax.vjp(lambda w: onednn.conv(x, w, 1), w)[1](g)[0]

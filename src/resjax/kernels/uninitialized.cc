@@ -34,16 +34,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxMaterialize, Materialize,
                               ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>());
 
 // resjax_write_row (stack, row, i) -> stack with row i replaced (the result aliases the stack): a
-// scan's stack write on CPU where the row is a custom call's value (resjax/kernels/stacks.py), on
-// the calling thread. XLA runs it beside the next unit's work; split between threads it stalled
-// whenever a pool thread was preempted mid-chunk (README, Speed). The row is read again only by
-// the backward pass, long after, so it is written with non-temporal stores: straight to memory,
-// without first reading the destination's cache lines or evicting the next convolution's
-// operands. i is clamped to the stack, as XLA's dynamic update slices are.
+// scan's stack write on CPU where the row is a custom call's value (resjax/kernels/stacks.py),
+// split between the OpenMP team that runs the convolutions. Its worker is hot where XLA's
+// pool has one thread (kernels.one_pool_thread); with a pool thread per core, each a team's master,
+// the split stalled whenever a thread was preempted mid-chunk (README, Speed). The row is read
+// again only by the backward pass, long after, so it is written with non-temporal stores: straight
+// to memory, without first reading the destination's cache lines or evicting the next
+// convolution's operands. i is clamped to the stack, as XLA's dynamic update slices are.
 
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+
+#include <omp.h>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -91,8 +94,18 @@ static ffi::Error WriteRow(ffi::AnyBuffer stack, ffi::AnyBuffer row,
   }
   const std::size_t bytes = row.size_bytes();
   if (bytes == 0) return ffi::Error::Success();
-  StreamCopy(dst + RowOffset(stack, bytes, index.typed_data()[0]),
-             static_cast<const char*>(row.untyped_data()), bytes);
+  char* to = dst + RowOffset(stack, bytes, index.typed_data()[0]);
+  const char* from = static_cast<const char*>(row.untyped_data());
+  // A part per thread of the team, of whole pages and at least 256 KiB.
+  const int parts = static_cast<int>(
+      std::clamp<std::size_t>(bytes >> 18, 1, static_cast<std::size_t>(omp_get_max_threads())));
+  const std::size_t part_bytes = (bytes / parts + 4095) / 4096 * 4096;
+#pragma omp parallel for num_threads(parts) if (parts > 1)
+  for (int part = 0; part < parts; ++part) {
+    const std::size_t lo = std::min(bytes, part * part_bytes);
+    const std::size_t hi = std::min(bytes, lo + part_bytes);
+    if (hi > lo) StreamCopy(to + lo, from + lo, hi - lo);
+  }
   return ffi::Error::Success();
 }
 
