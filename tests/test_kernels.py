@@ -288,6 +288,42 @@ def test_channel_sums_under_vmap_are_each_replicas(built):
       np.testing.assert_array_equal(a[r], b)
 
 
+@pytest.mark.parametrize("shape", [(2, 8, 8, 16), (8192, 64), (3, 7, 5)])
+def test_grad_apply_is_its_expression_per_channel(built, shape):
+  """BatchNorm's input gradient from the kernel against the same expression in float64: each
+  element within rounding of its terms' magnitudes; channels, threads' parts (8192 rows of 64 are
+  split) and the wide and general loops all reach the right coefficients."""
+  from resjax.kernels import channel_sums
+  x, g = _channel_data(shape, seed=7)
+  c = shape[-1]
+  rng = np.random.default_rng(8)
+  coef = rng.standard_normal((7, c)).astype(np.float32)
+  coef[0] = x.reshape(-1, c).mean(0)  # the mean, so that xc is centred as in BatchNorm
+  got = np.asarray(jax.jit(channel_sums.grad_apply)(g, x, coef), np.float64)
+  mean, a, d, p, q, gm, h = coef.astype(np.float64)
+  xc = x.astype(np.float64) - mean
+  want = (a * (g - d - (xc * p) * q) + gm) + h * xc
+  magnitude = np.abs(a) * (np.abs(g) + np.abs(d) + np.abs(xc * p * q)) + np.abs(gm) + np.abs(h * xc)
+  err = np.abs(got - want)
+  assert (err <= f32_tol(6) * magnitude).all(), (err.max(), float(magnitude.max()))
+  assert "@resjax_channel_grad_apply" in jax.jit(channel_sums.grad_apply).lower(g, x, coef).as_text()
+
+
+def test_grad_apply_under_vmap_and_from_a_stack_row_is_the_same_call(built):
+  from resjax.kernels import channel_sums
+  xs, g = _channel_data((3, 4, 6, 6, 16), seed=9)
+  coef = np.random.default_rng(10).standard_normal((3, 7, 16)).astype(np.float32)
+  one = jax.jit(channel_sums.grad_apply)
+  batched = jax.jit(jax.vmap(channel_sums.grad_apply, in_axes=(None, 0, 0)))(g[0], xs, coef)
+  (call,) = jax.make_jaxpr(channel_sums.grad_apply)(g[0], xs[0], coef[0]).eqns
+  row = jax.jit(lambda xs, i, g, coef: stacks.row_call_p.bind(
+      xs, i, g, coef, **stacks.row_call_params(call))[0])
+  assert "resjax_channel_grad_apply_row" in row.lower(xs, jnp.int32(0), g[0], coef[0]).as_text()
+  for r in range(3):  # the same arithmetic on the same values: the same bits
+    np.testing.assert_array_equal(batched[r], one(g[0], xs[r], coef[r]))
+    np.testing.assert_array_equal(row(xs, jnp.int32(r), g[0], coef[r]), one(g[0], xs[r], coef[r]))
+
+
 def test_batchnorm_with_channel_sums_is_batchnorm(built, monkeypatch):
   # Means within the spread: var = E[x^2] - mean^2 keeps its digits in float32 (both ways).
   x, g = _channel_data((16, 6, 6, 32), seed=1, means=np.linspace(-1.0, 1.0, 32))

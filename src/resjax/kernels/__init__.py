@@ -1,8 +1,9 @@
 """Optional native kernels: oneDNN's CPU convolution as XLA custom calls (``onednn_conv.cc``), scan
 stacks without their zero fill and with custom calls' rows copied by calls of their own
 (``uninitialized.cc``, ``stacks.py``), BatchNorm's per-channel sums
-in one pass (``channel_sums.cc``, ``channel_sums.py``), and a large-block cache for malloc
-(``blockcache.c``, see ``resjax.malloc``).
+in one pass and its input gradient (``channel_sums.cc``, ``channel_sums.py``), and a large-block
+cache for malloc (``blockcache.c``, see ``resjax.malloc``). ``one_pool_thread`` starts JAX's CPU
+client so that all of these calls come from one thread, and run in one OpenMP team.
 
     pip install -e '.[onednn]'          # oneDNN's CPU build (OpenMP) and its headers, x86-64 Linux
     python -m resjax.kernels build      # compiles them against oneDNN and jaxlib's FFI
@@ -51,6 +52,8 @@ TARGETS = {  # FFI target name -> symbol in the library
     "resjax_channel_moments": "ResjaxChannelMoments",
     "resjax_channel_grad_moments": "ResjaxChannelGradMoments",
     "resjax_channel_grad_moments_row": "ResjaxChannelGradMomentsRow",
+    "resjax_channel_grad_apply": "ResjaxChannelGradApply",
+    "resjax_channel_grad_apply_row": "ResjaxChannelGradApplyRow",
 }
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fopenmp")
 C_FLAGS = ("-O2", "-shared", "-fPIC", "-ldl", "-lpthread")

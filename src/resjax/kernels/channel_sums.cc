@@ -3,6 +3,8 @@
 //   resjax_channel_moments          (x)              -> (sum x, sum x*x)
 //   resjax_channel_grad_moments     (g, x, mean)     -> (sum g, sum g*(x - mean))
 //   resjax_channel_grad_moments_row (g, xs, i, mean) -> the same with x row i of the stack xs
+//   resjax_channel_grad_apply       (g, x, coef)     -> BatchNorm's input gradient (below)
+//   resjax_channel_grad_apply_row   (g, xs, i, coef) -> the same with x row i of the stack xs
 //
 // The backward pass's sums take x and its per-channel mean, so that x - mean is formed in registers
 // rather than as a map of its own; the _row variant reads x in place from a scan's stack of saved
@@ -207,8 +209,106 @@ ffi::Error GradMomentsRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
   return grad_sums(g, xs.typed_data() + i * row, row, mean, sum, sum_product, reduced);
 }
 
+// BatchNorm's input gradient, one elementwise pass split between the OpenMP threads, where XLA:CPU
+// would run it on its pool's one thread (resjax.kernels.one_pool_thread). coef holds 7 values per
+// channel and replica, (replicas, 7, channels): mean, a, d, p, q, gm, h, and with xc = x - mean
+//   dx = (a * (g - d - (xc * p) * q) + gm) + h * xc
+// in that order of operations (resjax.models.layers._bn_bwd writes the same expression for XLA).
+constexpr int kCoefs = 7;
+
+template <int W>
+__attribute__((always_inline)) inline void grad_apply_rows(const float* __restrict g,
+                                                           const float* __restrict x,
+                                                           const float* __restrict coef,
+                                                           int64_t rows, int64_t w,
+                                                           float* __restrict dx) {
+  const int64_t n = W > 0 ? W : w;
+  const float *mean = coef, *a = coef + n, *d = coef + 2 * n, *p = coef + 3 * n;
+  const float *q = coef + 4 * n, *gm = coef + 5 * n, *h = coef + 6 * n;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* gr = g + r * n;
+    const float* xr = x + r * n;
+    float* out = dx + r * n;
+    for (int64_t k = 0; k < n; ++k) {
+      const float xc = xr[k] - mean[k];
+      out[k] = (a[k] * (gr[k] - d[k] - (xc * p[k]) * q[k]) + gm[k]) + h[k] * xc;
+    }
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void grad_apply_wide(const float* g, const float* x, const float* coef, int64_t rows, float* dx) {
+  grad_apply_rows<kWide>(g, x, coef, rows, kWide, dx);
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default")))
+void grad_apply_any(const float* g, const float* x, const float* coef, int64_t rows, int64_t c,
+                    float* dx) {
+  grad_apply_rows<0>(g, x, coef, rows, c, dx);
+}
+
+ffi::Error grad_apply(ffi::Buffer<ffi::F32> g, const float* x, int64_t x_count,
+                      ffi::Buffer<ffi::F32> coef, ffi::ResultBuffer<ffi::F32> dx,
+                      int64_t reduced) {
+  Layout l = layout(g.dimensions(), reduced);
+  if (l.channels < 0) return ffi::Error::InvalidArgument("channel grad apply: rank below `reduced` + 1");
+  if (static_cast<int64_t>(g.element_count()) != x_count) {
+    return ffi::Error::InvalidArgument("channel grad apply: g and x differ in size");
+  }
+  const int64_t c = l.channels;
+  if (static_cast<int64_t>(coef.element_count()) != l.replicas * kCoefs * c) {
+    return ffi::Error::InvalidArgument("channel grad apply: 7 coefficients per channel and replica");
+  }
+  if (c == 0) return ffi::Error::Success();
+  for (int64_t i = 0; i < l.replicas; ++i) {
+    const int64_t at = i * l.rows * c;
+    const float* cf = coef.typed_data() + i * kCoefs * c;
+    const float* gi = g.typed_data() + at;
+    const float* xi = x + at;
+    float* out = dx->typed_data() + at;
+    const int teams = static_cast<int>(std::max<int64_t>(
+        1, std::min<int64_t>(omp_get_max_threads(), l.rows * c / kWide / kRowsPerThread)));
+#pragma omp parallel num_threads(teams)
+    {
+      const int t = omp_get_thread_num();
+      const int64_t r0 = l.rows * t / teams, r1 = l.rows * (t + 1) / teams;
+      if (c == kWide) {
+        grad_apply_wide(gi + r0 * c, xi + r0 * c, cf, r1 - r0, out + r0 * c);
+      } else {
+        grad_apply_any(gi + r0 * c, xi + r0 * c, cf, r1 - r0, c, out + r0 * c);
+      }
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error GradApply(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> coef,
+                     ffi::ResultBuffer<ffi::F32> dx, int64_t reduced) {
+  return grad_apply(g, x.typed_data(), x.element_count(), coef, dx, reduced);
+}
+
+ffi::Error GradApplyRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
+                        ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> coef,
+                        ffi::ResultBuffer<ffi::F32> dx, int64_t reduced) {
+  const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
+  const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
+  const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
+  return grad_apply(g, xs.typed_data() + i * row, row, coef, dx, reduced);
+}
+
 }  // namespace
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelGradApply, GradApply,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("reduced"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelGradApplyRow, GradApplyRow,
+                              ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>().Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("reduced"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResjaxChannelMoments, Moments,
                               ffi::Ffi::Bind().Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>()

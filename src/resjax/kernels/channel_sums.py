@@ -4,6 +4,9 @@ training step on CPU.
 ``moments(x)`` is ``(x.sum(axes), (x * x).sum(axes))`` and ``grad_moments(g, x, mean)`` is
 ``(g.sum(axes), (g * (x - mean)).sum(axes))``, over every axis of float32 ``x`` but the last
 (``mean`` one value per channel, formed into ``x - mean`` in registers, never as a map).
+``grad_apply(g, x, coef)`` is BatchNorm's input gradient from them, one elementwise pass split
+between the OpenMP threads, where XLA:CPU runs its loops on its pool's one thread
+(``kernels.one_pool_thread``).
 Single-device CPU programs where the kernels are loaded take the custom calls; programs over
 several devices and other platforms take the same sums as jax.numpy writes them (XLA partitions
 those; a custom call has no sharding).
@@ -83,3 +86,46 @@ def moments(x: jax.Array) -> tuple[jax.Array, jax.Array]:
 def grad_moments(g: jax.Array, x: jax.Array, mean: jax.Array) -> tuple[jax.Array, jax.Array]:
   """(sum of g, sum of g * (x - mean)) over every axis but the last; ``mean`` per channel."""
   return tuple(grad_moments_p.bind(g, x, mean, reduced=x.ndim - 1))
+
+
+GRAD_APPLY_COEFS = ("mean", "a", "d", "p", "q", "gm", "h")  # coef's rows, in this order
+
+
+def _grad_apply_ref(g, x, coef, *, reduced):
+  lead = x.ndim - 1 - reduced
+  per = lambda k: coef[..., k, :].reshape(coef.shape[:lead] + (1,) * reduced + coef.shape[-1:])
+  mean, a, d, p, q, gm, h = map(per, range(len(GRAD_APPLY_COEFS)))
+  xc = x - mean
+  return [(a * (g - d - (xc * p) * q) + gm) + h * xc]
+
+
+grad_apply_p = core.Primitive("resjax_channel_grad_apply")
+grad_apply_p.multiple_results = True  # as the row calls expect (stacks.ROW_OPERANDS)
+grad_apply_p.def_abstract_eval(lambda g, x, coef, *, reduced: [core.ShapedArray(g.shape, g.dtype)])
+_grad_apply_portable = mlir.lower_fun(_grad_apply_ref, multiple_results=True)
+mlir.register_lowering(grad_apply_p, _grad_apply_portable)
+_grad_apply_call = jax.ffi.ffi_lowering("resjax_channel_grad_apply")
+
+
+def _grad_apply_cpu(ctx, *args, reduced):
+  if _one_device(ctx):
+    return _grad_apply_call(ctx, *args, reduced=np.int64(reduced))
+  return _grad_apply_portable(ctx, *args, reduced=reduced)
+
+
+mlir.register_lowering(grad_apply_p, _grad_apply_cpu, platform="cpu")
+
+
+def _grad_apply_batch(args, dims, *, reduced):
+  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
+  args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
+  return grad_apply_p.bind(*args, reduced=reduced), (0,)
+
+
+batching.primitive_batchers[grad_apply_p] = _grad_apply_batch
+
+
+def grad_apply(g: jax.Array, x: jax.Array, coef: jax.Array) -> jax.Array:
+  """With xc = x - mean: (a * (g - d - (xc * p) * q) + gm) + h * xc, each of mean, a, d, p, q, gm
+  and h one value per channel, the rows of ``coef`` (7, channels) in ``GRAD_APPLY_COEFS``' order."""
+  return grad_apply_p.bind(g, x, coef, reduced=x.ndim - 1)[0]

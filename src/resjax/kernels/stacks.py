@@ -166,9 +166,11 @@ class _ScanSlicing:
 # Custom calls one of whose operands is a row of the scan's stacked inputs can take the stack and
 # the row's index instead, and read the row in place: {FFI target or primitive: (its row variant,
 # the operand that is the row)}. The weight gradient reads the convolution's saved input, and
-# BatchNorm's backward sums its saved input: the largest rows a backward scan would copy.
+# BatchNorm's backward sums and input gradient its saved input: the largest rows a backward scan
+# would copy.
 ROW_OPERANDS = {"resjax_onednn_conv_bwd_weights": ("resjax_onednn_conv_bwd_weights_row", 0),
-                "resjax_channel_grad_moments": ("resjax_channel_grad_moments_row", 1)}
+                "resjax_channel_grad_moments": ("resjax_channel_grad_moments_row", 1),
+                "resjax_channel_grad_apply": ("resjax_channel_grad_apply_row", 1)}
 
 row_call_p = core.Primitive("resjax_row_operand_call")
 row_call_p.multiple_results = True

@@ -370,12 +370,17 @@ def _bn_bwd(residuals, cts):
   axes = tuple(range(x.ndim - 1))
   n = x.size // c
   inv = jax.lax.rsqrt(var + epsilon)
-  xc = x - per(mean)
-  if _one_pass_sums(x):  # forms xc in registers, reading x (in a scan, in place in its stack)
+  if _one_pass_sums(x):
+    # Both passes are custom calls: they form xc in registers, read x (in a scan, in place in its
+    # stack) and split the work between the OpenMP threads; the same expression as below.
     dbias, dscale_raw = channel_sums.grad_moments(g, x, per(mean))
-  else:
-    dbias, dscale_raw = g.sum(axes), (g * xc).sum(axes)  # dscale_raw: sum g * xhat / inv
-  dbias, dscale_raw = fold(dbias), fold(dscale_raw)
+    dbias, dscale_raw = fold(dbias), fold(dscale_raw)
+    vectors = (mean, inv * scale, dbias / n, inv * inv, dscale_raw / n, g_mean / n, g_var * (2.0 / n))
+    coef = jnp.stack([jnp.tile(v, reps) if reps else v for v in vectors])
+    dx = channel_sums.grad_apply(g, x, coef).reshape(cts[0].shape)
+    return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
+  xc = x - per(mean)
+  dbias, dscale_raw = fold(g.sum(axes)), fold((g * xc).sum(axes))  # dscale_raw: sum g*xhat / inv
   dx = per(inv * scale) * (g - per(dbias / n) - xc * per(inv * inv) * per(dscale_raw / n))
   dx = dx + per(g_mean / n) + per(g_var * (2.0 / n)) * xc
   if reps:
