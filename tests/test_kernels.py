@@ -636,7 +636,9 @@ def test_one_pool_thread_starts_xlas_pool_small_and_gives_every_thread_its_cores
   thread may run on every core, OpenMP's team spans them all, and the numbers are the same."""
   if len(os.sched_getaffinity(0)) < 2:
     pytest.skip("needs 2 cores")
-  env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", kernels.ONE_POOL_THREAD_ENV)}
+  # Nothing here that sets the threads or devices: OpenMP's team and JAX's CPU devices as default.
+  unset = ("XLA_FLAGS", "OMP_NUM_THREADS", "JAX_NUM_CPU_DEVICES", kernels.ONE_POOL_THREAD_ENV)
+  env = {k: v for k, v in os.environ.items() if k not in unset}
   env.update(RESJAX_KERNELS_DIR=str(built.parent), JAX_PLATFORMS="cpu")
   runs = {}
   for pool in ("one", "cores"):

@@ -34,14 +34,10 @@ PRELOAD = "LD_PRELOAD"
 
 def wanted(environ=os.environ) -> bool:
   """Whether this process should be started again under ``TUNABLES``."""
-  return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and ENV not in environ
-          and bool(sys.executable) and _cpu_only(environ))
-
-
-def _cpu_only(environ) -> bool:
   from resjax import kernels  # the standard library only, no JAX
 
-  return kernels.cpu_only(environ)
+  return (sys.platform == "linux" and platform.libc_ver()[0] == "glibc" and ENV not in environ
+          and bool(sys.executable) and kernels.cpu_only(environ))
 
 
 def environment(environ=os.environ) -> dict:

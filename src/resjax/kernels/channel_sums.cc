@@ -199,21 +199,34 @@ ffi::Error GradMoments(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Bu
   return grad_sums(g, x.typed_data(), x.element_count(), mean, sum, sum_product, reduced);
 }
 
+// Row `index` of the stack `xs` (clamped to it, as a dynamic slice would be): its first element and
+// its element count.
+struct Row {
+  const float* data;
+  int64_t count;
+};
+
+Row row_of(ffi::Buffer<ffi::F32> xs, ffi::Buffer<ffi::S32> index) {
+  const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
+  const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
+  const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
+  return {xs.typed_data() + i * row, row};
+}
+
 ffi::Error GradMomentsRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
                           ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> mean,
                           ffi::ResultBuffer<ffi::F32> sum, ffi::ResultBuffer<ffi::F32> sum_product,
                           int64_t reduced) {
-  const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
-  const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
-  const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
-  return grad_sums(g, xs.typed_data() + i * row, row, mean, sum, sum_product, reduced);
+  const Row x = row_of(xs, index);
+  return grad_sums(g, x.data, x.count, mean, sum, sum_product, reduced);
 }
 
 // BatchNorm's input gradient, one elementwise pass split between the OpenMP threads, where XLA:CPU
 // would run it on its pool's one thread (resjax.kernels.one_pool_thread). coef holds 7 values per
 // channel and replica, (replicas, 7, channels): mean, a, d, p, q, gm, h, and with xc = x - mean
 //   dx = (a * (g - d - (xc * p) * q) + gm) + h * xc
-// in that order of operations (resjax.models.layers._bn_bwd writes the same expression for XLA).
+// in that order of operations (resjax.models.layers._bn_bwd writes the same expression for XLA),
+// its products and sums fused into FMAs where the instruction set has them.
 constexpr int kCoefs = 7;
 
 template <int W>
@@ -290,10 +303,8 @@ ffi::Error GradApply(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> x, ffi::Buff
 ffi::Error GradApplyRow(ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> xs,
                         ffi::Buffer<ffi::S32> index, ffi::Buffer<ffi::F32> coef,
                         ffi::ResultBuffer<ffi::F32> dx, int64_t reduced) {
-  const int64_t n = xs.dimensions().size() == 0 ? 1 : xs.dimensions()[0];
-  const int64_t row = n == 0 ? 0 : static_cast<int64_t>(xs.element_count()) / n;
-  const int64_t i = std::clamp<int64_t>(index.typed_data()[0], 0, std::max<int64_t>(n - 1, 0));
-  return grad_apply(g, xs.typed_data() + i * row, row, coef, dx, reduced);
+  const Row x = row_of(xs, index);
+  return grad_apply(g, x.data, x.count, coef, dx, reduced);
 }
 
 }  // namespace

@@ -44,10 +44,16 @@ def _grad_moments_ref(g, x, mean, *, reduced):
   return [g.sum(axes), (g * (x - mean)).sum(axes)]
 
 
-def _primitive(name, reference):
+def _sums(first, *rest, reduced):  # the two sums' shapes (g or x: either shape)
+  return [_out(first, reduced)] * 2
+
+
+def _primitive(name, reference, abstract=_sums):
+  """The custom call ``name`` on one CPU device, ``reference`` (jax.numpy) elsewhere; its results
+  are a list (``abstract``'s), as the row calls expect (stacks.ROW_OPERANDS)."""
   p = core.Primitive(name)
   p.multiple_results = True
-  p.def_abstract_eval(lambda first, *rest, reduced: [_out(first, reduced)] * 2)  # g or x: one shape
+  p.def_abstract_eval(abstract)
   portable = mlir.lower_fun(reference, multiple_results=True)
   mlir.register_lowering(p, portable)
   custom_call = jax.ffi.ffi_lowering(name)
@@ -62,7 +68,8 @@ def _primitive(name, reference):
   def batch(args, dims, *, reduced):  # a vmapped axis is one more replica axis, in front
     size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
     args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-    return p.bind(*args, reduced=reduced), (0, 0)
+    out = p.bind(*args, reduced=reduced)
+    return out, [0] * len(out)
 
   batching.primitive_batchers[p] = batch
   return p
@@ -99,30 +106,8 @@ def _grad_apply_ref(g, x, coef, *, reduced):
   return [(a * (g - d - (xc * p) * q) + gm) + h * xc]
 
 
-grad_apply_p = core.Primitive("resjax_channel_grad_apply")
-grad_apply_p.multiple_results = True  # as the row calls expect (stacks.ROW_OPERANDS)
-grad_apply_p.def_abstract_eval(lambda g, x, coef, *, reduced: [core.ShapedArray(g.shape, g.dtype)])
-_grad_apply_portable = mlir.lower_fun(_grad_apply_ref, multiple_results=True)
-mlir.register_lowering(grad_apply_p, _grad_apply_portable)
-_grad_apply_call = jax.ffi.ffi_lowering("resjax_channel_grad_apply")
-
-
-def _grad_apply_cpu(ctx, *args, reduced):
-  if _one_device(ctx):
-    return _grad_apply_call(ctx, *args, reduced=np.int64(reduced))
-  return _grad_apply_portable(ctx, *args, reduced=reduced)
-
-
-mlir.register_lowering(grad_apply_p, _grad_apply_cpu, platform="cpu")
-
-
-def _grad_apply_batch(args, dims, *, reduced):
-  size = next(a.shape[d] for a, d in zip(args, dims) if d is not None)
-  args = [batching.bdim_at_front(a, d, size) for a, d in zip(args, dims)]
-  return grad_apply_p.bind(*args, reduced=reduced), (0,)
-
-
-batching.primitive_batchers[grad_apply_p] = _grad_apply_batch
+grad_apply_p = _primitive("resjax_channel_grad_apply", _grad_apply_ref,
+                          lambda g, x, coef, *, reduced: [core.ShapedArray(g.shape, g.dtype)])
 
 
 def grad_apply(g: jax.Array, x: jax.Array, coef: jax.Array) -> jax.Array:

@@ -373,10 +373,11 @@ def _bn_bwd(residuals, cts):
   if _one_pass_sums(x):
     # Both passes are custom calls: they form xc in registers, read x (in a scan, in place in its
     # stack) and split the work between the OpenMP threads; the same expression as below.
-    dbias, dscale_raw = channel_sums.grad_moments(g, x, per(mean))
-    dbias, dscale_raw = fold(dbias), fold(dscale_raw)
-    vectors = (mean, inv * scale, dbias / n, inv * inv, dscale_raw / n, g_mean / n, g_var * (2.0 / n))
-    coef = jnp.stack([jnp.tile(v, reps) if reps else v for v in vectors])
+    lanes = lambda v: jnp.tile(v, reps) if reps else v  # custom calls' operands: nothing to fuse
+    mean_lanes = lanes(mean)
+    dbias, dscale_raw = map(fold, channel_sums.grad_moments(g, x, mean_lanes))
+    vectors = (inv * scale, dbias / n, inv * inv, dscale_raw / n, g_mean / n, g_var * (2.0 / n))
+    coef = jnp.stack([mean_lanes, *map(lanes, vectors)])
     dx = channel_sums.grad_apply(g, x, coef).reshape(cts[0].shape)
     return dx, dscale_raw * inv, dbias, jnp.zeros_like(epsilon)
   xc = x - per(mean)
